@@ -1,0 +1,1 @@
+"""The trainer: accelerate launch, DeepSpeed ZeRO for every network, model plugins."""

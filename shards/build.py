@@ -1,0 +1,220 @@
+"""`shards build`: list SRC, split and order the images, transform them in parallel, write shards.
+
+Order of work: the images of a split are shuffled by `seed` and streamed, in that order, through
+worker processes; this process writes them into shards of `shard_size` samples (or `shard_bytes`).
+Each finished shard is renamed into place and recorded in the journal, so an interrupted build
+resumes after its last recorded shard and ends byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shards import __version__
+from shards.errors import UserError
+from shards.imageops import ImageSpec, SkipImage, prepare
+from shards.journal import Journal
+from shards.manifest import FORMAT_VERSION, MANIFEST_NAME, SPLITS, read_manifest, shard_name, write_manifest
+from shards.parallel import chunked, ordered_map
+from shards.progress import progress_bar
+from shards.shard_writer import ShardWriter
+from shards.sources import Entry, Listing, list_sources
+
+WORK_DIR_NAME = ".build"
+CHUNK_SIZE = 16  # images per task sent to a worker: amortises inter-process overhead
+SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+
+# What a worker sends back for one input: ("ok", key, {"png": ..., "json": ...}) or ("skip", relpath, reason)
+Result = tuple
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    image: ImageSpec = field(default_factory=ImageSpec)
+    shard_size: int = 1000
+    shard_bytes: int | None = None
+    val_fraction: float = 0.05
+    seed: int = 0
+    labels: str = "none"  # "none" | "folder" (a list file's label column is always read)
+
+    def as_dict(self) -> dict:
+        options = asdict(self)
+        options.update(options.pop("image"))
+        return options
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """Deterministic by the key alone, so a sample keeps its split whatever the seed or the set."""
+    return "val" if int(key[:12], 16) < val_fraction * 16**12 else "train"
+
+
+def plan_splits(entries: Sequence[Entry], val_fraction: float, seed: int) -> dict[str, list[Entry]]:
+    splits: dict[str, list[Entry]] = {split: [] for split in SPLITS}
+    for entry in entries:  # entries arrive sorted by relpath, so the shuffle below is reproducible
+        splits[split_of(entry.key, val_fraction)].append(entry)
+    for split, members in splits.items():
+        random.Random(f"{seed}:{split}").shuffle(members)
+    return splits
+
+
+def prepare_chunk(chunk: Sequence[tuple[Entry, int | None]], spec: ImageSpec) -> list[Result]:
+    """Runs in a worker process."""
+    results: list[Result] = []
+    for entry, label_index in chunk:
+        try:
+            image, original_size = prepare(entry.path, spec)
+        except SkipImage as reason:
+            results.append(("skip", entry.relpath, str(reason)))
+            continue
+        meta = {"source": entry.relpath, "original_size": list(original_size)}
+        if entry.label is not None:
+            meta.update(label=label_index, label_name=entry.label)
+        encoded_meta = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        results.append(("ok", entry.key, {spec.format: image, "json": encoded_meta}))
+    return results
+
+
+class SplitWriter:
+    """Cuts one split's stream of samples into shards and journals each finished one."""
+
+    def __init__(self, split: str, out: Path, work_dir: Path, journal: Journal, options: BuildOptions):
+        self.split, self.out, self.work_dir = split, out, work_dir
+        self.journal, self.options = journal, options
+        done = journal.split_records(split)
+        self.finished = bool(done) and done[-1].get("end", False)
+        self.position = done[-1]["next"] if done else 0
+        self.next_index = sum(1 for record in done if "name" in record)
+        self.shard: ShardWriter | None = None
+        self.skipped: list[dict] = []
+
+    def consume(self, result: Result) -> None:
+        kind, key_or_path, payload = result
+        if kind == "skip":
+            self.skipped.append({"path": key_or_path, "reason": payload})
+        else:
+            limit = self.options.shard_bytes
+            if self.shard and limit and self.shard.tar_bytes_with(payload.values()) > limit:
+                self._close()
+            if self.shard is None:
+                name = shard_name(self.split, self.next_index)
+                self.shard = ShardWriter(self.out / name, self.work_dir)
+                self.next_index += 1
+            self.shard.add(key_or_path, payload)
+        self.position += 1
+        if self.shard and self.shard.count == self.options.shard_size:
+            self._close()
+
+    def _close(self) -> None:
+        assert self.shard is not None
+        record = self.shard.finish()
+        self.journal.append({"split": self.split, "next": self.position, "skipped": self.skipped, **record})
+        self.shard, self.skipped = None, []
+
+    def end(self) -> None:
+        if self.shard:
+            self._close()
+        self.journal.append({"split": self.split, "end": True, "next": self.position, "skipped": self.skipped})
+        self.finished = True
+
+
+def build(src: Path, out: Path, options: BuildOptions, workers: int, overwrite: bool = False) -> dict:
+    """Build (or finish building) OUT from SRC; returns the manifest."""
+    listing = list_sources(src, labels_from_folders=options.labels == "folder")
+    if not listing.entries:
+        raise UserError(f"no image files found in {src} ({len(listing.rejected)} other files skipped)")
+    work_dir = _prepare_out(out, options, overwrite)
+    if work_dir is None:
+        return read_manifest(out)
+    header = {"format_version": FORMAT_VERSION, "options": options.as_dict(), "sources": listing.fingerprint}
+    journal = Journal(work_dir, header)
+    label_index = {name: index for index, name in enumerate(listing.label_names or [])}
+    plan = plan_splits(listing.entries, options.val_fraction, options.seed)
+    writers = {split: SplitWriter(split, out, work_dir, journal, options) for split in SPLITS}
+    remaining = sum(len(plan[split]) - writers[split].position for split in SPLITS if not writers[split].finished)
+    resumed = " (resuming)" if journal.resumed else ""
+    with progress_bar() as progress:
+        task = progress.add_task(f"building{resumed}", total=remaining)
+        for split in SPLITS:
+            writer = writers[split]
+            if writer.finished:
+                continue
+            todo = [(entry, label_index.get(entry.label)) for entry in plan[split][writer.position :]]
+            for results in ordered_map(prepare_chunk, chunked(todo, CHUNK_SIZE), workers, options.image):
+                for result in results:
+                    writer.consume(result)
+                progress.advance(task, len(results))
+            writer.end()
+    manifest = _manifest(listing, journal, options)
+    if not any(manifest["splits"][split]["count"] for split in SPLITS):
+        shutil.rmtree(work_dir)
+        raise UserError(f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({_top_reasons(manifest)})")
+    write_manifest(out, manifest)
+    _remove_stale_files(out, manifest)
+    shutil.rmtree(work_dir)
+    return manifest
+
+
+def _prepare_out(out: Path, options: BuildOptions, overwrite: bool) -> Path | None:
+    """Make OUT writable and ready; None when OUT already holds this very build."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        work_dir = out / WORK_DIR_NAME
+        work_dir.mkdir(exist_ok=True)
+        probe = work_dir / "write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"OUT is not writable: {out}: {error.strerror or error}") from None
+    if (out / MANIFEST_NAME).exists() and not overwrite:
+        existing = read_manifest(out)
+        if existing["options"] == options.as_dict():
+            shutil.rmtree(work_dir)
+            return None
+        raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
+    if overwrite:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+    return work_dir
+
+
+def _manifest(listing: Listing, journal: Journal, options: BuildOptions) -> dict:
+    skipped = [{"path": path, "reason": reason} for path, reason in listing.rejected]
+    splits = {}
+    for split in SPLITS:
+        shards = []
+        for record in journal.split_records(split):
+            skipped += record["skipped"]
+            if "name" in record:
+                shards.append({key: record[key] for key in ("name", "count", "bytes", "sha256")})
+        splits[split] = {"count": sum(shard["count"] for shard in shards), "shards": shards}
+    spec = options.image
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_by": f"shards {__version__}",
+        "image": {"size": spec.size, "format": spec.format, "mode": spec.mode, "channels": len(spec.mode)},
+        "options": options.as_dict(),
+        "labels": listing.label_names,
+        "splits": splits,
+        "skipped": sorted(skipped, key=lambda item: (item["path"], item["reason"])),
+    }
+
+
+def _top_reasons(manifest: dict) -> str:
+    counts: dict[str, int] = {}
+    for item in manifest["skipped"]:
+        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+    top = sorted(counts.items(), key=lambda pair: -pair[1])[:3]
+    return ", ".join(f"{count} {reason}" for reason, count in top)
+
+
+def _remove_stale_files(out: Path, manifest: dict) -> None:
+    """Shards of an earlier, different build that the new manifest does not list."""
+    listed = {shard["name"] for split in SPLITS for shard in manifest["splits"][split]["shards"]}
+    for path in out.iterdir():
+        if SHARD_FILE.match(path.name) and path.name not in listed:
+            path.unlink()

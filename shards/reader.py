@@ -1,0 +1,103 @@
+"""The reader of the shard format: a webdataset pipeline of (image, label) pairs.
+
+Images come out as float CHW tensors in [-1, 1] (C = 3 for RGB, 1 for L); labels as ints, -1 where
+the build had none. The pipeline splits shards across nodes (torch.distributed ranks) and across
+DataLoader workers; the trainer's data module adds epochs and exact positions on top of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from shards.manifest import SPLITS, ManifestError, read_manifest
+
+NO_LABEL = -1
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """One split of a shard folder, as its manifest describes it."""
+
+    root: Path
+    split: str
+    shards: tuple[dict, ...]
+    image: dict
+    labels: tuple[str, ...] | None
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(self.root / shard["name"]) for shard in self.shards]
+
+    @property
+    def count(self) -> int:
+        return sum(shard["count"] for shard in self.shards)
+
+
+def open_split(out: str | Path, split: str = "train") -> ShardSplit:
+    if split not in SPLITS:
+        raise ManifestError(f"unknown split {split!r}; a shard folder has {', '.join(SPLITS)}")
+    root = Path(out)
+    manifest = read_manifest(root)
+    shards = tuple(manifest["splits"][split]["shards"])
+    if not shards:
+        raise ManifestError(f"{root}: split {split!r} is empty")
+    missing = [shard["name"] for shard in shards if not (root / shard["name"]).is_file()]
+    if missing:
+        raise ManifestError(f"{root}: {len(missing)} shard(s) of the manifest are missing, first {missing[0]}")
+    labels = manifest.get("labels")
+    return ShardSplit(root, split, shards, manifest["image"], tuple(labels) if labels else None)
+
+
+def image_to_tensor(data: bytes, mode: str) -> torch.Tensor:
+    """Encoded image bytes to a float CHW tensor in [-1, 1]."""
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert(mode))
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """The inverse, for grids: a CHW tensor in [-1, 1] to a PIL image."""
+    pixels = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def decode_sample(sample: dict, image_format: str, mode: str) -> tuple[torch.Tensor, int]:
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return image_to_tensor(sample[image_format], mode), int(meta.get("label", NO_LABEL))
+
+
+def webdataset(
+    split: ShardSplit,
+    *,
+    shuffle_shards: bool = False,
+    seed: int = 0,
+    nodesplitter=wds.split_by_node,
+    workersplitter=wds.split_by_worker,
+    handler=wds.reraise_exception,
+) -> wds.WebDataset:
+    """(image, label) pairs of the split. By default each rank reads every world_size-th shard and
+    each DataLoader worker every num_workers-th of those: with shards >= ranks x workers every
+    sample is read once per pass."""
+    dataset = wds.WebDataset(
+        split.urls,
+        shardshuffle=len(split.urls) if shuffle_shards else False,
+        seed=seed,
+        nodesplitter=nodesplitter,
+        workersplitter=workersplitter,
+        handler=handler,
+        empty_check=False,
+    )
+    decode = functools.partial(decode_sample, image_format=split.image["format"], mode=split.image["mode"])
+    return dataset.map(decode, handler=handler)

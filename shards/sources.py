@@ -1,0 +1,157 @@
+"""What `shards build` reads: a folder tree of images, or a .txt/.csv file listing image paths.
+
+Only paths and labels are held in memory (about 150 bytes an image); images are read later, one
+at a time, by the workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shards.errors import UserError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+LIST_SUFFIXES = frozenset({".txt", ".csv", ".lst"})
+
+
+class SourceError(UserError):
+    """SRC itself is unusable (missing, unreadable, empty); the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input image: `relpath` is what the manifest records, `path` is what gets opened."""
+
+    relpath: str
+    path: str
+    label: str | None
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.relpath)
+
+
+@dataclass
+class Listing:
+    entries: list[Entry]
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    fingerprint: str = ""
+
+    @property
+    def label_names(self) -> list[str] | None:
+        names = sorted({entry.label for entry in self.entries if entry.label is not None})
+        return names or None
+
+
+def sample_key(relpath: str) -> str:
+    """The webdataset `__key__`: a hash, so odd names (dots, spaces, unicode, '..') stay safe."""
+    return hashlib.blake2b(relpath.encode("utf-8", "surrogateescape"), digest_size=10).hexdigest()
+
+
+def printable(name: str) -> str:
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def list_sources(src: Path, labels_from_folders: bool = False) -> Listing:
+    if not src.exists():
+        raise SourceError(f"SRC does not exist: {src}")
+    if src.is_dir():
+        listing = _walk_folder(src, labels_from_folders)
+    elif src.suffix.lower() in LIST_SUFFIXES:
+        if labels_from_folders:
+            raise SourceError("--labels folder needs SRC to be a folder; a list file gives labels in a column")
+        listing = _read_list(src)
+    else:
+        raise SourceError(f"SRC must be a folder or a .txt/.csv list of image paths, got {src}")
+    listing.entries.sort(key=lambda entry: entry.relpath)
+    listing.rejected.sort()
+    listing.fingerprint = _fingerprint(listing.entries)
+    return listing
+
+
+def _walk_folder(root: Path, labels_from_folders: bool) -> Listing:
+    listing = Listing(entries=[])
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            children = list(os.scandir(folder))
+        except OSError as error:
+            if folder == root:
+                raise SourceError(f"cannot read SRC {root}: {error.strerror}") from None
+            listing.rejected.append((printable(os.path.relpath(folder, root)), f"unreadable folder: {error.strerror}"))
+            continue
+        for child in children:
+            if child.name.startswith("."):
+                continue  # hidden files and folders (.git, .DS_Store) are not data
+            relpath = os.path.relpath(child.path, root)
+            if child.is_dir(follow_symlinks=False):
+                pending.append(Path(child.path))
+                continue
+            reason = _name_problem(child.name)
+            label = relpath.split(os.sep, 1)[0] if labels_from_folders and os.sep in relpath else None
+            if reason is None and labels_from_folders and label is None:
+                reason = "not inside a label folder (--labels folder)"
+            if reason:
+                listing.rejected.append((printable(relpath), reason))
+            else:
+                listing.entries.append(Entry(relpath=relpath, path=child.path, label=label))
+    return listing
+
+
+def _name_problem(name: str) -> str | None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix not in IMAGE_SUFFIXES:
+        return f"not an image file name ({suffix or 'no extension'})"
+    return None
+
+
+def _read_list(list_file: Path) -> Listing:
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SourceError(f"cannot read list file {list_file}: {error}") from None
+    rows = list(csv.reader(text.splitlines())) if list_file.suffix.lower() == ".csv" else [
+        [line] for line in text.splitlines()
+    ]
+    if rows and rows[0] and rows[0][0].strip().lower() in ("path", "file", "filename"):
+        rows = rows[1:]  # a CSV header
+    root = list_file.parent
+    listing = Listing(entries=[])
+    seen: set[str] = set()
+    for row in rows:
+        if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+            continue
+        given = row[0].strip()
+        label = row[1].strip() if len(row) > 1 and row[1].strip() else None
+        relpath = os.path.normpath(given)
+        if not os.path.isabs(relpath) and (relpath == ".." or relpath.startswith(".." + os.sep)):
+            listing.rejected.append((given, "path leaves SRC ('..')"))
+        elif relpath in seen:
+            listing.rejected.append((given, "listed twice"))
+        else:
+            seen.add(relpath)
+            listing.entries.append(Entry(relpath=relpath, path=str(root / relpath), label=label))
+    return listing
+
+
+def _fingerprint(entries: list[Entry]) -> str:
+    """Changes when a listed file is added, removed, relabelled, resized or touched: a resumed build
+    must never mix shards made from two different versions of SRC."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        try:
+            stat = os.stat(entry.path)
+            signature = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            signature = "missing"
+        digest.update(f"{entry.relpath}\0{entry.label}\0{signature}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
