@@ -153,7 +153,9 @@ def build(src: Path, out: Path, options: BuildOptions, workers: int, overwrite: 
     manifest = _manifest(listing, journal, options)
     if not any(manifest["splits"][split]["count"] for split in SPLITS):
         shutil.rmtree(work_dir)
-        raise UserError(f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({_top_reasons(manifest)})")
+        raise UserError(
+            f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({_top_reasons(manifest)})"
+        )
     write_manifest(out, manifest)
     _remove_stale_files(out, manifest)
     shutil.rmtree(work_dir)

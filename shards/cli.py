@@ -45,48 +45,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shards {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    build = commands.add_parser("build", help="turn a folder or list of images into shards",
-                                description="Turn a folder tree of images, or a .txt/.csv list of image paths "
-                                "(optional second column: label), into OUT/{train,val}-NNNNNN.tar and OUT/manifest.json. "
-                                "Rerunning after an interruption finishes only what is missing.")
+    build = commands.add_parser(
+        "build",
+        help="turn a folder or list of images into shards",
+        description="Turn a folder tree of images, or a .txt/.csv list of image paths "
+        "(optional second column: label), into OUT/{train,val}-NNNNNN.tar and OUT/manifest.json. "
+        "Rerunning after an interruption finishes only what is missing.",
+    )
     build.add_argument("src", type=Path, metavar="SRC", help="folder of images, or .txt/.csv list of paths")
     build.add_argument("out", type=Path, metavar="OUT", help="output folder")
-    build.add_argument("--size", type=bounded(int, 1, 8192), default=64, help="side of the square output images (default 64)")
-    build.add_argument("--crop", choices=CROPS, default="center",
-                       help="center: largest centred square; none: squash the whole image; "
-                       "celeba: the paper's rows 40:188, cols 15:163 of aligned 178x218 images (default center)")
-    build.add_argument("--format", choices=sorted(FORMATS), default="png", help="image encoding in the shards (default png)")
-    build.add_argument("--quality", type=bounded(int, 1, 100), default=95, help="jpg/webp quality; webp 100 = lossless (default 95)")
+    build.add_argument(
+        "--size", type=bounded(int, 1, 8192), default=64, help="side of the square output images (default 64)"
+    )
+    build.add_argument(
+        "--crop",
+        choices=CROPS,
+        default="center",
+        help="center: largest centred square; none: squash the whole image; "
+        "celeba: the paper's rows 40:188, cols 15:163 of aligned 178x218 images (default center)",
+    )
+    build.add_argument(
+        "--format", choices=sorted(FORMATS), default="png", help="image encoding in the shards (default png)"
+    )
+    build.add_argument(
+        "--quality", type=bounded(int, 1, 100), default=95, help="jpg/webp quality; webp 100 = lossless (default 95)"
+    )
     build.add_argument("--mode", choices=MODES, default="RGB", help="RGB or L (grayscale) output (default RGB)")
-    build.add_argument("--labels", choices=("none", "folder"), default="none",
-                       help="folder: label = first sub-folder under SRC (a list file's 2nd column is always read)")
+    build.add_argument(
+        "--labels",
+        choices=("none", "folder"),
+        default="none",
+        help="folder: label = first sub-folder under SRC (a list file's 2nd column is always read)",
+    )
     build.add_argument("--shard-size", type=bounded(int, 1), default=1000, help="samples per shard (default 1000)")
-    build.add_argument("--shard-bytes", type=byte_size, default=None, help="also cap each shard's file size, e.g. 200MB")
-    build.add_argument("--val-fraction", type=bounded(float, 0.0, 1.0), default=0.05,
-                       help="share of images in the val split, chosen by a hash of each key (default 0.05)")
+    build.add_argument(
+        "--shard-bytes", type=byte_size, default=None, help="also cap each shard's file size, e.g. 200MB"
+    )
+    build.add_argument(
+        "--val-fraction",
+        type=bounded(float, 0.0, 1.0),
+        default=0.05,
+        help="share of images in the val split, chosen by a hash of each key (default 0.05)",
+    )
     build.add_argument("--seed", type=int, default=0, help="order of samples across shards (default 0)")
-    build.add_argument("--workers", type=bounded(int, 0), default=default_workers(),
-                       help="decode/resize processes; 0 = in this process (default: all cores)")
-    build.add_argument("--max-pixels", type=bounded(int, 1), default=PIL_DEFAULT_MAX_PIXELS,
-                       help="skip images with more pixels than this as decompression bombs")
+    build.add_argument(
+        "--workers",
+        type=bounded(int, 0),
+        default=default_workers(),
+        help="decode/resize processes; 0 = in this process (default: all cores)",
+    )
+    build.add_argument(
+        "--max-pixels",
+        type=bounded(int, 1),
+        default=PIL_DEFAULT_MAX_PIXELS,
+        help="skip images with more pixels than this as decompression bombs",
+    )
     build.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier build in OUT")
 
-    inspect = commands.add_parser("inspect", help="summary of a shard folder, optionally a contact sheet",
-                                  description="Print a summary table of OUT; with --grid, save a contact sheet of samples.")
+    inspect = commands.add_parser(
+        "inspect",
+        help="summary of a shard folder, optionally a contact sheet",
+        description="Print a summary table of OUT; with --grid, save a contact sheet of samples.",
+    )
     inspect.add_argument("out", type=Path, metavar="OUT")
     inspect.add_argument("--grid", type=Path, metavar="FILE.png", help="write a contact sheet of samples here")
     inspect.add_argument("--split", choices=("train", "val"), default="train")
-    inspect.add_argument("--count", type=bounded(int, 1, 4096), default=64, help="samples in the contact sheet (default 64)")
+    inspect.add_argument(
+        "--count", type=bounded(int, 1, 4096), default=64, help="samples in the contact sheet (default 64)"
+    )
 
-    verify = commands.add_parser("verify", help="check every shard's sha256 and decode every sample",
-                                 description="Exit 0 when every shard matches the manifest and every sample decodes; "
-                                 "otherwise exit 1 and name each bad shard.")
+    verify = commands.add_parser(
+        "verify",
+        help="check every shard's sha256 and decode every sample",
+        description="Exit 0 when every shard matches the manifest and every sample decodes; "
+        "otherwise exit 1 and name each bad shard.",
+    )
     verify.add_argument("out", type=Path, metavar="OUT")
     verify.add_argument("--workers", type=bounded(int, 0), default=default_workers())
 
-    demo = commands.add_parser("demo-images", help="write the embedded demo images (real, labelled) to a folder",
-                               description="Write real labelled images that ship inside installable packages to "
-                               "DEST/<label>/*.png: fashion-mnist (Debian dataset-fashion-mnist) or digits (scikit-learn).")
+    demo = commands.add_parser(
+        "demo-images",
+        help="write the embedded demo images (real, labelled) to a folder",
+        description="Write real labelled images that ship inside installable packages to "
+        "DEST/<label>/*.png: fashion-mnist (Debian dataset-fashion-mnist) or digits (scikit-learn).",
+    )
     demo.add_argument("dest", type=Path, metavar="DEST")
     demo.add_argument("--source", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     demo.add_argument("--limit", type=bounded(int, 1), default=None, help="write only the first N images")
@@ -99,10 +141,22 @@ def run_build(args: argparse.Namespace) -> int:
 
     if args.crop == "celeba" and args.size > 148:
         raise UserError("--crop celeba keeps a 148x148 face: choose --size 148 or less")
-    image = ImageSpec(size=args.size, crop=args.crop, format=args.format, quality=args.quality,
-                      mode=args.mode, max_pixels=args.max_pixels)
-    options = BuildOptions(image=image, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-                           val_fraction=args.val_fraction, seed=args.seed, labels=args.labels)
+    image = ImageSpec(
+        size=args.size,
+        crop=args.crop,
+        format=args.format,
+        quality=args.quality,
+        mode=args.mode,
+        max_pixels=args.max_pixels,
+    )
+    options = BuildOptions(
+        image=image,
+        shard_size=args.shard_size,
+        shard_bytes=args.shard_bytes,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        labels=args.labels,
+    )
     manifest = build(args.src, args.out, options, workers=args.workers, overwrite=args.overwrite)
     console.print(summary_table(manifest))
     skipped = skipped_table(manifest)

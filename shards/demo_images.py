@@ -20,7 +20,16 @@ from shards.progress import progress_bar
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
 )
 SOURCES = ("fashion-mnist", "digits")
 DONE_MARKER = ".complete"
@@ -39,7 +48,9 @@ def read_idx(path: Path) -> np.ndarray:
 
 def fashion_mnist(folder: Path) -> tuple[np.ndarray, list[str]]:
     if not folder.is_dir():
-        raise UserError(f"Fashion-MNIST not found in {folder}: `apt-get install dataset-fashion-mnist`, or use --source digits")
+        raise UserError(
+            f"Fashion-MNIST not found in {folder}: `apt-get install dataset-fashion-mnist`, or use --source digits"
+        )
     images, labels = [], []
     for part in ("train", "t10k"):
         images.append(read_idx(folder / f"{part}-images-idx3-ubyte.gz"))
@@ -58,8 +69,7 @@ def digits() -> tuple[np.ndarray, list[str]]:
     return images, [str(label) for label in data.target]
 
 
-def write_demo_images(dest: Path, source: str, limit: int | None = None,
-                      fashion_dir: Path = FASHION_MNIST_DIR) -> int:
+def write_demo_images(dest: Path, source: str, limit: int | None = None, fashion_dir: Path = FASHION_MNIST_DIR) -> int:
     """Write DEST/<label>/<source>-NNNNN.png; returns the number of images. Reruns are no-ops."""
     marker = dest / DONE_MARKER
     if marker.exists() and marker.read_text() == f"{source} {limit}":

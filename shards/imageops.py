@@ -122,9 +122,7 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.convert("I").point(lambda value: value / 256).convert("L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -136,9 +134,7 @@ def crop_and_resize(image: Image.Image, original_size: tuple[int, int], spec: Im
     target = (spec.size, spec.size)
     if spec.crop == "celeba":
         if original_size != CELEBA_SOURCE_SIZE:
-            raise SkipImage(
-                f"--crop celeba needs aligned 178x218 images, got {original_size[0]}x{original_size[1]}"
-            )
+            raise SkipImage(f"--crop celeba needs aligned 178x218 images, got {original_size[0]}x{original_size[1]}")
         face = image.crop(CELEBA_BOX)
         scale = face.width / spec.size
         if scale > 1:  # the authors' anti-aliasing: Gaussian of sigma sqrt(scale)/2, then bicubic

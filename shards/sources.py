@@ -119,9 +119,11 @@ def _read_list(list_file: Path) -> Listing:
         text = list_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise SourceError(f"cannot read list file {list_file}: {error}") from None
-    rows = list(csv.reader(text.splitlines())) if list_file.suffix.lower() == ".csv" else [
-        [line] for line in text.splitlines()
-    ]
+    rows = (
+        list(csv.reader(text.splitlines()))
+        if list_file.suffix.lower() == ".csv"
+        else [[line] for line in text.splitlines()]
+    )
     if rows and rows[0] and rows[0][0].strip().lower() in ("path", "file", "filename"):
         rows = rows[1:]  # a CSV header
     root = list_file.parent

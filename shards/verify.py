@@ -51,7 +51,8 @@ def _check_sample(key: str, members: dict[str, bytes], image: dict) -> list[str]
     except Exception as error:  # any decoder failure is a finding to report, not a crash
         return [f"sample {key}: does not decode ({error})"]
     if decoded.size != (image["size"], image["size"]) or decoded.mode != image["mode"]:
-        return [f"sample {key}: is {decoded.mode} {decoded.size[0]}x{decoded.size[1]}, expected {image['mode']} {image['size']}"]
+        found = f"{decoded.mode} {decoded.size[0]}x{decoded.size[1]}"
+        return [f"sample {key}: is {found}, expected {image['mode']} {image['size']}x{image['size']}"]
     return []
 
 
