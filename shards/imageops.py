@@ -10,7 +10,6 @@ import contextlib
 import io
 import math
 import struct
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,15 +59,13 @@ def read_source(path: str | Path) -> bytes:
 
 
 @contextlib.contextmanager
-def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    # PIL's own bomb guard is a process-wide setting; align it with ours for the duration of one
-    # decode so that a user raising --max-pixels is not overruled by PIL's default.
+def _own_pixel_limit() -> Iterator[None]:
+    # PIL's bomb guard is a process-wide setting with its own fixed limit; switch it off while we
+    # decode and apply --max-pixels ourselves, right after the (lazy) open has read only the header.
     saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
@@ -76,7 +73,7 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
 def decode(data: bytes, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int]]:
     """Decode the first frame fully; returns the image (possibly decoded at reduced scale) and its
     original size."""
-    with _pixel_limit(spec.max_pixels):
+    with _own_pixel_limit():
         try:
             image = Image.open(io.BytesIO(data))
             original_size = image.size
@@ -87,8 +84,6 @@ def decode(data: bytes, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int]]:
             image.load()
         except SkipImage:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise SkipImage(_bomb_reason(original_size, spec)) from None
         except UnidentifiedImageError:
             raise SkipImage("not an image") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job end to end on the embedded data: set up, write the demo images, build shards,
+# verify them and draw a contact sheet. Outputs go to data/demo/ (ignored by git).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+source=${DEMO_SOURCE:-fashion-mnist}
+if [ "$source" = fashion-mnist ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
+    else
+        echo "demo: Fashion-MNIST needs 'sudo apt-get install dataset-fashion-mnist'; using scikit-learn's digits" >&2
+        source=digits
+    fi
+fi
+images=data/demo/images-$source
+shards=data/demo/shards-$source
+shards demo-images "$images" --source "$source"
+shards build "$images" "$shards" --labels folder --mode L --size 32
+shards verify "$shards"
+shards inspect "$shards" --grid "$shards-contact-sheet.png"
