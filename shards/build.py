@@ -8,7 +8,6 @@ resumes after its last recorded shard and ends byte-identical to an uninterrupte
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from shards import __version__
 from shards.errors import UserError
-from shards.imageops import ImageSpec, SkipImage, prepare
+from shards.imageops import ImageSpec, prepare_chunk
 from shards.journal import Journal
 from shards.manifest import FORMAT_VERSION, MANIFEST_NAME, SPLITS, read_manifest, shard_name, write_manifest
 from shards.parallel import chunked, ordered_map
@@ -29,9 +28,6 @@ from shards.sources import Entry, Listing, list_sources
 WORK_DIR_NAME = ".build"
 CHUNK_SIZE = 16  # images per task sent to a worker: amortises inter-process overhead
 SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
-
-# What a worker sends back for one input: ("ok", key, {"png": ..., "json": ...}) or ("skip", relpath, reason)
-Result = tuple
 
 
 @dataclass(frozen=True)
@@ -63,23 +59,6 @@ def plan_splits(entries: Sequence[Entry], val_fraction: float, seed: int) -> dic
     return splits
 
 
-def prepare_chunk(chunk: Sequence[tuple[Entry, int | None]], spec: ImageSpec) -> list[Result]:
-    """Runs in a worker process."""
-    results: list[Result] = []
-    for entry, label_index in chunk:
-        try:
-            image, original_size = prepare(entry.path, spec)
-        except SkipImage as reason:
-            results.append(("skip", entry.relpath, str(reason)))
-            continue
-        meta = {"source": entry.relpath, "original_size": list(original_size)}
-        if entry.label is not None:
-            meta.update(label=label_index, label_name=entry.label)
-        encoded_meta = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        results.append(("ok", entry.key, {spec.format: image, "json": encoded_meta}))
-    return results
-
-
 class SplitWriter:
     """Cuts one split's stream of samples into shards and journals each finished one."""
 
@@ -93,7 +72,7 @@ class SplitWriter:
         self.shard: ShardWriter | None = None
         self.skipped: list[dict] = []
 
-    def consume(self, result: Result) -> None:
+    def consume(self, result: tuple) -> None:
         kind, key_or_path, payload = result
         if kind == "skip":
             self.skipped.append({"path": key_or_path, "reason": payload})

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,3 +162,23 @@ def prepare(path: str | Path, spec: ImageSpec) -> tuple[bytes, tuple[int, int]]:
     image, original_size = decode(read_source(path), spec)
     image = crop_and_resize(to_mode(image, spec.mode), original_size, spec)
     return encode(image, spec), original_size
+
+
+def prepare_chunk(chunk: Sequence[tuple], spec: ImageSpec) -> list[tuple]:
+    """Runs in a build worker (so this module must stay free of torch and webdataset imports).
+
+    chunk: (entry, label index) pairs, entry with .path, .relpath, .key and .label. Returns, per
+    input, ("ok", key, {extension: bytes}) or ("skip", relpath, reason)."""
+    results: list[tuple] = []
+    for entry, label_index in chunk:
+        try:
+            image, original_size = prepare(entry.path, spec)
+        except SkipImage as reason:
+            results.append(("skip", entry.relpath, str(reason)))
+            continue
+        meta = {"source": entry.relpath, "original_size": list(original_size)}
+        if entry.label is not None:
+            meta.update(label=label_index, label_name=entry.label)
+        encoded_meta = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        results.append(("ok", entry.key, {spec.format: image, "json": encoded_meta}))
+    return results
