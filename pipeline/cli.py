@@ -1,23 +1,48 @@
-"""The `pipeline` command. Training and model commands arrive with the trainer (see README, Roadmap)."""
+"""The `pipeline` command: train model plugins on shards, and list the plugins installed."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from rich.table import Table
+
+from pipeline import train
+from pipeline.plugin import describe, installed_plugins
 from shards import __version__
+from shards.progress import console
+
+
+def list_plugins(args: argparse.Namespace) -> int:
+    table = Table(title="model plugins (entry point group pipeline.plugins)")
+    for column in ("name", "class", "description"):
+        table.add_column(column)
+    for name, point in sorted(installed_plugins().items()):
+        table.add_row(name, point.value, describe(point))
+    console.print(table)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    training = commands.add_parser(
+        "train",
+        help="train a plugin (same as python -m pipeline.train)",
+        description=train.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_arguments(training)
+    training.set_defaults(handler=train.run)
+    plugins = commands.add_parser("plugins", help="list the installed model plugins")
+    plugins.set_defaults(handler=list_plugins)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    build_parser().print_help()
-    return 0
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""The training data stream: exact epochs, split across ranks, resumable at any micro-step.
+
+Per epoch, the shard order is shuffled from (seed, epoch), and the samples of each group of
+`shuffle_shards` consecutive shards are shuffled together. The resulting epoch order is cut into
+global micro-batches of world_size x batch_size samples; rank r takes the r-th slice of each. So:
+
+- each sample is seen once per epoch, on one rank, in one DataLoader worker; the last partial
+  global micro-batch of an epoch (fewer than world_size x batch_size samples) is dropped;
+- every rank runs the same number of micro-steps, whatever the shard counts (no hang);
+- the stream is a pure function of (seed, global micro-step), so a run resumes at an exact sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+
+import numpy as np
+import torch
+
+from shards.random_access import SplitDataset
+from shards.reader import open_split
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    counts: tuple[int, ...]  # samples per shard, manifest order
+    seed: int
+    shuffle_shards: int
+    world_size: int
+    batch_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.counts) // self.global_batch
+
+
+def epoch_groups(layout: StreamLayout, epoch: int) -> list[np.ndarray]:
+    """The epoch's shard groups, as arrays of shard indices, in reading order."""
+    order = np.random.default_rng([layout.seed, epoch]).permutation(len(layout.counts))
+    return [order[start : start + layout.shuffle_shards] for start in range(0, len(order), layout.shuffle_shards)]
+
+
+def epoch_order(layout: StreamLayout, epoch: int, skip: int = 0) -> Iterator[int]:
+    """Global sample indices of the epoch in training order, from position `skip` on."""
+    starts = [0, *accumulate(layout.counts)]
+    for number, group in enumerate(epoch_groups(layout, epoch)):
+        size = sum(layout.counts[shard] for shard in group)
+        if skip >= size:  # whole groups before the resume point are never materialised
+            skip -= size
+            continue
+        members = np.concatenate([np.arange(starts[shard], starts[shard + 1]) for shard in group])
+        shuffled = members[np.random.default_rng([layout.seed, epoch, number]).permutation(size)]
+        yield from shuffled[skip:].tolist()
+        skip = 0
+
+
+class RankBatches(torch.utils.data.Sampler[list[int]]):
+    """This rank's micro-batches of sample indices, from global micro-step `start` on, for ever."""
+
+    def __init__(self, layout: StreamLayout, rank: int, start: int = 0) -> None:
+        if layout.steps_per_epoch == 0:
+            raise ValueError(
+                f"the split has {sum(layout.counts)} samples, fewer than one global micro-batch "
+                f"({layout.world_size} ranks x {layout.batch_size})"
+            )
+        self.layout, self.rank, self.start = layout, rank, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        layout, step = self.layout, self.start
+        while True:
+            epoch, in_epoch = divmod(step, layout.steps_per_epoch)
+            order = epoch_order(layout, epoch, skip=in_epoch * layout.global_batch)
+            for _ in range(in_epoch, layout.steps_per_epoch):
+                micro_batch = [next(order) for _ in range(layout.global_batch)]
+                yield micro_batch[self.rank * layout.batch_size : (self.rank + 1) * layout.batch_size]
+                step += 1
+
+
+def training_loader(
+    shards: str, split: str, layout: StreamLayout, rank: int, start: int, workers: int, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    dataset = SplitDataset(open_split(shards, split))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=RankBatches(layout, rank, start),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,62 @@
+"""The one place that builds the DeepSpeed config of a run.
+
+Start from `deepspeed.config` (a JSON file, optional), then set what the run config owns: micro-batch,
+accumulation, ZeRO stage, optimizer offload and precision. Everything else in the file (bucket sizes,
+overlap, ...) is the user's to tune.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig
+
+NEVER_PRINT = 10**9
+DEFAULT_ZERO_STAGE = 2
+
+
+def deep_merge(base: dict, updates: dict) -> dict:
+    merged = dict(base)
+    for key, value in updates.items():
+        both_sections = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = deep_merge(merged[key], value) if both_sections else value
+    return merged
+
+
+def load_user_config(config: RunConfig) -> dict[str, Any]:
+    if config.deepspeed.config is None:
+        return {}
+    try:
+        user = json.loads(config.deepspeed.config.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"deepspeed.config: cannot read {config.deepspeed.config}: {error}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed.config: {config.deepspeed.config} must hold a JSON object")
+    return user
+
+
+def build_deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
+    """precision: the resolved one, fp32 | bf16 | fp16."""
+    user = load_user_config(config)
+    zero: dict[str, Any] = {"stage": user.get("zero_optimization", {}).get("stage", DEFAULT_ZERO_STAGE)}
+    if config.deepspeed.zero_stage is not None:
+        zero["stage"] = config.deepspeed.zero_stage
+    if config.deepspeed.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    elif config.deepspeed.offload_optimizer == "none":
+        zero["offload_optimizer"] = {"device": "none"}
+    ours = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # our optimizers are torch's (RMSProp for the paper); DeepSpeed otherwise insists on its CPU Adam
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": NEVER_PRINT,
+    }
+    merged = deep_merge(user, ours)
+    merged.pop("train_batch_size", None)  # derived by DeepSpeed from the three factors above
+    merged.setdefault("gradient_clipping", 0.0)
+    return merged

@@ -1,0 +1,134 @@
+"""Accelerate and DeepSpeed set-up: the Accelerator, the one engine over all networks, its optimizer.
+
+Every network lives in one nn.ModuleDict wrapped by one DeepSpeed engine, with one torch optimizer
+holding a param group per network (its own learning rate and weight decay). The plugin's
+training_step routes each network's own loss gradient into one loss; one backward and one ZeRO
+step then update all networks (docs/design.md has the evidence for this choice).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, is_transformers_available
+from torch import nn
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.deepspeed_config import build_deepspeed_config
+from pipeline.plugin import ModelPlugin, StepOutput
+
+OPTIMIZERS = {
+    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+class DeepSpeedPluginForPlainModels(DeepSpeedPlugin):
+    """accelerate hands the DeepSpeed config to transformers (for its from_pretrained under ZeRO-3)
+    and so imports transformers unconditionally. We load no transformers model: skip that when
+    transformers is not installed, instead of depending on it."""
+
+    def set_deepspeed_weakref(self) -> None:
+        if is_transformers_available():
+            super().set_deepspeed_weakref()
+
+
+class TrainingModule(nn.Module):
+    """What the DeepSpeed engine wraps: the networks, with the plugin's step as forward, so that the
+    engine's forward hooks (ZeRO-3 gathering, for one) see every call."""
+
+    def __init__(self, networks: dict[str, nn.Module], plugin: ModelPlugin) -> None:
+        super().__init__()
+        self.networks = nn.ModuleDict(networks)
+        self.plugin = plugin
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepOutput:
+        return self.plugin.training_step(self.networks, images, labels, step)
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def single_process_world() -> None:
+    """`python -m pipeline.train` without a launcher: a world of one, so DeepSpeed gets its process group."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+
+
+def make_accelerator(config: RunConfig, precision: str) -> Accelerator:
+    single_process_world()
+    ds_config = build_deepspeed_config(config, precision)
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    trackers = "tensorboard" if _tensorboard_available() else None
+    return Accelerator(
+        deepspeed_plugin=DeepSpeedPluginForPlainModels(hf_ds_config=ds_config),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        kwargs_handlers=handlers,
+        log_with=trackers,
+        project_dir=str(config.output_dir),
+    )
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def optimizer_settings(config: RunConfig, defaults: dict[str, Any], network: str) -> dict[str, Any]:
+    """Run config over plugin defaults, per network over all networks."""
+    per_network = defaults.get(network, {}) if isinstance(defaults.get(network), dict) else {}
+    chosen = config.optimizer.for_network(network)
+    settings = {
+        "lr": chosen.lr or config.optimizer.lr or per_network.get("lr") or defaults.get("lr"),
+        "weight_decay": next(
+            value
+            for value in (
+                chosen.weight_decay,
+                config.optimizer.weight_decay,
+                per_network.get("weight_decay"),
+                defaults.get("weight_decay"),
+                0.0,
+            )
+            if value is not None
+        ),
+    }
+    if settings["lr"] is None:
+        raise ConfigError(f"optimizer.{network}.lr: required (the plugin gives no default)")
+    return settings
+
+
+def build_optimizer(config: RunConfig, networks: nn.ModuleDict, defaults: dict[str, Any]) -> torch.optim.Optimizer:
+    name = config.optimizer.name or defaults.get("name", "adam")
+    unknown = set(config.optimizer.model_extra or {}) - set(networks)
+    if unknown:
+        raise ConfigError(f"optimizer.{sorted(unknown)[0]}: no such network (networks: {', '.join(networks)})")
+    groups = [
+        {"params": list(module.parameters()), "network": network, **optimizer_settings(config, defaults, network)}
+        for network, module in networks.items()
+    ]
+    extra = {
+        "rmsprop": {"alpha": config.optimizer.alpha, "eps": config.optimizer.eps},
+        "adam": {"betas": config.optimizer.betas, "eps": config.optimizer.eps},
+        "adamw": {"betas": config.optimizer.betas, "eps": config.optimizer.eps},
+        "sgd": {},
+    }[name]
+    return OPTIMIZERS[name](groups, lr=groups[0]["lr"], **extra)

@@ -1,0 +1,107 @@
+"""The model plugin contract, and how plugins are found.
+
+A plugin is a class registered under the entry point group ``pipeline.plugins``::
+
+    # the plugin package's pyproject.toml
+    [project.entry-points."pipeline.plugins"]
+    mymodel = "mypackage.mymodel:MyModel"
+
+and selected with ``plugin: mymodel`` in the run config. The trainer uses it like this::
+
+    plugin = MyModel(options, image)          # options: the config's `model:` mapping; image: ImageInfo
+    networks = plugin.build_networks()        # {"encoder": nn.Module, ...}: what gets optimised
+    settings = plugin.optimizer_defaults()    # {"name": "rmsprop", "lr": 3e-4, ..., "<network>": {"lr": ...}}
+    # every micro-batch, networks in train mode:
+    output = plugin.training_step(networks, images, labels, step)     # -> StepOutput
+    # for grids, networks in eval mode, under torch.no_grad():
+    plugin.sample(networks, count, generator)  -> images
+    plugin.reconstruct(networks, images)       -> images
+    # with every checkpoint: plugin.state_dict() / plugin.load_state_dict(state)  (JSON-able)
+
+The rules:
+
+- ``StepOutput.loss`` is ONE scalar whose gradient with respect to each network's parameters is
+  exactly that network's own loss gradient. When losses cross networks (a GAN), the plugin routes
+  gradients inside the step: ``detach()`` where a network must not be trained by a term, calls of a
+  network with detached parameters (``torch.func.functional_call``) where gradients must flow
+  through it but not into it, gradient scaling where a network sees a weighted term. The trainer
+  then runs one backward and one optimizer step for all networks (docs/design.md says why).
+- Losses are means over the batch, so that a gradient does not depend on the micro-batch size:
+  DeepSpeed averages gradients over accumulation steps and ranks.
+- ``metrics`` holds detached scalars to log (each loss term, say); the trainer averages them.
+- Images are float tensors, N x C x H x W in [-1, 1], on the networks' device; labels are int64,
+  -1 where the data set has none.
+- A plugin never imports accelerate or DeepSpeed, never moves anything between devices, and never
+  reads or writes files: the trainer owns all of that.
+- Raise ``PluginError`` for bad options: the user sees its message as one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from shards.errors import UserError
+
+ENTRY_POINT_GROUP = "pipeline.plugins"
+
+
+class PluginError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    size: int
+    channels: int
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ModelPlugin(Protocol):
+    def __init__(self, options: dict[str, Any], image: ImageInfo) -> None: ...
+
+    def build_networks(self) -> dict[str, nn.Module]: ...
+
+    def optimizer_defaults(self) -> dict[str, Any]: ...
+
+    def training_step(
+        self, networks: nn.ModuleDict, images: torch.Tensor, labels: torch.Tensor, step: int
+    ) -> StepOutput: ...
+
+    def sample(self, networks: nn.ModuleDict, count: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def reconstruct(self, networks: nn.ModuleDict, images: torch.Tensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def installed_plugins() -> dict[str, EntryPoint]:
+    return {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin_class(name: str) -> type:
+    plugins = installed_plugins()
+    if name not in plugins:
+        known = ", ".join(sorted(plugins)) or "none"
+        raise PluginError(f"no plugin named {name!r} is installed (installed: {known}); see `pipeline plugins`")
+    return plugins[name].load()
+
+
+def describe(point: EntryPoint) -> str:
+    """The first line of the plugin class's docstring, without importing anything heavy twice."""
+    try:
+        doc = point.load().__doc__ or ""
+    except Exception as error:  # a broken third-party plugin must not break the listing
+        return f"(fails to import: {error})"
+    return doc.strip().splitlines()[0] if doc.strip() else ""

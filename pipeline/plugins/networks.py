@@ -1,0 +1,128 @@
+"""The paper's encoder, decoder and discriminator (Larsen et al. 2016, and the authors' code).
+
+At 64x64: 5x5 convolutions, 'same' padding, batch norm (eps 1e-6, PyTorch momentum 0.1 = the
+authors' running-average factor 0.9) after every convolution but the discriminator's first, and no
+bias where batch norm follows. 32x32 and 128x128 remove or add one stride-2 stage; every size ends
+its convolutions at 8x8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BN_EPS = 1e-6
+BN_MOMENTUM = 0.1
+BOTTOM = 8  # spatial side where the convolutions end
+ENCODER_STAGES = {32: (128, 256), 64: (64, 128, 256), 128: (32, 64, 128, 256)}
+DECODER_STAGES = {32: (256, 32), 64: (256, 128, 32), 128: (256, 128, 64, 32)}
+DISCRIMINATOR_STAGES = {32: (128, 256), 64: (128, 256, 256), 128: (64, 128, 256, 256)}
+SIZES = tuple(sorted(ENCODER_STAGES))
+
+
+def _conv(channels_in: int, channels_out: int, stride: int, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(channels_in, channels_out, 5, stride=stride, padding=2, bias=bias)
+
+
+def _norm2d(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def _norm1d(features: int) -> nn.BatchNorm1d:
+    return nn.BatchNorm1d(features, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def _down_stages(channels_in: int, widths: tuple[int, ...]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [_conv(channels_in, width, stride=2), _norm2d(width), nn.ReLU(inplace=True)]
+        channels_in = width
+    return layers
+
+
+class Encoder(nn.Module):
+    """x -> (mu, log-variance) of q(z|x)."""
+
+    def __init__(self, size: int, channels: int, latent_size: int = 128, fc_size: int = 2048) -> None:
+        super().__init__()
+        widths = ENCODER_STAGES[size]
+        self.features = nn.Sequential(*_down_stages(channels, widths), nn.Flatten())
+        self.fc = nn.Sequential(
+            nn.Linear(widths[-1] * BOTTOM * BOTTOM, fc_size, bias=False), _norm1d(fc_size), nn.ReLU(inplace=True)
+        )
+        self.mu = nn.Linear(fc_size, latent_size)
+        self.log_variance = nn.Linear(fc_size, latent_size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.fc(self.features(images))
+        return self.mu(hidden), self.log_variance(hidden)
+
+
+class Decoder(nn.Module):
+    """z -> image in [-1, 1]."""
+
+    def __init__(self, size: int, channels: int, latent_size: int = 128) -> None:
+        super().__init__()
+        widths = DECODER_STAGES[size]
+        self.first_width = widths[0]
+        self.fc = nn.Sequential(
+            nn.Linear(latent_size, widths[0] * BOTTOM * BOTTOM, bias=False),
+            _norm1d(widths[0] * BOTTOM * BOTTOM),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        channels_in = widths[0]
+        for width in widths:
+            layers += [
+                nn.ConvTranspose2d(channels_in, width, 5, stride=2, padding=2, output_padding=1, bias=False),
+                _norm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels_in = width
+        layers += [_conv(channels_in, channels, stride=1, bias=True), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.fc(z).view(-1, self.first_width, BOTTOM, BOTTOM))
+
+
+class Discriminator(nn.Module):
+    """x -> (logit of 'real', Dis_l features: the last convolution's output before its batch norm)."""
+
+    def __init__(self, size: int, channels: int, fc_size: int = 512) -> None:
+        super().__init__()
+        widths = DISCRIMINATOR_STAGES[size]
+        self.first = nn.Sequential(_conv(channels, 32, stride=1, bias=True), nn.ReLU(inplace=True))
+        layers = _down_stages(32, widths)
+        self.to_features = nn.Sequential(*layers[:-2])  # up to and including the last convolution
+        self.after_features = nn.Sequential(*layers[-2:], nn.Flatten())
+        self.head = nn.Sequential(
+            nn.Linear(widths[-1] * BOTTOM * BOTTOM, fc_size, bias=False),
+            _norm1d(fc_size),
+            nn.ReLU(inplace=True),
+            nn.Linear(fc_size, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.to_features(self.first(images))
+        return self.head(self.after_features(features)).squeeze(1), features
+
+
+def check_size(size: int) -> None:
+    if size not in ENCODER_STAGES:
+        raise ValueError(f"image size {size} is not supported; the paper's networks take {SIZES}")
+
+
+def gaussian_kl(mu: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per example, summed over latent dimensions."""
+    return 0.5 * (mu.pow(2) + log_variance.exp() - 1 - log_variance).sum(dim=1)
+
+
+def reparameterise(mu: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    return mu + torch.randn_like(mu) * (0.5 * log_variance).exp()
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

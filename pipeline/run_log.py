@@ -1,0 +1,53 @@
+"""What a run leaves behind as it goes: metrics.jsonl (one JSON object per logged step), the
+accelerate trackers (TensorBoard when installed), and rank 0's progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.progress import Progress, TextColumn
+
+from shards.progress import console, progress_bar
+
+
+class RunLog:
+    def __init__(self, output_dir: Path, accelerator, total_steps: int, first_step: int) -> None:
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.progress: Progress | None = None
+        if self.main:
+            self.progress = progress_bar("steps")
+            self.progress.columns = (*self.progress.columns, TextColumn("{task.fields[losses]}"))
+            self.task = self.progress.add_task("training", total=total_steps, completed=first_step, losses="")
+            self.progress.start()
+        self.last_time, self.last_images = time.perf_counter(), 0
+
+    def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
+        """metrics: already reduced across ranks; called on every rank, writes on rank 0."""
+        now = time.perf_counter()
+        rate = (images_seen - self.last_images) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_images = now, images_seen
+        record = {"step": step, "images": images_seen, **metrics, "images_per_s": round(rate, 2)}
+        self.accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step)
+        if not self.main:
+            return
+        with open(self.metrics_path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        losses = " ".join(f"{key} {value:.4g}" for key, value in list(metrics.items())[:4])
+        self.progress.update(self.task, losses=losses)
+
+    def advance(self, step: int) -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=step)
+
+    def note(self, message: str) -> None:
+        if self.main:
+            console.print(message)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+        self.accelerator.end_training()
