@@ -54,6 +54,7 @@ def build_deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
         "fp16": {"enabled": precision == "fp16"},
         # our optimizers are torch's (RMSProp for the paper); DeepSpeed otherwise insists on its CPU Adam
         "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": NEVER_PRINT,
     }
     merged = deep_merge(user, ours)

@@ -9,6 +9,7 @@ for each micro-batch of this rank:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -96,6 +97,8 @@ class Trainer:
                     continue
                 self.step += 1
                 log.advance(self.step)
+                if self.step == 1:
+                    self._record_rank()
                 last = self.step >= self.total_steps
                 if self.step % config.log_every == 0 or last:
                     log.log(self.step, self.step * self.images_per_step, self._reduce(sums, micro_steps_summed))
@@ -105,8 +108,32 @@ class Trainer:
                 if last:
                     break
             self._save_weights(self.output_dir / "weights")
+            # Every rank must be done before end_training() destroys the process group: without this
+            # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
+            accelerator.wait_for_everyone()
         finally:
-            log.close()
+            log.close()  # stops the progress bar, the trackers, and the process group
+
+    def _record_rank(self) -> None:
+        """ranks/rank-N.json: what this rank holds, to see ZeRO's partitioning (written after the first
+        step, when the optimizer state exists)."""
+        zero_optimizer = self.engine.optimizer
+        inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
+        state_elements = sum(
+            value.numel() for state in inner.state.values() for value in state.values() if torch.is_tensor(value)
+        )
+        record = {
+            "rank": self.accelerator.process_index,
+            "world_size": self.accelerator.num_processes,
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "parameters": sum(p.numel() for p in self.networks.parameters()),
+            "optimizer_state_elements": state_elements,
+            "precision": self.precision,
+            "device": str(self.accelerator.device),
+        }
+        folder = self.output_dir / "ranks"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank-{record['rank']}.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         if not self.config.data.hflip:

@@ -1,0 +1,53 @@
+"""A model plugin that lives only in the tests: a third party adding a model without touching pipeline/.
+
+It is found through its entry point (linear_plugin-0.1.dist-info/entry_points.txt, what `pip install`
+would write) when this folder is on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.plugin import ImageInfo, StepOutput
+
+
+class LinearAutoencoder:
+    """Linear autoencoder on pixels: no batch-dependent layers (for exact accumulation checks)."""
+
+    def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
+        self.shape = (image.channels, image.size, image.size)
+        self.pixels = image.channels * image.size * image.size
+        self.hidden = int(options.get("hidden", 8))
+        self.steps_seen = 0
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        return {"encoder": nn.Linear(self.pixels, self.hidden), "decoder": nn.Linear(self.hidden, self.pixels)}
+
+    def optimizer_defaults(self) -> dict[str, Any]:
+        return {"name": "sgd", "lr": 0.05, "decoder": {"lr": 0.02}}
+
+    def loss(self, networks, images: torch.Tensor) -> torch.Tensor:
+        flat = images.flatten(1)
+        return (networks["decoder"](networks["encoder"](flat)) - flat).pow(2).mean()
+
+    def training_step(self, networks, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepOutput:
+        loss = self.loss(networks, images)
+        self.steps_seen += 1
+        return StepOutput(loss=loss, metrics={"loss": loss.detach(), "label_mean": labels.float().mean()})
+
+    def sample(self, networks, count: int, generator: torch.Generator) -> torch.Tensor:
+        weight = networks["decoder"].weight
+        z = torch.randn(count, self.hidden, generator=generator).to(weight.device, weight.dtype)
+        return networks["decoder"](z).clamp(-1, 1).view(count, *self.shape)
+
+    def reconstruct(self, networks, images: torch.Tensor) -> torch.Tensor:
+        return networks["decoder"](networks["encoder"](images.flatten(1))).clamp(-1, 1).view(images.shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_seen": self.steps_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_seen = state["steps_seen"]

@@ -1,0 +1,66 @@
+"""The trainer's data stream on 2 real ranks with 2 DataLoader workers each, over uneven shards:
+each sample once per epoch, the same step count on every rank, a deterministic shuffle, exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from trainer_helpers import build_small_shards, free_port, run_python
+
+from shards.random_access import SplitDataset
+from shards.reader import open_split
+
+BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_small_shards(tmp_path_factory.mktemp("stream"))  # 40 samples, shards of 7,7,7,7,7,5
+
+
+def stream(shards: Path, report: Path, start: int, steps: int) -> list[dict]:
+    command = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "helpers" / "stream_on_rank.py"),
+        str(shards),
+        str(BATCH),
+        "2",
+        str(start),
+        str(steps),
+        str(report),
+    ]
+    result = run_python(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(Path(f"{report}.{rank}").read_text()) for rank in (0, 1)]
+
+
+def test_every_sample_once_per_epoch_on_uneven_shards_and_exact_resume(tmp_path: Path, shards: Path) -> None:
+    everything = {
+        hashlib.sha256(image.numpy().tobytes()).hexdigest()[:16] for image, _ in SplitDataset(open_split(shards))
+    }
+    assert len(everything) == 40
+    ranks = stream(shards, tmp_path / "full", start=0, steps=12)
+    steps_per_epoch = ranks[0]["steps_per_epoch"]
+    assert steps_per_epoch == 40 // (2 * BATCH) == 6
+    assert all(len(rank["seen"]) == 12 for rank in ranks)  # same number of steps on both ranks
+    epochs = []
+    for epoch in range(2):
+        window = slice(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        samples = [s for rank in ranks for batch in rank["seen"][window] for s in batch]
+        assert len(samples) == len(set(samples)) == 36  # no duplicates; 40 % 6 = 4 dropped
+        assert set(samples) <= everything
+        epochs.append([batch for rank in ranks for batch in rank["seen"][window]])
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    again = stream(shards, tmp_path / "again", start=0, steps=12)
+    assert [r["seen"] for r in again] == [r["seen"] for r in ranks]  # deterministic from the seed
+    resumed = stream(shards, tmp_path / "resumed", start=4, steps=8)
+    assert [r["seen"] for r in resumed] == [r["seen"][4:] for r in ranks]  # exact position, across an epoch end

@@ -1,0 +1,201 @@
+"""The trainer, launched for real: accelerate with 2 CPU ranks (gloo) under ZeRO-1 and ZeRO-2, the
+two-node script, accumulation equivalence against plain PyTorch, plugins, and config errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from conftest import REPO
+from trainer_helpers import (
+    PLUGIN_FIXTURE,
+    build_small_shards,
+    environment,
+    free_port,
+    launch,
+    metrics,
+    rank_records,
+    run_python,
+    weights,
+    write_config,
+)
+
+from pipeline.data import StreamLayout, epoch_order
+from pipeline.plugin import ImageInfo
+from shards.random_access import SplitDataset
+from shards.reader import open_split
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_small_shards(tmp_path_factory.mktemp("trainer"))
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_two_ranks_train_under_zero(tmp_path: Path, shards: Path, zero_stage) -> None:
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", shards, out, deepspeed__zero_stage=zero_stage)
+    assert_ok(launch(config))
+    records = rank_records(out)
+    assert [r["rank"] for r in records] == [0, 1] and all(r["world_size"] == 2 for r in records)
+    assert all(r["zero_stage"] == zero_stage for r in records)
+    assert records[0]["parameters"] == 64 * 4 + 4 + 4 * 64 + 64
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert all(m["images"] == m["step"] * 2 * 2 * 2 for m in logged)  # ranks x batch x accumulation
+    assert all(m["loss"] > 0 for m in logged)
+    assert (out / "samples" / "step-00000003-samples.png").exists()
+    assert (out / "samples" / "step-00000003-reconstructions.png").exists()
+    assert (out / "config.yaml").read_text().count("zero_stage") == 1
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero_partitions_rmsprop_state_across_ranks(tmp_path: Path, shards: Path, zero_stage) -> None:
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"run-{processes}"
+        config = write_config(
+            tmp_path / f"run-{processes}.yaml",
+            shards,
+            out,
+            deepspeed__zero_stage=zero_stage,
+            optimizer={"name": "rmsprop"},
+            max_steps=1,
+            gradient_accumulation_steps=1,
+        )
+        assert_ok(launch(config, processes=processes))
+        results[processes] = [r["optimizer_state_elements"] for r in rank_records(out)]
+    (whole,), halves = results[1], results[2]
+    assert whole >= 580  # one square_avg element per parameter (+ step counters, alignment padding)
+    for half in halves:
+        assert abs(half - whole / 2) <= 0.05 * whole, (halves, whole)
+
+
+def plain_pytorch_weights(shards: Path, steps: int, batch: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The same SGD updates, computed independently: one process, one batch per step, no DeepSpeed."""
+    sys.path.insert(0, str(PLUGIN_FIXTURE))
+    from linear_plugin import LinearAutoencoder
+
+    split = open_split(shards)
+    plugin = LinearAutoencoder({"hidden": 4}, ImageInfo(split.image["size"], split.image["channels"]))
+    set_seed(seed)
+    networks = torch.nn.ModuleDict(plugin.build_networks())
+    rates = {"encoder": 0.05, "decoder": 0.02}
+    layout = StreamLayout(tuple(s["count"] for s in split.shards), seed, 8, world_size=1, batch_size=batch)
+    order = list(epoch_order(layout, epoch=0))
+    dataset = SplitDataset(split)
+    for step in range(steps):
+        images = torch.stack([dataset[i][0] for i in order[step * batch : (step + 1) * batch]])
+        loss = plugin.loss(networks, images)
+        networks.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for name, network in networks.items():
+                for parameter in network.parameters():
+                    parameter -= rates[name] * parameter.grad
+    return {
+        name: {key: value.detach() for key, value in network.state_dict().items()} for name, network in networks.items()
+    }
+
+
+def test_accumulation_on_two_ranks_equals_one_big_batch(tmp_path: Path, shards: Path) -> None:
+    """k=2 micro-batches of b=2 on N=2 ranks under ZeRO-2 == one step on a batch of 8 == plain PyTorch."""
+    split_out = tmp_path / "split"
+    config = write_config(tmp_path / "split.yaml", shards, split_out, max_steps=3)
+    assert_ok(launch(config))
+    whole_out = tmp_path / "whole"
+    config = write_config(
+        tmp_path / "whole.yaml",
+        shards,
+        whole_out,
+        max_steps=3,
+        gradient_accumulation_steps=1,
+        data={"shards": str(shards), "batch_size": 8, "workers": 0},
+    )
+    assert_ok(launch(config, processes=1))
+    expected = plain_pytorch_weights(shards, steps=3, batch=8, seed=7)
+    for produced in (weights(split_out), weights(whole_out)):
+        for network, tensors in expected.items():
+            for key, value in tensors.items():
+                torch.testing.assert_close(produced[network][key], value, rtol=1e-5, atol=1e-6)
+    initial = plain_pytorch_weights(shards, steps=0, batch=8, seed=7)
+    assert not torch.allclose(initial["encoder"]["weight"], expected["encoder"]["weight"])
+
+
+def test_two_nodes_on_one_machine(tmp_path: Path, shards: Path) -> None:
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", shards, out, max_steps=2)
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "local-2node.sh"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={
+            **environment(),
+            "MASTER_PORT": str(free_port()),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        },
+    )
+    assert_ok(result)
+    assert [(r["rank"], r["world_size"]) for r in rank_records(out)] == [(0, 2), (1, 2)]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def test_python_m_and_pipeline_train_are_the_same_trainer(tmp_path: Path, shards: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    config = write_config(tmp_path / "run.yaml", shards, first, max_steps=2)
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
+    assert_ok(run_python("-m", "pipeline.cli", "train", "--config", str(config), f"output_dir={second}"))
+    for network, tensors in weights(first).items():
+        for key, value in tensors.items():
+            assert torch.equal(value, weights(second)[network][key])
+
+
+def test_plugins_are_found_through_entry_points() -> None:
+    listed = run_python("-m", "pipeline.cli", "plugins")
+    assert_ok(listed)
+    assert "linear_plugin:LinearAutoencoder" in listed.stdout + listed.stderr
+    assert "pipeline.plugins.vae:VAE" in listed.stdout + listed.stderr
+    bare = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert "linear_plugin" not in bare.stdout + bare.stderr
+
+
+BAD_CONFIGS = {
+    "data__batchsize": ("data.batchsize: unknown key (did you mean data.batch_size?)", 8),
+    "max_steps": ("max_steps: Input should be greater than 0", -1),
+    "plugin": ("no plugin named 'nope' is installed", "nope"),
+    "data__shards": ("is not a shard folder", "/nonexistent/shards"),
+    "deepspeed__zero_stage": ("deepspeed.zero_stage: Input should be 0, 1, 2 or 3", 5),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BAD_CONFIGS))
+def test_a_bad_config_fails_at_once_with_one_line(tmp_path: Path, shards: Path, key: str) -> None:
+    message, value = BAD_CONFIGS[key]
+    config = write_config(tmp_path / "bad.yaml", shards, tmp_path / "out", **{key: value})
+    start = time.monotonic()
+    result = run_python("-m", "pipeline.train", "--config", str(config))
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "DeepSpeed" not in result.stderr
+    assert elapsed < 20  # generous: it must fail before any engine or process group exists
+    assert not (tmp_path / "out").exists()

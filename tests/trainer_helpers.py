@@ -1,0 +1,109 @@
+"""Running the trainer for real in tests: configs, launchers, and reading what a run left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import REPO, run_shards, write_images
+from safetensors.torch import load_file
+
+PLUGIN_FIXTURE = REPO / "tests" / "plugin_fixture"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def environment() -> dict[str, str]:
+    paths = [str(PLUGIN_FIXTURE), os.environ.get("PYTHONPATH", "")]
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "160",
+    }
+
+
+def build_small_shards(folder: Path, images: int = 40, size: int = 8, shard_size: int = 7) -> Path:
+    """Uneven on purpose: 40 images in shards of 7 give counts 7,7,7,7,7,5."""
+    source = folder / "images"
+    write_images(source / "even", images // 2, size=(size, size), prefix="e")
+    write_images(source / "odd", images - images // 2, size=(size, size), prefix="o", start=images // 2)
+    out = folder / "shards"
+    result = run_shards(
+        "build",
+        source,
+        out,
+        "--size",
+        str(size),
+        "--mode",
+        "L",
+        "--labels",
+        "folder",
+        "--shard-size",
+        str(shard_size),
+        "--val-fraction",
+        "0",
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def write_config(path: Path, shards: Path, output_dir: Path, **overrides) -> Path:
+    config = {
+        "plugin": "linear",
+        "model": {"hidden": 4},
+        "data": {"shards": str(shards), "batch_size": 2, "workers": 0},
+        "max_steps": 3,
+        "gradient_accumulation_steps": 2,
+        "deepspeed": {"zero_stage": 2},
+        "log_every": 1,
+        "sample_every": 3,
+        "grid_size": 4,
+        "output_dir": str(output_dir),
+        "seed": 7,
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split("__")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` with launch/accelerate/cpu-{1proc,2proc}.yaml, as the README says."""
+    accelerate_config = REPO / "launch" / "accelerate" / ("cpu-2proc.yaml" if processes == 2 else "cpu-1proc.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    if processes == 2:
+        command += ["--main_process_port", str(free_port())]
+    command += ["-m", "pipeline.train", "--config", str(config), *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=environment())
+
+
+def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=environment()
+    )
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rank_records(output_dir: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((output_dir / "ranks").glob("rank-*.json"))]
+
+
+def weights(output_dir: Path) -> dict[str, dict]:
+    return {path.stem: load_file(str(path)) for path in sorted((output_dir / "weights").glob("*.safetensors"))}
