@@ -55,12 +55,8 @@ class Trainer:
         self.total_steps = config.max_steps or math.ceil(config.max_images / images_per_step)
         self.images_per_step = images_per_step
         self.step = 0  # optimizer steps done
+        self.micro_step = 0  # micro-batches done: with the seed, the exact position in the data stream
         self.output_dir = Path(config.output_dir)
-
-    @property
-    def micro_step(self) -> int:
-        """Global micro-steps done: with the seed, the exact position in the data stream."""
-        return self.step * self.config.gradient_accumulation_steps
 
     def train(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -83,19 +79,12 @@ class Trainer:
         micro_steps_summed = 0
         try:
             for images, labels in loader:
-                images = self._augment(images.to(accelerator.device, self.dtype, non_blocking=True))
-                labels = labels.to(accelerator.device, non_blocking=True)
-                with accelerator.accumulate(self.engine):
-                    output = self.engine(images, labels, self.step)
-                    accelerator.backward(output.loss)
-                    self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped
-                    self.optimizer.zero_grad()
-                for name, value in output.metrics.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                metrics = self.train_step(images, labels)
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value
                 micro_steps_summed += 1
                 if not accelerator.sync_gradients:
                     continue
-                self.step += 1
                 log.advance(self.step)
                 if self.step == 1:
                     self._record_rank()
@@ -113,6 +102,22 @@ class Trainer:
             accelerator.wait_for_everyone()
         finally:
             log.close()  # stops the progress bar, the trackers, and the process group
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One micro-batch: forward through the plugin, backward; DeepSpeed steps the optimizer at the
+        accumulation boundary, after which `self.step` has advanced. Returns the detached metrics."""
+        accelerator = self.accelerator
+        images = self._augment(images.to(accelerator.device, self.dtype, non_blocking=True))
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(self.engine):
+            output = self.engine(images, labels, self.step)
+            accelerator.backward(output.loss)
+            self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped
+            self.optimizer.zero_grad()
+        self.micro_step += 1
+        if accelerator.sync_gradients:
+            self.step += 1
+        return {name: value.detach().float() for name, value in output.metrics.items()}
 
     def _record_rank(self) -> None:
         """ranks/rank-N.json: what this rank holds, to see ZeRO's partitioning (written after the first

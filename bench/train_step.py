@@ -1,0 +1,303 @@
+"""The trainer's step against a bare PyTorch loop doing the same plugin update, and the trainer fed by
+the shard loader against the same trainer fed from memory, in one process; then a 2-rank ZeRO-2 run
+of --memory-steps steps whose per-rank resident memory is sampled from outside.
+
+    python bench/train_step.py [--shards DIR] [--steps 40] [--memory-steps 500]
+
+Default data: the demo shards (scripts/demo.sh), 32x32 grayscale Fashion-MNIST; model: the `vae`
+plugin (the paper's encoder and decoder). Results: a table, and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from report import machine, markdown_table, write_section
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out" / "train_step"
+BATCH = 16
+
+
+def run_config(shards: Path, output_dir: Path, steps: int, **extra) -> dict:
+    config = {
+        "plugin": "vae",
+        "model": {"latent_size": 64, "fc_size": 1024},
+        "data": {"shards": str(shards), "batch_size": BATCH, "workers": 1},
+        "max_steps": steps,
+        "gradient_accumulation_steps": 1,
+        "deepspeed": {"zero_stage": 2},
+        "optimizer": {"name": "rmsprop"},
+        "log_every": 10**6,
+        "sample_every": 10**6,
+        "grid_size": 4,
+        "output_dir": str(output_dir),
+        "seed": 0,
+    }
+    config.update(extra)
+    return config
+
+
+def memory_batches(shards: Path, count: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from shards.random_access import SplitDataset
+    from shards.reader import open_split
+
+    dataset = SplitDataset(open_split(shards))
+    batches = []
+    for start in range(0, count * batch, batch):
+        pairs = [dataset[index] for index in range(start, start + batch)]
+        batches.append((torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])))
+    return batches
+
+
+def bare_loop(plugin, batches, warmup: int) -> float:
+    batch = len(batches[0][0])
+    """The same update written directly: networks, RMSprop with a param group per network, backward."""
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    networks = torch.nn.ModuleDict(plugin.build_networks())
+    optimizer = torch.optim.RMSprop(
+        [{"params": network.parameters(), "lr": 3e-4} for network in networks.values()], alpha=0.9, eps=1e-8
+    )
+    for index, (images, labels) in enumerate(batches):
+        if index == warmup:
+            start = time.perf_counter()
+        loss = plugin.training_step(networks, images, labels, index).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (len(batches) - warmup) * batch / (time.perf_counter() - start)
+
+
+def pipeline_from_memory(trainer, batches, warmup: int) -> float:
+    for index, (images, labels) in enumerate(batches):
+        if index == warmup:
+            start = time.perf_counter()
+        trainer.train_step(images, labels)
+    return (len(batches) - warmup) * len(batches[0][0]) / (time.perf_counter() - start)
+
+
+def pipeline_from_shards(trainer, steps: int, log_every: int) -> float:
+    """The full loop (shard loader, logging) for `steps` more steps; the rate of its steady state,
+    from metrics.jsonl: the median log interval, leaving out the first (loader start-up) and the last
+    (final grids and weights)."""
+    trainer.config.log_every = log_every
+    trainer.total_steps = trainer.step + steps
+    trainer.train()
+    rows = [json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = sorted(row["images_per_s"] for row in rows[1:-1])
+    return rates[len(rates) // 2]
+
+
+def measure(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_loader: bool) -> dict:
+    """In this process: the bare loop and the trainer's step at one ZeRO stage, interleaved."""
+    from pipeline.config import RunConfig
+    from pipeline.plugin import ImageInfo
+    from pipeline.plugins.vae import VAE
+    from pipeline.trainer import Trainer
+    from shards.reader import open_split
+
+    split = open_split(shards)
+    image = ImageInfo(split.image["size"], split.image["channels"])
+    config = RunConfig.model_validate(
+        run_config(
+            shards,
+            OUT / f"speed-{stage}-{batch}",
+            10**6,
+            deepspeed={"zero_stage": stage},
+            data={"shards": str(shards), "batch_size": batch, "workers": 1},
+        )
+    )
+    warmup = 5
+    batches = memory_batches(shards, steps + warmup, batch)
+    trainer = Trainer(config, VAE(config.model, image), split)
+    best = {"bare": 0.0, "memory": 0.0}
+    for _ in range(rounds):
+        best["bare"] = max(best["bare"], bare_loop(VAE(config.model, image), batches, warmup))
+        best["memory"] = max(best["memory"], pipeline_from_memory(trainer, batches, warmup))
+    if with_loader:
+        best["shards"] = pipeline_from_shards(trainer, steps, log_every=max(1, steps // 8))
+    return best
+
+
+def measure_in_subprocess(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_loader: bool) -> dict:
+    job = json.dumps([str(shards), stage, batch, steps, rounds, with_loader])
+    command = [sys.executable, __file__, "--measure", job]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"measurement failed: {result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def speed(shards: Path, steps: int, rounds: int) -> list[list[str]]:
+    rows = []
+    for stage, batch in ((0, 16), (2, 16), (2, 64)):
+        result = measure_in_subprocess(shards, stage, batch, steps, rounds, with_loader=(stage, batch) == (2, 16))
+        rows.append(
+            [
+                f"ZeRO-{stage}, micro-batch {batch}",
+                f"{result['bare']:.1f}",
+                f"{result['memory']:.1f}",
+                f"{result['memory'] / result['bare']:.2f}",
+                ">= 0.90",
+            ]
+        )
+        if "shards" in result:
+            loader_row = [
+                f"ZeRO-{stage}, micro-batch {batch}: fed by the shard loader vs from memory",
+                f"{result['memory']:.1f}",
+                f"{result['shards']:.1f}",
+                f"{result['shards'] / result['memory']:.2f}",
+                ">= 0.95",
+            ]
+    return [*rows, loader_row]
+
+
+def rss_of(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The training processes: descendants of the launcher running pipeline.train."""
+    found, pending = [], [launcher]
+    while pending:
+        pid = pending.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pipeline.train" in command and pid != launcher:
+            found.append(pid)  # a rank; its own children are DataLoader workers
+            continue
+        pending += [int(child) for child in children]
+    return sorted(found)
+
+
+def memory(shards: Path, steps: int) -> tuple[list[list[str]], list[dict]]:
+    output_dir = OUT / "memory"
+    config_path = OUT / "memory.yaml"
+    config_path.write_text(yaml.safe_dump(run_config(shards, output_dir, steps, log_every=50)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch" / "accelerate" / "cpu-2proc.yaml"),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "pipeline.train",
+        "--config",
+        str(config_path),
+    ]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples: dict[int, list[tuple[float, int]]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for pid in rank_pids(process.pid):
+                samples.setdefault(pid, []).append((time.perf_counter(), rss_of(pid)))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if process.wait() != 0:
+        raise SystemExit("the 2-rank memory run failed")
+    done.set()
+    sampler.join()
+    rows = []
+    for rank, (_, series) in enumerate(sorted(samples.items())):
+        values = [rss for _, rss in series if rss]
+        warm = values[len(values) // 5]  # after warm-up: 20% into the run
+        rows.append(
+            [
+                str(rank),
+                f"{warm / 2**20:.0f}",
+                f"{values[-1] / 2**20:.0f}",
+                f"{max(values) / 2**20:.0f}",
+                f"{(values[-1] - warm) / 2**20:+.1f}",
+            ]
+        )
+    records = [json.loads(p.read_text()) for p in sorted((output_dir / "ranks").glob("rank-*.json"))]
+    return rows, records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, default=REPO / "data" / "demo" / "shards-fashion-mnist")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=500)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
+    args = parser.parse_args()
+    if args.measure:
+        shards, stage, batch, steps, rounds, with_loader = json.loads(args.measure)
+        print(json.dumps(measure(Path(shards), stage, batch, steps, rounds, with_loader)))
+        return
+    if not (args.shards / "manifest.json").exists():
+        raise SystemExit(f"no shards at {args.shards}: run scripts/demo.sh first, or pass --shards")
+    OUT.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+    memory_rows, records = memory(args.shards, args.memory_steps)
+    speed_rows = speed(args.shards, args.steps, args.rounds)
+    partition_rows = [
+        [
+            str(r["rank"]),
+            f"{r['parameters']:,}",
+            f"{r['optimizer_state_elements']:,}",
+            f"{r['optimizer_state_elements'] / r['parameters']:.3f}",
+        ]
+        for r in records
+    ]
+    body = f"""## Training step (`bench/train_step.py`)
+
+{machine()}. `vae` plugin (the paper's encoder and decoder, latent 64, FC 1024) on the demo shards
+(32x32 grayscale), RMSProp, fp32 on CPU, one process. Each row is one process that times the same update
+written as a bare PyTorch loop and as the pipeline's `Trainer.train_step` (DeepSpeed on), fed from memory,
+{args.steps} steps after 5 warm-up steps, best of {args.rounds} interleaved rounds. The loader row runs the full
+training loop (shard loader, 1 worker) and takes its steady-state rate from metrics.jsonl.
+
+{markdown_table(["what", "bare loop images/s", "pipeline images/s", "ratio", "target"], speed_rows)}
+
+Memory: 2 ranks, ZeRO-2, {args.memory_steps} steps, resident memory of each rank sampled every 0.2 s from outside:
+
+{
+        markdown_table(
+            ["rank", "RSS at 20% (MiB)", "RSS at end (MiB)", "peak (MiB)", "growth after warm-up (MiB)"], memory_rows
+        )
+    }
+
+ZeRO-2 partitioning in that run (`OUTPUT/ranks/rank-N.json`): optimizer state each rank holds
+(RMSProp square averages) against the model's parameters:
+
+{markdown_table(["rank", "parameters", "optimizer state elements", "share"], partition_rows)}
+"""
+    print(body)
+    write_section("train_step", body)
+
+
+if __name__ == "__main__":
+    main()
