@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded data: set up, write the demo images, build shards,
-# verify them and draw a contact sheet. Outputs go to data/demo/ (ignored by git).
+# The main job end to end on the embedded data: set up, write the demo images, build shards, verify
+# them, then train with 2 processes under DeepSpeed ZeRO-2 with gradient accumulation, ending with sample
+# and reconstruction grids. Outputs go to data/demo/ and runs/demo/ (both ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,3 +22,6 @@ shards demo-images "$images" --source "$source"
 shards build "$images" "$shards" --labels folder --mode L --size 32
 shards verify "$shards"
 shards inspect "$shards" --grid "$shards-contact-sheet.png"
+accelerate launch --config_file launch/accelerate/cpu-2proc.yaml -m pipeline.train \
+    --config launch/configs/demo.yaml data.shards="$shards" output_dir=runs/demo
+echo "demo: grids in runs/demo/samples/, metrics in runs/demo/metrics.jsonl, weights in runs/demo/weights/"
