@@ -137,9 +137,6 @@ def optimizer_settings(config: RunConfig, defaults: dict[str, Any], network: str
 
 def build_optimizer(config: RunConfig, networks: nn.ModuleDict, defaults: dict[str, Any]) -> torch.optim.Optimizer:
     name = config.optimizer.name or defaults.get("name", "adam")
-    unknown = set(config.optimizer.model_extra or {}) - set(networks)
-    if unknown:
-        raise ConfigError(f"optimizer.{sorted(unknown)[0]}: no such network (networks: {', '.join(networks)})")
     groups = [
         {"params": list(module.parameters()), "network": network, **optimizer_settings(config, defaults, network)}
         for network, module in networks.items()

@@ -16,6 +16,7 @@ class RunLog:
     def __init__(self, output_dir: Path, accelerator, total_steps: int, first_step: int) -> None:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
+        self.total_steps = total_steps
         self.metrics_path = output_dir / "metrics.jsonl"
         self.progress: Progress | None = None
         if self.main:
@@ -38,6 +39,8 @@ class RunLog:
             file.write(json.dumps(record) + "\n")
         losses = " ".join(f"{key} {value:.4g}" for key, value in list(metrics.items())[:4])
         self.progress.update(self.task, losses=losses)
+        if not console.is_terminal:  # a log file (SLURM, CI) gets no live bar: give it a line per log step
+            console.print(f"step {step}/{self.total_steps} images {images_seen} {rate:.1f} images/s {losses}")
 
     def advance(self, step: int) -> None:
         if self.progress:

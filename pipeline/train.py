@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.plugin import ImageInfo, load_plugin_class
 from shards.errors import UserError
 from shards.reader import open_split
@@ -21,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
 
+def check_optimizer_networks(config, networks: dict) -> None:
+    unknown = sorted(set(config.optimizer.model_extra or {}) - set(networks))
+    if unknown:
+        raise ConfigError(f"optimizer.{unknown[0]}: no such network (this plugin has: {', '.join(networks)})")
+
+
 def run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked here, before a process group or engine exists.
     try:
@@ -28,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         plugin_class = load_plugin_class(config.plugin)
         split = open_split(config.data.shards, config.data.split)
         plugin = plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
+        check_optimizer_networks(config, plugin.build_networks())
     except UserError as error:
         print(f"pipeline train: error: {error}", file=sys.stderr)
         return 2

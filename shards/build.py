@@ -8,10 +8,12 @@ resumes after its last recorded shard and ends byte-identical to an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import random
-import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,15 +21,26 @@ from shards import __version__
 from shards.errors import UserError
 from shards.imageops import ImageSpec, prepare_chunk
 from shards.journal import Journal
-from shards.manifest import FORMAT_VERSION, MANIFEST_NAME, SPLITS, read_manifest, shard_name, write_manifest
+from shards.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SHARD_NAME,
+    SPLITS,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
 from shards.parallel import chunked, ordered_map
-from shards.progress import progress_bar
+from shards.progress import console, progress_bar
 from shards.shard_writer import ShardWriter
 from shards.sources import Entry, Listing, list_sources
 
 WORK_DIR_NAME = ".build"
+# writing errors that are the user's to fix (disk full, quota, read-only, permissions)
+OUT_WRITE_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+)
 CHUNK_SIZE = 16  # images per task sent to a worker: amortises inter-process overhead
-SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,11 @@ class SplitWriter:
         self.journal.append({"split": self.split, "next": self.position, "skipped": self.skipped, **record})
         self.shard, self.skipped = None, []
 
+    def abort(self) -> None:
+        if self.shard:
+            self.shard.abort()
+            self.shard = None
+
     def end(self) -> None:
         if self.shard:
             self._close()
@@ -104,12 +122,32 @@ class SplitWriter:
 
 def build(src: Path, out: Path, options: BuildOptions, workers: int, overwrite: bool = False) -> dict:
     """Build (or finish building) OUT from SRC; returns the manifest."""
-    listing = list_sources(src, labels_from_folders=options.labels == "folder")
+    listing = list_sources(src, labels_from_folders=options.labels == "folder", exclude=out)
     if not listing.entries:
         raise UserError(f"no image files found in {src} ({len(listing.rejected)} other files skipped)")
-    work_dir = _prepare_out(out, options, overwrite)
-    if work_dir is None:
-        return read_manifest(out)
+    work_dir = _make_work_dir(out)
+    with _exclusive(work_dir, out):
+        existing = _finished_build(out, options, listing.fingerprint, overwrite)
+        if existing is not None:
+            shutil.rmtree(work_dir)
+            return existing
+        try:
+            manifest = _write_shards(out, work_dir, listing, options, workers)
+        except OSError as error:
+            if error.errno not in OUT_WRITE_ERRORS:
+                raise
+            raise UserError(f"cannot write to {out}: {error.strerror} (finished shards are kept)") from None
+        if not any(manifest["splits"][split]["count"] for split in SPLITS):
+            shutil.rmtree(work_dir)
+            reasons = _top_reasons(manifest)
+            raise UserError(f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({reasons})")
+        _remove_stale_files(out, manifest)
+        write_manifest(out, manifest)
+        shutil.rmtree(work_dir)
+    return manifest
+
+
+def _write_shards(out: Path, work_dir: Path, listing: Listing, options: BuildOptions, workers: int) -> dict:
     header = {"format_version": FORMAT_VERSION, "options": options.as_dict(), "sources": listing.fingerprint}
     journal = Journal(work_dir, header)
     label_index = {name: index for index, name in enumerate(listing.label_names or [])}
@@ -124,25 +162,19 @@ def build(src: Path, out: Path, options: BuildOptions, workers: int, overwrite: 
             if writer.finished:
                 continue
             todo = [(entry, label_index.get(entry.label)) for entry in plan[split][writer.position :]]
-            for results in ordered_map(prepare_chunk, chunked(todo, CHUNK_SIZE), workers, options.image):
-                for result in results:
-                    writer.consume(result)
-                progress.advance(task, len(results))
-            writer.end()
-    manifest = _manifest(listing, journal, options)
-    if not any(manifest["splits"][split]["count"] for split in SPLITS):
-        shutil.rmtree(work_dir)
-        raise UserError(
-            f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({_top_reasons(manifest)})"
-        )
-    write_manifest(out, manifest)
-    _remove_stale_files(out, manifest)
-    shutil.rmtree(work_dir)
-    return manifest
+            try:
+                for results in ordered_map(prepare_chunk, chunked(todo, CHUNK_SIZE), workers, options.image):
+                    for result in results:
+                        writer.consume(result)
+                    progress.advance(task, len(results))
+                writer.end()
+            except BaseException:
+                writer.abort()
+                raise
+    return _manifest(listing, journal, options)
 
 
-def _prepare_out(out: Path, options: BuildOptions, overwrite: bool) -> Path | None:
-    """Make OUT writable and ready; None when OUT already holds this very build."""
+def _make_work_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         work_dir = out / WORK_DIR_NAME
@@ -152,15 +184,42 @@ def _prepare_out(out: Path, options: BuildOptions, overwrite: bool) -> Path | No
         probe.unlink()
     except OSError as error:
         raise UserError(f"OUT is not writable: {out}: {error.strerror or error}") from None
-    if (out / MANIFEST_NAME).exists() and not overwrite:
-        existing = read_manifest(out)
-        if existing["options"] == options.as_dict():
-            shutil.rmtree(work_dir)
-            return None
-        raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
-    if overwrite:
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
     return work_dir
+
+
+@contextlib.contextmanager
+def _exclusive(work_dir: Path, out: Path) -> Iterator[None]:
+    """One build per OUT at a time: two would share the journal and the temporary shard names."""
+    with open(work_dir / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out} is being built by another process; wait for it or choose another OUT") from None
+        yield
+
+
+def _finished_build(out: Path, options: BuildOptions, fingerprint: str, overwrite: bool) -> dict | None:
+    """The manifest when OUT already holds this very build, complete; None when there is work to do."""
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return None
+    if overwrite:
+        path.unlink()
+        return None
+    existing = read_manifest(out)
+    if existing["options"] != options.as_dict():
+        raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
+    shards = [shard for split in SPLITS for shard in existing["splits"][split]["shards"]]
+    intact = all(_has_size(out / shard["name"], shard.get("bytes")) for shard in shards)
+    if intact and existing.get("source", {}).get("fingerprint") == fingerprint:
+        return existing
+    console.print(f"[yellow]{out}: SRC changed or shards are missing since the last build; rebuilding[/]")
+    path.unlink()
+    return None
+
+
+def _has_size(path: Path, size: int | None) -> bool:
+    return path.is_file() and (size is None or path.stat().st_size == size)
 
 
 def _manifest(listing: Listing, journal: Journal, options: BuildOptions) -> dict:
@@ -182,6 +241,7 @@ def _manifest(listing: Listing, journal: Journal, options: BuildOptions) -> dict
         "labels": listing.label_names,
         "splits": splits,
         "skipped": sorted(skipped, key=lambda item: (item["path"], item["reason"])),
+        "source": {"fingerprint": listing.fingerprint, "images": len(listing.entries)},
     }
 
 
@@ -197,5 +257,5 @@ def _remove_stale_files(out: Path, manifest: dict) -> None:
     """Shards of an earlier, different build that the new manifest does not list."""
     listed = {shard["name"] for split in SPLITS for shard in manifest["splits"][split]["shards"]}
     for path in out.iterdir():
-        if SHARD_FILE.match(path.name) and path.name not in listed:
+        if SHARD_NAME.fullmatch(path.name) and path.name not in listed:
             path.unlink()

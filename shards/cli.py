@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import tarfile
 from pathlib import Path
 
 from shards import __version__
@@ -20,7 +21,10 @@ def byte_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500000, 200MB, 1GiB)")
-    return int(float(match.group(1)) * BYTE_UNITS[match.group(2) or ""])
+    size = int(float(match.group(1)) * BYTE_UNITS[match.group(2) or ""])
+    if size < 1:
+        raise argparse.ArgumentTypeError("a shard needs at least 1 byte")
+    return size
 
 
 def bounded(kind: type, low: float, high: float | None = None):
@@ -179,9 +183,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         if not manifest["splits"][args.split]["count"]:
             raise UserError(f"split {args.split!r} is empty: nothing to draw")
         try:
-            contact_sheet(args.out, manifest, args.split, args.count).save(args.grid)
-        except OSError as error:
-            raise UserError(f"cannot write {args.grid}: {error.strerror or error}") from None
+            sheet = contact_sheet(args.out, manifest, args.split, args.count)
+        except (OSError, tarfile.TarError, EOFError) as error:
+            raise UserError(f"cannot read the shards of {args.out} ({error}); run `shards verify`") from None
+        try:
+            sheet.save(args.grid)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot write {args.grid}: {error} (give a .png path)") from None
         console.print(f"wrote {args.grid}")
     return 0
 

@@ -10,6 +10,8 @@ import contextlib
 import io
 import json
 import math
+import os
+import stat
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +26,10 @@ MODES = ("RGB", "L")
 CELEBA_SOURCE_SIZE = (178, 218)
 CELEBA_BOX = (15, 40, 163, 188)  # PIL box: left, upper, right, lower
 PIL_DEFAULT_MAX_PIXELS = 89_478_485
+MAX_FILE_BYTES = 512 * 2**20  # read before decoding: a larger "image" is not one we want in memory
+# Only these decoders ever see input bytes: Pillow knows dozens of formats, some of which hand data to
+# external programs (EPS runs Ghostscript).
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 
 class SkipImage(Exception):
@@ -47,6 +53,11 @@ class ImageSpec:
 
 def read_source(path: str | Path) -> bytes:
     try:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):
+            raise SkipImage("not a regular file")
+        if status.st_size > MAX_FILE_BYTES:
+            raise SkipImage(f"file too large ({status.st_size:,} bytes)")
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise SkipImage("file not found") from None
@@ -76,7 +87,7 @@ def decode(data: bytes, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int]]:
     original size."""
     with _own_pixel_limit():
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
             original_size = image.size
             if original_size[0] * original_size[1] > spec.max_pixels:
                 raise SkipImage(_bomb_reason(original_size, spec))

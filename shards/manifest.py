@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from shards.errors import UserError
+from shards.shard_writer import sync_folder
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
+SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
 
 
 class ManifestError(UserError):
@@ -25,6 +28,7 @@ def write_manifest(out: Path, manifest: dict) -> None:
     temp = out / (MANIFEST_NAME + ".tmp")
     temp.write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     os.replace(temp, out / MANIFEST_NAME)
+    sync_folder(out)  # the rename itself must survive a power loss
 
 
 def read_manifest(out: Path) -> dict:
@@ -41,4 +45,22 @@ def read_manifest(out: Path) -> dict:
     for key in ("image", "splits", "options"):
         if key not in manifest:
             raise ManifestError(f"{path}: missing field {key!r}")
+    _check_fields(path, manifest)
     return manifest
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """What the readers rely on. Shard names above all: they are joined to OUT and opened, so only
+    names `shards build` writes are accepted (no '../', no 'pipe:')."""
+    image = manifest["image"]
+    if not isinstance(image, dict) or not all(key in image for key in ("size", "format", "mode")):
+        raise ManifestError(f"{path}: image needs size, format and mode")
+    for split in SPLITS:
+        shards = manifest["splits"].get(split, {}).get("shards")
+        if not isinstance(shards, list):
+            raise ManifestError(f"{path}: splits.{split}.shards is missing")
+        for shard in shards:
+            if not isinstance(shard, dict) or not {"name", "count", "sha256"} <= shard.keys():
+                raise ManifestError(f"{path}: a shard of {split} lacks name, count or sha256")
+            if not isinstance(shard["name"], str) or not SHARD_NAME.fullmatch(shard["name"]):
+                raise ManifestError(f"{path}: {shard['name']!r} is not a shard name ({split}-NNNNNN.tar)")

@@ -19,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from shards.manifest import SPLITS, ManifestError, read_manifest
+from shards.samples import SHARD_FORMATS
 
 NO_LABEL = -1
 
@@ -45,7 +46,7 @@ class ShardSplit:
 def open_split(out: str | Path, split: str = "train") -> ShardSplit:
     if split not in SPLITS:
         raise ManifestError(f"unknown split {split!r}; a shard folder has {', '.join(SPLITS)}")
-    root = Path(out)
+    root = Path(out).resolve()  # absolute: webdataset must never see a name it could take for pipe: or a URL
     manifest = read_manifest(root)
     shards = tuple(manifest["splits"][split]["shards"])
     if not shards:
@@ -59,7 +60,7 @@ def open_split(out: str | Path, split: str = "train") -> ShardSplit:
 
 def image_to_tensor(data: bytes, mode: str) -> torch.Tensor:
     """Encoded image bytes to a float CHW tensor in [-1, 1]."""
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=SHARD_FORMATS) as image:
         pixels = np.asarray(image.convert(mode))
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

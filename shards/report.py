@@ -23,7 +23,7 @@ def summary_table(manifest: dict) -> Table:
     for split in SPLITS:
         shards = manifest["splits"][split]["shards"]
         count = manifest["splits"][split]["count"]
-        size = sum(shard["bytes"] for shard in shards)
+        size = sum(shard.get("bytes", 0) for shard in shards)
         per_image = f"{size / count / 1024:.1f}" if count else "-"
         table.add_row(split, str(len(shards)), f"{count:,}", f"{size / 2**20:.1f}", per_image)
     labels = manifest.get("labels")

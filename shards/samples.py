@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+SHARD_FORMATS = ("PNG", "JPEG", "WEBP")  # what `shards build` writes; nothing else is decoded from a shard
+
 
 def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) per sample, in file order. Raises tarfile.TarError or
@@ -35,7 +37,7 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=SHARD_FORMATS)
     image.load()
     return image
 

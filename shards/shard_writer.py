@@ -27,6 +27,15 @@ def _member_bytes(size: int) -> int:
     return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
+def sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power loss could otherwise undo it after the journal records it)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class _HashingFile:
     def __init__(self, file: BinaryIO) -> None:
         self.file = file
@@ -34,9 +43,13 @@ class _HashingFile:
         self.bytes = 0
 
     def write(self, data: bytes) -> int:
+        written = self.file.write(data)
         self.sha256.update(data)
         self.bytes += len(data)
-        return self.file.write(data)
+        return written
+
+    def tell(self) -> int:
+        return self.bytes
 
 
 class ShardWriter:
@@ -45,7 +58,7 @@ class ShardWriter:
         self.temp_path = temp_dir / (final_path.name + ".tmp")
         self._file = open(self.temp_path, "wb")  # noqa: SIM115 - closed in finish()
         self._hashing = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w:", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.count = 0
         self._member_bytes = 0
 
@@ -64,6 +77,11 @@ class ShardWriter:
         body = self._member_bytes + sum(_member_bytes(len(data)) for data in members) + 2 * TAR_BLOCK
         return -(-body // TAR_RECORD) * TAR_RECORD
 
+    def abort(self) -> None:
+        """After a failed write: drop the partial file; the shard is redone by the next run."""
+        self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
     def finish(self) -> dict:
         """Close, make durable, publish; returns the manifest's record of this shard."""
         self._tar.close()
@@ -71,6 +89,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.temp_path, self.final_path)
+        sync_folder(self.final_path.parent)
         return {
             "name": self.final_path.name,
             "count": self.count,

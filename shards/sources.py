@@ -53,14 +53,16 @@ def sample_key(relpath: str) -> str:
 
 
 def printable(name: str) -> str:
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    """A file name for the manifest: undecodable bytes shown as \\xNN, as they are on disk."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def list_sources(src: Path, labels_from_folders: bool = False) -> Listing:
+def list_sources(src: Path, labels_from_folders: bool = False, exclude: Path | None = None) -> Listing:
+    """exclude: a folder under SRC to leave out (OUT, when it lies inside SRC)."""
     if not src.exists():
         raise SourceError(f"SRC does not exist: {src}")
     if src.is_dir():
-        listing = _walk_folder(src, labels_from_folders)
+        listing = _walk_folder(src, labels_from_folders, exclude.resolve() if exclude else None)
     elif src.suffix.lower() in LIST_SUFFIXES:
         if labels_from_folders:
             raise SourceError("--labels folder needs SRC to be a folder; a list file gives labels in a column")
@@ -73,7 +75,7 @@ def list_sources(src: Path, labels_from_folders: bool = False) -> Listing:
     return listing
 
 
-def _walk_folder(root: Path, labels_from_folders: bool) -> Listing:
+def _walk_folder(root: Path, labels_from_folders: bool, exclude: Path | None) -> Listing:
     listing = Listing(entries=[])
     pending = [root]
     while pending:
@@ -86,13 +88,19 @@ def _walk_folder(root: Path, labels_from_folders: bool) -> Listing:
             listing.rejected.append((printable(os.path.relpath(folder, root)), f"unreadable folder: {error.strerror}"))
             continue
         for child in children:
-            if child.name.startswith("."):
-                continue  # hidden files and folders (.git, .DS_Store) are not data
             relpath = os.path.relpath(child.path, root)
             if child.is_dir(follow_symlinks=False):
-                pending.append(Path(child.path))
+                if exclude is not None and Path(child.path).resolve() == exclude:
+                    continue  # OUT inside SRC: our own output is never input
+                if child.name.startswith("."):
+                    listing.rejected.append((printable(relpath), "hidden folder (not read)"))
+                else:
+                    pending.append(Path(child.path))
                 continue
-            reason = _name_problem(child.name)
+            if child.is_symlink() and child.is_dir():
+                listing.rejected.append((printable(relpath), "symbolic link to a folder (not followed)"))
+                continue
+            reason = _name_problem(relpath)
             label = relpath.split(os.sep, 1)[0] if labels_from_folders and os.sep in relpath else None
             if reason is None and labels_from_folders and label is None:
                 reason = "not inside a label folder (--labels folder)"
@@ -103,45 +111,64 @@ def _walk_folder(root: Path, labels_from_folders: bool) -> Listing:
     return listing
 
 
-def _name_problem(name: str) -> str | None:
+def _name_problem(relpath: str) -> str | None:
     try:
-        name.encode("utf-8")
+        relpath.encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not valid UTF-8"
+    name = os.path.basename(relpath)
+    if name.startswith("."):
+        return "hidden file"
     suffix = os.path.splitext(name)[1].lower()
     if suffix not in IMAGE_SUFFIXES:
         return f"not an image file name ({suffix or 'no extension'})"
     return None
 
 
-def _read_list(list_file: Path) -> Listing:
+HEADER_WORDS = frozenset({"path", "file", "filename", "image", "label", "class", "category"})
+
+
+def _list_rows(list_file: Path) -> list[list[str]]:
+    """Rows of a list file: `.csv` is CSV (path, optional label); `.txt`/`.lst` hold one path a line,
+    with an optional label after a tab. A header row of column names is dropped."""
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = list_file.read_text(encoding="utf-8-sig")  # -sig: spreadsheet programs prefix a BOM
     except (OSError, UnicodeDecodeError) as error:
         raise SourceError(f"cannot read list file {list_file}: {error}") from None
-    rows = (
-        list(csv.reader(text.splitlines()))
-        if list_file.suffix.lower() == ".csv"
-        else [[line] for line in text.splitlines()]
-    )
-    if rows and rows[0] and rows[0][0].strip().lower() in ("path", "file", "filename"):
-        rows = rows[1:]  # a CSV header
-    root = list_file.parent
+    try:
+        if list_file.suffix.lower() == ".csv":
+            rows = list(csv.reader(text.splitlines()))
+        else:
+            rows = [line.split("\t", 1) for line in text.splitlines()]
+    except csv.Error as error:
+        raise SourceError(f"cannot parse list file {list_file}: {error}") from None
+    if rows and rows[0] and all(cell.strip().lower() in HEADER_WORDS for cell in rows[0] if cell.strip()):
+        rows = rows[1:]
+    return rows
+
+
+def _read_list(list_file: Path) -> Listing:
+    root = list_file.parent.resolve()
     listing = Listing(entries=[])
     seen: set[str] = set()
-    for row in rows:
+    for row in _list_rows(list_file):
         if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
             continue
         given = row[0].strip()
         label = row[1].strip() if len(row) > 1 and row[1].strip() else None
-        relpath = os.path.normpath(given)
-        if not os.path.isabs(relpath) and (relpath == ".." or relpath.startswith(".." + os.sep)):
+        path = os.path.normpath(os.path.join(root, given))
+        inside = path == str(root) or path.startswith(str(root) + os.sep)
+        # paths under the list's folder are recorded relative to it; absolute paths elsewhere as given
+        relpath = os.path.relpath(path, root) if inside else path
+        if "\0" in given:
+            listing.rejected.append((given.replace("\0", "\\0"), "path contains a NUL byte"))
+        elif not os.path.isabs(given) and not inside:
             listing.rejected.append((given, "path leaves SRC ('..')"))
         elif relpath in seen:
             listing.rejected.append((given, "listed twice"))
         else:
             seen.add(relpath)
-            listing.entries.append(Entry(relpath=relpath, path=str(root / relpath), label=label))
+            listing.entries.append(Entry(relpath=relpath, path=path, label=label))
     return listing
 
 

@@ -183,6 +183,10 @@ BAD_CONFIGS = {
     "plugin": ("no plugin named 'nope' is installed", "nope"),
     "data__shards": ("is not a shard folder", "/nonexistent/shards"),
     "deepspeed__zero_stage": ("deepspeed.zero_stage: Input should be 0, 1, 2 or 3", 5),
+    "optimizer": (
+        "optimizer.discriminator: no such network (this plugin has: encoder, decoder)",
+        {"discriminator": {"lr": 0.1}},
+    ),
 }
 
 
