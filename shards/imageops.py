@@ -126,7 +126,8 @@ def _decode_at_reduced_scale(image: Image.Image, size: int) -> None:
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
     """Convert any PIL mode to RGB or L; transparency is composited onto white."""
     with contextlib.suppress(Exception):  # a corrupt EXIF block must not cost the image
-        image = ImageOps.exif_transpose(image)
+        # in place: without it Pillow returns a full copy even when there is nothing to turn
+        ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.convert("I").point(lambda value: value / 256).convert("L")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)

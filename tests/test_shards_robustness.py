@@ -186,3 +186,26 @@ def test_inspect_prints_a_summary_and_draws_a_contact_sheet(tmp_path: Path) -> N
         first_png = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png"))
     assert np.array_equal(sheet[2:18, 2:18], np.asarray(Image.open(io.BytesIO(first_png))))
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 12
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    stored = np.zeros((32, 64, 3), dtype=np.uint8)
+    stored[:, 32:] = 255  # stored: left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: top half black, bottom half white
+    Image.fromarray(stored).save(source / "turned.png", exif=exif)
+    result = run_shards("build", source, tmp_path / "out", "--crop", "none", "--size", "16", "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    from PIL import ImageOps
+
+    from shards.reader import open_split, webdataset
+
+    ((image, _),) = list(webdataset(open_split(tmp_path / "out")))
+    produced = np.rint((image.permute(1, 2, 0).numpy().astype(np.float64) + 1) * 127.5)
+    upright = ImageOps.exif_transpose(Image.open(source / "turned.png")).convert("RGB")
+    expected = np.asarray(upright.resize((16, 16), Image.Resampling.LANCZOS), dtype=np.float64)
+    assert upright.size == (32, 64)
+    assert np.abs(produced - expected).max() <= 1
+    assert produced[:4].mean() < 10 and produced[-4:].mean() > 245
