@@ -187,8 +187,12 @@ def main() -> None:
         ["bare PIL loop, 1 process", f"{best['bare']:.0f}", "1.00", ""],
         ["shards build --workers 1", f"{best['w1']:.0f}", f"{best['w1'] / best['bare']:.2f}", ">= 0.90"],
         ["shards build --workers 2", f"{best['w2']:.0f}", f"{best['w2'] / best['bare']:.2f}", ">= 1.80"],
-        ["(reference) bare PIL loop, 2 processes on halves", f"{best['bare2']:.0f}",
-         f"{best['bare2'] / best['bare']:.2f}", "the machine's ceiling for 2"],
+        [
+            "(reference) bare PIL loop, 2 processes on halves",
+            f"{best['bare2']:.0f}",
+            f"{best['bare2'] / best['bare']:.2f}",
+            "the machine's ceiling for 2",
+        ],
     ]
 
     memory_rows = []
