@@ -121,7 +121,9 @@ def measure(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_
     )
     warmup = 5
     batches = memory_batches(shards, steps + warmup, batch)
-    trainer = Trainer(config, VAE(config.model, image), split)
+    plugin = VAE(config.model, image)
+    torch.manual_seed(config.seed)
+    trainer = Trainer(config, plugin, split, plugin.build_networks())
     best = {"bare": 0.0, "memory": 0.0}
     for _ in range(rounds):
         best["bare"] = max(best["bare"], bare_loop(VAE(config.model, image), batches, warmup))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from pipeline.config import ConfigError, load_config
 from pipeline.plugin import ImageInfo, load_plugin_class
 from shards.errors import UserError
@@ -34,14 +36,16 @@ def run(args: argparse.Namespace) -> int:
         plugin_class = load_plugin_class(config.plugin)
         split = open_split(config.data.shards, config.data.split)
         plugin = plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
-        check_optimizer_networks(config, plugin.build_networks())
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        networks = plugin.build_networks()
+        check_optimizer_networks(config, networks)
     except UserError as error:
         print(f"pipeline train: error: {error}", file=sys.stderr)
         return 2
     from pipeline.trainer import Trainer  # heavy (DeepSpeed, accelerate): only once the config is sound
 
     try:
-        Trainer(config, plugin, split).train()
+        Trainer(config, plugin, split, networks).train()
     except UserError as error:
         print(f"pipeline train: error: {error}", file=sys.stderr)
         return 2

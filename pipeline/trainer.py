@@ -29,12 +29,13 @@ from shards.reader import ShardSplit
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, plugin: ModelPlugin, split: ShardSplit) -> None:
+    def __init__(self, config: RunConfig, plugin: ModelPlugin, split: ShardSplit, networks: dict) -> None:
+        """networks: plugin.build_networks(), built from the same seed on every rank."""
         self.config, self.plugin, self.split = config, plugin, split
         self.precision = resolve_precision(config.precision)
         self.accelerator = make_accelerator(config, self.precision)
-        set_seed(config.seed)  # identical initial weights on every rank
-        module = TrainingModule(plugin.build_networks(), plugin)
+        set_seed(config.seed, device_specific=True)  # per-rank streams for the plugin's own noise
+        module = TrainingModule(networks, plugin)
         optimizer = build_optimizer(config, module.networks, plugin.optimizer_defaults())
         self.engine, self.optimizer = self.accelerator.prepare(module, optimizer)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
