@@ -152,6 +152,26 @@ def test_two_nodes_on_one_machine(tmp_path: Path, shards: Path) -> None:
     assert [m["step"] for m in metrics(out)] == [1, 2]
 
 
+def test_vaegan_trains_on_two_ranks_under_zero2_with_accumulation(tmp_path: Path) -> None:
+    shards = build_small_shards(tmp_path / "data", images=24, size=32)
+    out = tmp_path / "run"
+    config = write_config(
+        tmp_path / "run.yaml",
+        shards,
+        out,
+        plugin="vaegan",
+        model={"latent_size": 8, "fc_size": 32},
+        max_steps=2,
+        sample_every=2,
+    )
+    assert_ok(launch(config))
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2]
+    assert all({"prior", "llike", "gen", "dis", "real_cost", "fake_cost", "mse"} <= m.keys() for m in logged)
+    assert set(weights(out)) == {"encoder", "decoder", "discriminator"}
+    assert [r["world_size"] for r in rank_records(out)] == [2, 2]
+
+
 def test_python_m_and_pipeline_train_are_the_same_trainer(tmp_path: Path, shards: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     config = write_config(tmp_path / "run.yaml", shards, first, max_steps=2)
