@@ -92,5 +92,8 @@ def training_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        # its own generator: otherwise each iterator draws its workers' base seed from the global RNG,
+        # shifting the plugin's random stream (and our samples need no worker randomness)
+        generator=torch.Generator().manual_seed(layout.seed),
         prefetch_factor=4 if workers > 0 else None,
     )

@@ -34,7 +34,6 @@ class Trainer:
         self.config, self.plugin, self.split = config, plugin, split
         self.precision = resolve_precision(config.precision)
         self.accelerator = make_accelerator(config, self.precision)
-        set_seed(config.seed, device_specific=True)  # per-rank streams for the plugin's own noise
         module = TrainingModule(networks, plugin)
         optimizer = build_optimizer(config, module.networks, plugin.optimizer_defaults())
         self.engine, self.optimizer = self.accelerator.prepare(module, optimizer)
@@ -65,6 +64,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(resolved_yaml(config))
         accelerator.init_trackers("tensorboard", config={"plugin": config.plugin, "seed": config.seed})
+        set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
         log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)
         grid_inputs = self._grid_inputs()
         loader = training_loader(

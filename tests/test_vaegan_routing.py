@@ -110,3 +110,67 @@ def test_equilibrium_skips_the_stronger_side() -> None:
     # both would be skipped: update both
     assert plugin.equilibrium(torch.tensor(0.1), torch.tensor(1.5)) == (1.0, 1.0)
     assert plugin.state_dict() == {"skipped": {"discriminator": 1, "decoder": 1}}
+
+
+@pytest.mark.parametrize("generator_loss", ["saturating", "non_saturating"])
+def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path, generator_loss: str) -> None:
+    """accelerate launch, 2 ranks, ZeRO-2, 2 micro-batches each: one SGD step at lr 1e6 applies
+    -lr x the mean of 4 micro-batch gradients; each network's must be its own loss's, averaged."""
+    from accelerate.utils import set_seed
+    from trainer_helpers import build_small_shards, launch, weights, write_config
+
+    from pipeline.data import StreamLayout, epoch_order
+    from shards.random_access import SplitDataset
+    from shards.reader import open_split
+
+    shards = build_small_shards(tmp_path / "data", images=40, size=32)
+    model = {"latent_size": 8, "fc_size": 32, "generator_loss": generator_loss}
+    # lr: the step dwarfs the weights, so (before - after) / lr loses no digits. batch: batch norm over
+    # 2 samples is so ill-conditioned that two float32 computations of the same gradient differed by
+    # 2.4e-4 (4 samples: 2.7e-5, 8: 3.8e-6); the float64 test above shows the routing itself exact.
+    lr, seed, ranks, micro_steps, batch = 1e6, 7, 2, 2, 8
+    config = write_config(
+        tmp_path / "run.yaml",
+        shards,
+        tmp_path / "run",
+        plugin="vaegan",
+        model=model,
+        max_steps=1,
+        optimizer={"name": "sgd", "lr": lr},
+        seed=seed,
+        data={"shards": str(shards), "batch_size": batch, "workers": 0},
+    )
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = weights(tmp_path / "run")
+
+    plugin = VAEGAN(model, ImageInfo(32, 1))
+    set_seed(seed)
+    initial = torch.nn.ModuleDict(plugin.build_networks())  # what every rank started from
+    split = open_split(shards)
+    layout = StreamLayout(tuple(s["count"] for s in split.shards), seed, 8, world_size=ranks, batch_size=batch)
+    order, dataset = list(epoch_order(layout, 0)), SplitDataset(split)
+    expected = {name: [torch.zeros_like(p) for p in net.parameters()] for name, net in initial.items()}
+    for rank in range(ranks):
+        torch.manual_seed(seed + rank)  # the trainer's per-rank stream (set_seed(seed, device_specific=True))
+        for micro_step in range(micro_steps):
+            start = micro_step * ranks * batch + rank * batch
+            images = torch.stack([dataset[i][0] for i in order[start : start + batch]])
+            noise, prior_noise = torch.randn(batch, 8), torch.randn(batch, 8)
+            networks = copy.deepcopy(initial)
+            losses = own_losses(networks, images, noise, prior_noise, True, generator_loss == "saturating")
+            for name, own_loss in losses.items():
+                grads = torch.autograd.grad(own_loss, list(networks[name].parameters()), retain_graph=True)
+                for total, grad in zip(expected[name], grads, strict=True):
+                    total += grad / (ranks * micro_steps)
+    for name, network in initial.items():
+        keys = [key for key, _ in network.named_parameters()]
+        applied = torch.cat(
+            [
+                ((p.detach() - after[name][key]) / lr).flatten()
+                for key, p in zip(keys, network.parameters(), strict=True)
+            ]
+        )
+        wanted = torch.cat([g.flatten() for g in expected[name]])
+        error = float((applied - wanted).norm() / wanted.norm())
+        assert error < 1e-5, (name, error)
