@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def measure(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_
             data={"shards": str(shards), "batch_size": batch, "workers": 1},
         )
     )
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # a fresh run folder each time
     warmup = 5
     batches = memory_batches(shards, steps + warmup, batch)
     plugin = VAE(config.model, image)
@@ -195,6 +197,7 @@ def rank_pids(launcher: int) -> list[int]:
 
 def memory(shards: Path, steps: int) -> tuple[list[list[str]], list[dict]]:
     output_dir = OUT / "memory"
+    shutil.rmtree(output_dir, ignore_errors=True)
     config_path = OUT / "memory.yaml"
     config_path.write_text(yaml.safe_dump(run_config(shards, output_dir, steps, log_every=50)))
     with socket.socket() as probe:

@@ -7,7 +7,7 @@
 # PROCS_PER_NODE (default 1) and MASTER_PORT (default 29531) tune it. If either "node" fails, the
 # other is stopped and the script exits non-zero.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# no cd: relative paths in the arguments stay relative to where the script was started
 per_node=${PROCS_PER_NODE:-1}
 # never ACCELERATE_USE_CPU=1: it silently swaps DeepSpeed for DDP
 unset ACCELERATE_USE_CPU

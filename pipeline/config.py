@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shards.errors import UserError
 
@@ -41,18 +41,14 @@ class OptimizerConfig(Strict):
     learning rate and weight decay per network: optimizer.<network>.lr."""
 
     model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, NetworkOptimizer] = Field(init=False)  # optimizer.<network>: {lr, ...}
     name: Literal["rmsprop", "adam", "adamw", "sgd"] | None = None
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
-    alpha: float = Field(0.9, gt=0, lt=1, description="RMSProp decay (the authors' 0.9)")
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-
-    @model_validator(mode="after")
-    def per_network_blocks(self) -> OptimizerConfig:
-        for name, value in (self.model_extra or {}).items():
-            self.model_extra[name] = NetworkOptimizer.model_validate(value if value is not None else {})
-        return self
+    # unset: the plugin's value, else torch's default (RMSProp decay: the authors' 0.9 is the vaegan default)
+    alpha: float | None = Field(None, gt=0, lt=1)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] | None = None
+    eps: float | None = Field(None, gt=0)
 
     def for_network(self, name: str) -> NetworkOptimizer:
         return (self.model_extra or {}).get(name, NetworkOptimizer())
@@ -60,9 +56,10 @@ class OptimizerConfig(Strict):
 
 class DeepSpeedConfig(Strict):
     """zero_stage and offload_optimizer, when set, win over the same settings in `config`;
-    unset, they come from `config`, else ZeRO-2 without offload."""
+    unset, they come from `config`, else ZeRO-2 without offload. ZeRO-3 is not offered: the plugins call
+    networks with whole parameters (the VAE-GAN's detached-parameter passes) and the trainer saves them."""
 
-    zero_stage: Literal[0, 1, 2, 3] | None = None
+    zero_stage: Literal[0, 1, 2] | None = None
     offload_optimizer: Literal["none", "cpu"] | None = None
     config: Path | None = Field(None, description="a DeepSpeed JSON (launch/deepspeed/*.json) to start from")
 
@@ -88,7 +85,14 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     output_dir: Path
     resume: str = Field("auto", description="auto | none | PATH to a checkpoint folder")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
+
+    @field_validator("resume")
+    @classmethod
+    def resume_target(cls, value: str) -> str:
+        if value not in ("auto", "none") and not Path(value).is_dir():
+            raise ValueError(f"must be auto, none or a checkpoint folder; {value} is not a folder")
+        return value
 
     @model_validator(mode="after")
     def one_length(self) -> RunConfig:

@@ -12,6 +12,7 @@ global micro-batches of world_size x batch_size samples; rank r takes the r-th s
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
@@ -61,7 +62,8 @@ def epoch_order(layout: StreamLayout, epoch: int, skip: int = 0) -> Iterator[int
 
 
 class RankBatches(torch.utils.data.Sampler[list[int]]):
-    """This rank's micro-batches of sample indices, from global micro-step `start` on, for ever."""
+    """This rank's micro-batches, from global micro-step `start` on, for ever. Each item is
+    epoch x samples + sample index, so that per-epoch augmentation can be keyed on the sample."""
 
     def __init__(self, layout: StreamLayout, rank: int, start: int = 0) -> None:
         if layout.steps_per_epoch == 0:
@@ -76,16 +78,47 @@ class RankBatches(torch.utils.data.Sampler[list[int]]):
         while True:
             epoch, in_epoch = divmod(step, layout.steps_per_epoch)
             order = epoch_order(layout, epoch, skip=in_epoch * layout.global_batch)
+            offset = epoch * sum(layout.counts)
             for _ in range(in_epoch, layout.steps_per_epoch):
-                micro_batch = [next(order) for _ in range(layout.global_batch)]
+                micro_batch = [offset + next(order) for _ in range(layout.global_batch)]
                 yield micro_batch[self.rank * layout.batch_size : (self.rank + 1) * layout.batch_size]
                 step += 1
 
 
+def flipped(seed: int, epoch: int, index: int) -> bool:
+    """hflip: whether sample `index` is mirrored in `epoch` (the same on any number of ranks)."""
+    return hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=1).digest()[0] < 128
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """The split's samples, addressed as epoch x samples + index (RankBatches' items), with the paper's
+    random horizontal flip when asked for."""
+
+    def __init__(self, split: SplitDataset, seed: int, hflip: bool) -> None:
+        self.split, self.seed, self.hflip = split, seed, hflip
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        epoch, index = divmod(item, len(self.split))
+        image, label = self.split[index]
+        if self.hflip and flipped(self.seed, epoch, index):
+            image = image.flip(-1)
+        return image, label
+
+
 def training_loader(
-    shards: str, split: str, layout: StreamLayout, rank: int, start: int, workers: int, pin_memory: bool = False
+    shards: str,
+    split: str,
+    layout: StreamLayout,
+    rank: int,
+    start: int,
+    workers: int,
+    hflip: bool = False,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    dataset = SplitDataset(open_split(shards, split))
+    dataset = TrainingSamples(SplitDataset(open_split(shards, split)), layout.seed, hflip)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=RankBatches(layout, rank, start),

@@ -33,6 +33,11 @@ def load_user_config(config: RunConfig) -> dict[str, Any]:
         raise ConfigError(f"deepspeed.config: cannot read {config.deepspeed.config}: {error}") from None
     if not isinstance(user, dict):
         raise ConfigError(f"deepspeed.config: {config.deepspeed.config} must hold a JSON object")
+    for owned in ("optimizer", "scheduler"):
+        if owned in user:
+            raise ConfigError(f"deepspeed.config: remove {owned!r}: the run config and the plugin set it")
+    if not isinstance(user.get("zero_optimization", {}), dict):
+        raise ConfigError("deepspeed.config: zero_optimization must be an object")
     return user
 
 
@@ -42,6 +47,8 @@ def build_deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": user.get("zero_optimization", {}).get("stage", DEFAULT_ZERO_STAGE)}
     if config.deepspeed.zero_stage is not None:
         zero["stage"] = config.deepspeed.zero_stage
+    if zero["stage"] not in (0, 1, 2):
+        raise ConfigError(f"deepspeed.config: ZeRO stage {zero['stage']} is not supported (0, 1 or 2)")
     if config.deepspeed.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     elif config.deepspeed.offload_optimizer == "none":

@@ -55,6 +55,8 @@ class TrainingModule(nn.Module):
 
 
 def resolve_precision(requested: str) -> str:
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("precision: fp16 needs a GPU (no fp16 training on CPU); use fp32 or bf16")
     if requested != "auto":
         return requested
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -112,27 +114,26 @@ def _tensorboard_available() -> bool:
     return True
 
 
+def first_set(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+# hyper-parameters each optimizer takes besides lr and weight decay (run config, else plugin, else torch)
+OPTIMIZER_EXTRAS = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"), "sgd": ()}
+
+
 def optimizer_settings(config: RunConfig, defaults: dict[str, Any], network: str) -> dict[str, Any]:
-    """Run config over plugin defaults, per network over all networks."""
-    per_network = defaults.get(network, {}) if isinstance(defaults.get(network), dict) else {}
-    chosen = config.optimizer.for_network(network)
-    settings = {
-        "lr": chosen.lr or config.optimizer.lr or per_network.get("lr") or defaults.get("lr"),
-        "weight_decay": next(
-            value
-            for value in (
-                chosen.weight_decay,
-                config.optimizer.weight_decay,
-                per_network.get("weight_decay"),
-                defaults.get("weight_decay"),
-                0.0,
-            )
-            if value is not None
-        ),
-    }
-    if settings["lr"] is None:
+    """lr and weight decay of one network: run config (that network, then all), then the plugin's
+    defaults (that network, then all)."""
+    plugin_network = defaults.get(network) if isinstance(defaults.get(network), dict) else {}
+    chosen, common = config.optimizer.for_network(network), config.optimizer
+    lr = first_set(chosen.lr, common.lr, plugin_network.get("lr"), defaults.get("lr"))
+    if lr is None:
         raise ConfigError(f"optimizer.{network}.lr: required (the plugin gives no default)")
-    return settings
+    weight_decay = first_set(
+        chosen.weight_decay, common.weight_decay, plugin_network.get("weight_decay"), defaults.get("weight_decay"), 0.0
+    )
+    return {"lr": lr, "weight_decay": weight_decay}
 
 
 def build_optimizer(config: RunConfig, networks: nn.ModuleDict, defaults: dict[str, Any]) -> torch.optim.Optimizer:
@@ -141,10 +142,5 @@ def build_optimizer(config: RunConfig, networks: nn.ModuleDict, defaults: dict[s
         {"params": list(module.parameters()), "network": network, **optimizer_settings(config, defaults, network)}
         for network, module in networks.items()
     ]
-    extra = {
-        "rmsprop": {"alpha": config.optimizer.alpha, "eps": config.optimizer.eps},
-        "adam": {"betas": config.optimizer.betas, "eps": config.optimizer.eps},
-        "adamw": {"betas": config.optimizer.betas, "eps": config.optimizer.eps},
-        "sgd": {},
-    }[name]
-    return OPTIMIZERS[name](groups, lr=groups[0]["lr"], **extra)
+    extras = {key: first_set(getattr(config.optimizer, key), defaults.get(key)) for key in OPTIMIZER_EXTRAS[name]}
+    return OPTIMIZERS[name](groups, **{key: value for key, value in extras.items() if value is not None})

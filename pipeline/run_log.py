@@ -46,10 +46,6 @@ class RunLog:
         if self.progress:
             self.progress.update(self.task, completed=step)
 
-    def note(self, message: str) -> None:
-        if self.main:
-            console.print(message)
-
     def close(self) -> None:
         if self.progress:
             self.progress.stop()

@@ -8,14 +8,18 @@ pipeline train --config FILE [...]                  # the same
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, load_config
-from pipeline.plugin import ImageInfo, load_plugin_class
+from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.engine import resolve_precision
+from pipeline.plugin import ImageInfo, PluginError, load_plugin_class
 from shards.errors import UserError
-from shards.reader import open_split
+from shards.reader import ShardSplit, open_split
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,28 +27,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
 
-def check_optimizer_networks(config, networks: dict) -> None:
+def check_optimizer_networks(config: RunConfig, networks: dict) -> None:
     unknown = sorted(set(config.optimizer.model_extra or {}) - set(networks))
     if unknown:
         raise ConfigError(f"optimizer.{unknown[0]}: no such network (this plugin has: {', '.join(networks)})")
 
 
-def run(args: argparse.Namespace) -> int:
-    # Everything a user can get wrong is checked here, before a process group or engine exists.
+def check_one_global_batch(config: RunConfig, split: ShardSplit) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if split.count < world_size * config.data.batch_size:
+        raise ConfigError(
+            f"data.batch_size: {split.count} samples in {split.root} ({split.split}) are fewer than one global "
+            f"micro-batch of {world_size} ranks x {config.data.batch_size}"
+        )
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    if (output_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"output_dir: {output_dir} already holds a run (metrics.jsonl); choose another output_dir "
+            "(resuming a run arrives with checkpoints)"
+        )
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(f"output_dir: cannot write to {output_dir}: {error.strerror or error}") from None
+
+
+def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit):
+    try:
+        return plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
+    except (ValueError, TypeError) as error:  # a third-party plugin rejecting its options its own way
+        raise PluginError(f"{config.plugin}: bad model options: {error}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        # Everything a user can get wrong is checked first, before a process group or engine exists.
         config = load_config(args.config, args.overrides)
         plugin_class = load_plugin_class(config.plugin)
         split = open_split(config.data.shards, config.data.split)
-        plugin = plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
+        check_one_global_batch(config, split)
+        resolve_precision(config.precision)
+        plugin = make_plugin(plugin_class, config, split)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         networks = plugin.build_networks()
         check_optimizer_networks(config, networks)
-    except UserError as error:
-        print(f"pipeline train: error: {error}", file=sys.stderr)
-        return 2
-    from pipeline.trainer import Trainer  # heavy (DeepSpeed, accelerate): only once the config is sound
+        prepare_output_dir(config.output_dir)  # last: a rejected config leaves no folder behind
+        from pipeline.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
 
-    try:
         Trainer(config, plugin, split, networks).train()
     except UserError as error:
         print(f"pipeline train: error: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import save_file
 
 from pipeline import grids
@@ -23,7 +24,6 @@ from pipeline.data import StreamLayout, training_loader
 from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision
 from pipeline.plugin import ModelPlugin
 from pipeline.run_log import RunLog
-from shards.errors import UserError
 from shards.random_access import SplitDataset
 from shards.reader import ShardSplit
 
@@ -46,11 +46,6 @@ class Trainer:
             world_size=self.accelerator.num_processes,
             batch_size=config.data.batch_size,
         )
-        if self.layout.steps_per_epoch == 0:
-            raise UserError(
-                f"{split.count} samples in {split.root} ({split.split}) is less than one global micro-batch of "
-                f"{self.layout.world_size} ranks x data.batch_size {config.data.batch_size}"
-            )
         images_per_step = self.layout.global_batch * config.gradient_accumulation_steps
         self.total_steps = config.max_steps or math.ceil(config.max_images / images_per_step)
         self.images_per_step = images_per_step
@@ -65,20 +60,22 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(resolved_yaml(config))
         accelerator.init_trackers("tensorboard", config={"plugin": config.plugin, "seed": config.seed})
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
-        log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)
-        grid_inputs = self._grid_inputs()
-        loader = training_loader(
-            str(config.data.shards),
-            config.data.split,
-            self.layout,
-            accelerator.process_index,
-            start=self.micro_step,
-            workers=config.data.workers,
-            pin_memory=torch.cuda.is_available(),
-        )
-        sums: dict[str, torch.Tensor] = {}
-        micro_steps_summed = 0
+        log = None
         try:
+            grid_inputs = self._grid_inputs()
+            loader = training_loader(
+                str(config.data.shards),
+                config.data.split,
+                self.layout,
+                accelerator.process_index,
+                start=self.micro_step,
+                workers=config.data.workers,
+                hflip=config.data.hflip,
+                pin_memory=torch.cuda.is_available(),
+            )
+            log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)  # its clock starts here
+            sums: dict[str, torch.Tensor] = {}
+            micro_steps_summed = 0
             for images, labels in loader:
                 metrics = self.train_step(images, labels)
                 for name, value in metrics.items():
@@ -102,13 +99,16 @@ class Trainer:
             # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
             accelerator.wait_for_everyone()
         finally:
-            log.close()  # stops the progress bar, the trackers, and the process group
+            if log is not None:
+                log.close()  # stops the progress bar, the trackers, and the process group
+            else:
+                accelerator.end_training()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One micro-batch: forward through the plugin, backward; DeepSpeed steps the optimizer at the
         accumulation boundary, after which `self.step` has advanced. Returns the detached metrics."""
         accelerator = self.accelerator
-        images = self._augment(images.to(accelerator.device, self.dtype, non_blocking=True))
+        images = images.to(accelerator.device, self.dtype, non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(self.engine):
             output = self.engine(images, labels, self.step)
@@ -141,17 +141,6 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank-{record['rank']}.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    def _augment(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.config.data.hflip:
-            return images
-        # drawn from (seed, micro-step, rank) so that a resumed run flips the same images
-        generator = torch.Generator().manual_seed(
-            hash((self.config.seed, self.micro_step, self.accelerator.process_index)) % 2**63
-        )
-        flip = torch.rand(len(images), generator=generator) < 0.5
-        images[flip.to(images.device)] = images[flip.to(images.device)].flip(-1)
-        return images
-
     def _reduce(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         names = sorted(sums)
         means = torch.stack([sums[name] / count for name in names]).to(self.accelerator.device)
@@ -168,8 +157,17 @@ class Trainer:
         return torch.stack([dataset[index][0] for index in range(count)])
 
     @torch.no_grad()
+    def _average_batch_norm_statistics(self) -> None:
+        """Each rank's running statistics come from its own share of the data, and DeepSpeed never
+        synchronises buffers: average them (training itself uses batch statistics, so it is unaffected)."""
+        for name, buffer in self.networks.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buffer.copy_(self.accelerator.reduce(buffer.float(), reduction="mean").to(buffer.dtype))
+
+    @torch.no_grad()
     def _draw_grids(self, inputs: torch.Tensor) -> None:
-        # every rank runs the networks (ZeRO-3 gathers parameters collectively); rank 0 writes
+        # every rank takes part (statistics are averaged collectively); rank 0 writes
+        self._average_batch_norm_statistics()
         self.networks.eval()
         try:
             generator = torch.Generator().manual_seed(self.config.seed)
@@ -184,13 +182,26 @@ class Trainer:
             grids.save(grids.pairs_grid(inputs, reconstructions), folder / f"step-{self.step:08d}-reconstructions.png")
 
     def _save_weights(self, folder: Path) -> None:
-        """Each network's weights as <network>.safetensors (complete on every rank under ZeRO-1/2)."""
+        """Each network's weights as <network>.safetensors: the fp32 master weights DeepSpeed keeps
+        (under bf16 the module itself holds rounded copies), and the batch norm statistics averaged
+        over ranks. Every rank takes part; rank 0 writes."""
+        self._average_batch_norm_statistics()
+        tensors = {name: full_precision_state(network) for name, network in self.networks.items()}
         if not self.accelerator.is_main_process:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        for name, network in self.networks.items():
-            tensors = {
-                key: (value.float() if value.is_floating_point() else value).detach().cpu().contiguous()
-                for key, value in network.state_dict().items()
-            }
-            save_file(tensors, str(folder / f"{name}.safetensors"), metadata={"plugin": self.config.plugin})
+        for name, state in tensors.items():
+            save_file(state, str(folder / f"{name}.safetensors"), metadata={"plugin": self.config.plugin})
+
+
+def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state with fp32 master weights (a collective under ZeRO-1/2: call on every rank)."""
+    parameters = dict(network.named_parameters())
+    state = {}
+    for key, value in network.state_dict().items():
+        if key in parameters:
+            master = safe_get_full_fp32_param(parameters[key])
+            value = master if master is not None else value
+        value = value.float() if value.is_floating_point() else value
+        state[key] = value.detach().cpu().contiguous()
+    return state

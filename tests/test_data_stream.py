@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 from trainer_helpers import build_small_shards, free_port, run_python
 
@@ -64,3 +65,18 @@ def test_every_sample_once_per_epoch_on_uneven_shards_and_exact_resume(tmp_path:
     assert [r["seen"] for r in again] == [r["seen"] for r in ranks]  # deterministic from the seed
     resumed = stream(shards, tmp_path / "resumed", start=4, steps=8)
     assert [r["seen"] for r in resumed] == [r["seen"][4:] for r in ranks]  # exact position, across an epoch end
+
+
+def test_hflip_mirrors_a_sample_by_seed_epoch_and_index_only(shards: Path) -> None:
+    from pipeline.data import StreamLayout, TrainingSamples, flipped
+
+    split = SplitDataset(open_split(shards))
+    samples = TrainingSamples(split, seed=3, hflip=True)
+    decisions = {(epoch, index): flipped(3, epoch, index) for epoch in range(2) for index in range(len(split))}
+    assert 0.3 < sum(decisions.values()) / len(decisions) < 0.7
+    for (epoch, index), flip in decisions.items():
+        image, _ = samples[epoch * len(split) + index]
+        original, _ = split[index]
+        assert torch.equal(image, original.flip(-1) if flip else original)
+    assert [decisions[0, i] for i in range(40)] != [decisions[1, i] for i in range(40)]  # new flips each epoch
+    assert StreamLayout((40,), 3, 1, 1, 4).steps_per_epoch == 10

@@ -202,12 +202,36 @@ BAD_CONFIGS = {
     "max_steps": ("max_steps: Input should be greater than 0", -1),
     "plugin": ("no plugin named 'nope' is installed", "nope"),
     "data__shards": ("is not a shard folder", "/nonexistent/shards"),
-    "deepspeed__zero_stage": ("deepspeed.zero_stage: Input should be 0, 1, 2 or 3", 5),
+    "deepspeed__zero_stage": ("deepspeed.zero_stage: Input should be 0, 1 or 2", 5),
     "optimizer": (
         "optimizer.discriminator: no such network (this plugin has: encoder, decoder)",
         {"discriminator": {"lr": 0.1}},
     ),
+    "seed": ("seed: Input should be greater than or equal to 0", -1),
+    "precision": ("precision: fp16 needs a GPU", "fp16"),
+    "data__batch_size": ("data.batch_size: 40 samples", 100),
 }
+
+
+def test_a_used_output_dir_and_a_bad_deepspeed_json_fail_at_once(tmp_path: Path, shards: Path) -> None:
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("{}\n")
+    config = write_config(tmp_path / "a.yaml", shards, used)
+    result = run_python("-m", "pipeline.train", "--config", str(config))
+    assert result.returncode == 2 and "already holds a run" in result.stderr.strip().splitlines()[-1]
+    for content, message in (
+        ('{"optimizer": {"type": "Adam"}}', "remove 'optimizer'"),
+        ('{"zero_optimization": {"stage": 3}}', "ZeRO stage 3 is not supported"),
+    ):
+        (tmp_path / "ds.json").write_text(content)
+        config = write_config(
+            tmp_path / "b.yaml", shards, tmp_path / "fresh", deepspeed={"config": str(tmp_path / "ds.json")}
+        )
+        result = run_python("-m", "pipeline.train", "--config", str(config))
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("key", sorted(BAD_CONFIGS))
