@@ -172,6 +172,19 @@ def test_vaegan_trains_on_two_ranks_under_zero2_with_accumulation(tmp_path: Path
     assert [r["world_size"] for r in rank_records(out)] == [2, 2]
 
 
+def test_bf16_runs_save_the_fp32_master_weights(tmp_path: Path, shards: Path) -> None:
+    out = tmp_path / "run"
+    config = write_config(
+        tmp_path / "run.yaml", shards, out, precision="bf16", max_steps=2, gradient_accumulation_steps=1
+    )
+    assert_ok(launch(config, processes=1))
+    assert (out / "ranks" / "rank-0.json").read_text().count('"bf16"') == 1
+    saved = torch.cat([tensor.flatten() for tensor in weights(out)["encoder"].values()])
+    assert saved.dtype == torch.float32
+    rounded = saved.bfloat16().float()
+    assert (saved != rounded).float().mean() > 0.5  # not the engine's bf16 copy
+
+
 def test_python_m_and_pipeline_train_are_the_same_trainer(tmp_path: Path, shards: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     config = write_config(tmp_path / "run.yaml", shards, first, max_steps=2)

@@ -46,7 +46,7 @@ class VAE:
         }
 
     def optimizer_defaults(self) -> dict[str, Any]:
-        return {"name": "rmsprop", "lr": 3e-4, "weight_decay": 0.0}
+        return {"name": "rmsprop", "lr": 3e-4, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.0}  # the authors
 
     def training_step(
         self, networks: nn.ModuleDict, images: torch.Tensor, labels: torch.Tensor, step: int

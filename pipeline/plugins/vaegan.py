@@ -119,7 +119,7 @@ class VAEGAN:
         }
 
     def optimizer_defaults(self) -> dict[str, Any]:
-        return {"name": "rmsprop", "lr": 3e-4, "weight_decay": 0.0}
+        return {"name": "rmsprop", "lr": 3e-4, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.0}  # the authors
 
     def routed_loss(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One loss whose gradient is, for each network, the gradient of its own loss (module docstring)."""
