@@ -1,4 +1,4 @@
-"""The `pipeline` command: train model plugins on shards, and list the plugins installed."""
+"""The `pipeline` command: train model plugins on shards, list the plugins, and use trained models."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import sys
 
 from rich.table import Table
 
-from pipeline import train
+from pipeline import model_commands, train
 from pipeline.plugin import describe, installed_plugins
 from shards import __version__
+from shards.errors import UserError
 from shards.progress import console
 
 
@@ -37,12 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     training.set_defaults(handler=train.run)
     plugins = commands.add_parser("plugins", help="list the installed model plugins")
     plugins.set_defaults(handler=list_plugins)
+    model_commands.add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"pipeline {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
     plugin.sample(networks, count, generator)  -> images
     plugin.reconstruct(networks, images)       -> images
     # with every checkpoint: plugin.state_dict() / plugin.load_state_dict(state)  (JSON-able)
+    # optional, for `pipeline interpolate` and `pipeline attribute-vector` (eval mode, no_grad):
+    plugin.encode(networks, images) -> codes (N x D)      plugin.decode(networks, codes) -> images
 
 The rules:
 

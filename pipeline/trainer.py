@@ -192,6 +192,8 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         for name, state in tensors.items():
             save_file(state, str(folder / f"{name}.safetensors"), metadata={"plugin": self.config.plugin})
+        description = {"plugin": self.config.plugin, "model": self.config.model, "image": self.split.image}
+        (folder / "config.json").write_text(json.dumps(description, indent=2) + "\n")
 
 
 def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:

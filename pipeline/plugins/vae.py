@@ -27,7 +27,27 @@ def parse_options(model: type[BaseModel], options: dict[str, Any], plugin: str) 
         raise PluginError(f"{plugin}: {problems}") from None
 
 
-class VAE:
+class GaussianLatentModel:
+    """Sampling, reconstruction and codes for plugins with `encoder` (-> mu, log-variance) and `decoder`
+    networks and a N(0, I) prior of `options.latent_size` dimensions."""
+
+    def sample(self, networks: nn.ModuleDict, count: int, generator: torch.Generator) -> torch.Tensor:
+        decoder = networks["decoder"]
+        weight = next(decoder.parameters())
+        z = torch.randn(count, self.options.latent_size, generator=generator).to(weight.device, weight.dtype)
+        return decoder(z)
+
+    def reconstruct(self, networks: nn.ModuleDict, images: torch.Tensor) -> torch.Tensor:
+        return self.decode(networks, self.encode(networks, images))
+
+    def encode(self, networks: nn.ModuleDict, images: torch.Tensor) -> torch.Tensor:
+        return networks["encoder"](images)[0]  # the posterior mean
+
+    def decode(self, networks: nn.ModuleDict, codes: torch.Tensor) -> torch.Tensor:
+        return networks["decoder"](codes)
+
+
+class VAE(GaussianLatentModel):
     """The paper's VAE baseline: encoder + decoder, pixel-wise Gaussian likelihood."""
 
     def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
@@ -65,16 +85,6 @@ class VAE:
             "mse": squared_error.mean().detach(),
         }
         return StepOutput(loss=loss, metrics=metrics)
-
-    def sample(self, networks: nn.ModuleDict, count: int, generator: torch.Generator) -> torch.Tensor:
-        decoder = networks["decoder"]
-        weight = next(decoder.parameters())
-        z = torch.randn(count, self.options.latent_size, generator=generator).to(weight.device, weight.dtype)
-        return decoder(z)
-
-    def reconstruct(self, networks: nn.ModuleDict, images: torch.Tensor) -> torch.Tensor:
-        mu, _ = networks["encoder"](images)
-        return networks["decoder"](mu)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -42,7 +42,7 @@ from torch.func import functional_call
 
 from pipeline.plugin import ImageInfo, PluginError, StepOutput
 from pipeline.plugins.networks import Decoder, Discriminator, Encoder, check_size, gaussian_kl, reparameterise
-from pipeline.plugins.vae import parse_options
+from pipeline.plugins.vae import GaussianLatentModel, parse_options
 
 
 class VAEGANOptions(BaseModel):
@@ -98,7 +98,7 @@ def without_training(network: nn.Module, *inputs: torch.Tensor, repeat: bool = T
         return functional_call(network, detached, inputs)
 
 
-class VAEGAN:
+class VAEGAN(GaussianLatentModel):
     """The paper's VAE-GAN: learned similarity (discriminator features) for the VAE's likelihood."""
 
     def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
@@ -196,16 +196,6 @@ class VAEGAN:
     ) -> StepOutput:
         loss, metrics = self.routed_loss(networks, images)
         return StepOutput(loss=loss, metrics=metrics)
-
-    def sample(self, networks: nn.ModuleDict, count: int, generator: torch.Generator) -> torch.Tensor:
-        decoder = networks["decoder"]
-        weight = next(decoder.parameters())
-        z = torch.randn(count, self.options.latent_size, generator=generator).to(weight.device, weight.dtype)
-        return decoder(z)
-
-    def reconstruct(self, networks: nn.ModuleDict, images: torch.Tensor) -> torch.Tensor:
-        mu, _ = networks["encoder"](images)
-        return networks["decoder"](mu)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": dict(self.skipped)}
