@@ -136,8 +136,11 @@ def measure(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_
 
 
 def measure_in_subprocess(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_loader: bool) -> dict:
-    job = json.dumps([str(shards), stage, batch, steps, rounds, with_loader])
-    command = [sys.executable, __file__, "--measure", job]
+    return run_measurement([str(shards), stage, batch, steps, rounds, with_loader])
+
+
+def run_measurement(job: list) -> dict:
+    command = [sys.executable, __file__, "--measure", json.dumps(job)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode:
         raise SystemExit(f"measurement failed: {result.stderr[-3000:]}")
@@ -166,6 +169,48 @@ def speed(shards: Path, steps: int, rounds: int) -> list[list[str]]:
                 ">= 0.95",
             ]
     return [*rows, loader_row]
+
+
+def measure_vaegan(shards: Path, steps: int, rounds: int) -> dict:
+    """In this process: the direct VAE-GAN update and the pipeline's routed step (DeepSpeed ZeRO-2, one
+    process), interleaved; and the FLOPs of one routed step (forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from vaegan_direct import DirectVAEGAN
+
+    from pipeline.config import RunConfig
+    from pipeline.plugin import ImageInfo
+    from pipeline.plugins.vaegan import VAEGAN
+    from pipeline.trainer import Trainer
+    from shards.reader import open_split
+
+    split = open_split(shards)
+    image = ImageInfo(split.image["size"], split.image["channels"])
+    model = {"latent_size": 64, "fc_size": 1024}
+    config = RunConfig.model_validate(run_config(shards, OUT / "vaegan", 10**6, plugin="vaegan", model=model))
+    shutil.rmtree(config.output_dir, ignore_errors=True)
+    warmup, batches = 3, memory_batches(shards, steps + 3, BATCH)
+    plugin = VAEGAN(config.model, image)
+    torch.manual_seed(0)
+    trainer = Trainer(config, plugin, split, plugin.build_networks())
+    torch.manual_seed(0)
+    direct = DirectVAEGAN(torch.nn.ModuleDict(plugin.build_networks()), plugin.options.gamma)
+    best = {"bare": 0.0, "memory": 0.0}
+    for _ in range(rounds):
+        for index, (images, _) in enumerate(batches):
+            if index == warmup:
+                start = time.perf_counter()
+            direct.step(images, 64)
+        best["bare"] = max(best["bare"], steps * BATCH / (time.perf_counter() - start))
+        best["memory"] = max(best["memory"], pipeline_from_memory(trainer, batches, warmup))
+    networks = torch.nn.ModuleDict(plugin.build_networks())
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = plugin.routed_loss(networks, batches[0][0])
+        loss.backward()
+    best["routed_gflop"] = counter.get_total_flops() / BATCH / 1e9
+    with FlopCounterMode(display=False) as counter:
+        direct.step(batches[0][0], 64)
+    best["direct_gflop"] = counter.get_total_flops() / BATCH / 1e9
+    return best
 
 
 def rss_of(pid: int) -> int:
@@ -258,8 +303,12 @@ def main() -> None:
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
     args = parser.parse_args()
     if args.measure:
-        shards, stage, batch, steps, rounds, with_loader = json.loads(args.measure)
-        print(json.dumps(measure(Path(shards), stage, batch, steps, rounds, with_loader)))
+        job = json.loads(args.measure)
+        if job[0] == "vaegan":
+            print(json.dumps(measure_vaegan(Path(job[1]), job[2], job[3])))
+        else:
+            shards, stage, batch, steps, rounds, with_loader = job
+            print(json.dumps(measure(Path(shards), stage, batch, steps, rounds, with_loader)))
         return
     if not (args.shards / "manifest.json").exists():
         raise SystemExit(f"no shards at {args.shards}: run scripts/demo.sh first, or pass --shards")
@@ -268,6 +317,24 @@ def main() -> None:
 
     memory_rows, records = memory(args.shards, args.memory_steps)
     speed_rows = speed(args.shards, args.steps, args.rounds)
+    vaegan = run_measurement(["vaegan", str(args.shards), max(10, args.steps // 2), args.rounds])
+    flop = vaegan["gflop_per_image"]
+    vaegan_rows = [
+        [
+            "bare PyTorch VAE-GAN update (bench/vaegan_direct.py)",
+            f"{vaegan['bare']:.1f}",
+            "1.00",
+            f"{flop * vaegan['bare']:.1f}",
+            "",
+        ],
+        [
+            "pipeline vaegan step, DeepSpeed ZeRO-2, fed from memory",
+            f"{vaegan['memory']:.1f}",
+            f"{vaegan['memory'] / vaegan['bare']:.2f}",
+            f"{flop * vaegan['memory']:.1f}",
+            ">= 0.90",
+        ],
+    ]
     partition_rows = [
         [
             str(r["rank"]),
@@ -294,6 +361,14 @@ Memory: 2 ranks, ZeRO-2, {args.memory_steps} steps, resident memory of each rank
             ["rank", "RSS at 20% (MiB)", "RSS at end (MiB)", "peak (MiB)", "growth after warm-up (MiB)"], memory_rows
         )
     }
+
+The VAE-GAN step (`vaegan` plugin, latent 64, FC 1024, micro-batch {BATCH}, 32x32 grayscale, RMSProp):
+the pipeline's routed loss (one backward) against the same update written directly (one forward,
+`torch.autograd.grad` of each network's own loss), one process. GFLOP per image: one step's forward
+and backward as `torch.utils.flop_counter` counts them, for each implementation (the routed step repeats
+some passes); GFLOP/s: that times images/s.
+
+{markdown_table(["what", "images/s", "ratio", "GFLOP/image", "GFLOP/s", "target"], vaegan_rows)}
 
 ZeRO-2 partitioning in that run (`OUTPUT/ranks/rank-N.json`): optimizer state each rank holds
 (RMSProp square averages) against the model's parameters:
