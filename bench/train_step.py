@@ -318,20 +318,21 @@ def main() -> None:
     memory_rows, records = memory(args.shards, args.memory_steps)
     speed_rows = speed(args.shards, args.steps, args.rounds)
     vaegan = run_measurement(["vaegan", str(args.shards), max(10, args.steps // 2), args.rounds])
-    flop = vaegan["gflop_per_image"]
     vaegan_rows = [
         [
             "bare PyTorch VAE-GAN update (bench/vaegan_direct.py)",
             f"{vaegan['bare']:.1f}",
             "1.00",
-            f"{flop * vaegan['bare']:.1f}",
+            f"{vaegan['direct_gflop']:.2f}",
+            f"{vaegan['direct_gflop'] * vaegan['bare']:.1f}",
             "",
         ],
         [
             "pipeline vaegan step, DeepSpeed ZeRO-2, fed from memory",
             f"{vaegan['memory']:.1f}",
             f"{vaegan['memory'] / vaegan['bare']:.2f}",
-            f"{flop * vaegan['memory']:.1f}",
+            f"{vaegan['routed_gflop']:.2f}",
+            f"{vaegan['routed_gflop'] * vaegan['memory']:.1f}",
             ">= 0.90",
         ],
     ]

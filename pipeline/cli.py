@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.table import Table
 
-from pipeline import model_commands, train
+from pipeline import checkpoint, model_commands, train
 from pipeline.plugin import describe, installed_plugins
 from shards import __version__
 from shards.errors import UserError
@@ -21,6 +22,12 @@ def list_plugins(args: argparse.Namespace) -> int:
     for name, point in sorted(installed_plugins().items()):
         table.add_row(name, point.value, describe(point))
     console.print(table)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    written = checkpoint.export(args.checkpoint, args.out)
+    console.print(f"exported {len(written)} files to {args.out}: {', '.join(path.name for path in written)}")
     return 0
 
 
@@ -38,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     training.set_defaults(handler=train.run)
     plugins = commands.add_parser("plugins", help="list the installed model plugins")
     plugins.set_defaults(handler=list_plugins)
+    exporting = commands.add_parser(
+        "export",
+        help="a checkpoint's weights as a folder that needs neither DeepSpeed nor the optimizer state",
+        description="Copy a checkpoint's <network>.safetensors and config.json to OUT, after checking them "
+        "against its trainer_state.json. `pipeline sample` and safetensors.torch.load_file read the result.",
+    )
+    exporting.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="OUTPUT/checkpoints/step-N or latest")
+    exporting.add_argument("out", type=Path, metavar="OUT")
+    exporting.set_defaults(handler=export)
     model_commands.add_commands(commands)
     return parser
 

@@ -61,6 +61,36 @@ def epoch_order(layout: StreamLayout, epoch: int, skip: int = 0) -> Iterator[int
         skip = 0
 
 
+def data_position(layout: StreamLayout, micro_step: int) -> dict[str, int]:
+    """Where the stream stands after `micro_step` global micro-batches, in terms that do not depend on
+    the number of ranks: the epoch and the number of its samples already consumed."""
+    epoch, in_epoch = divmod(micro_step, layout.steps_per_epoch)
+    return {
+        "micro_step": micro_step,
+        "epoch": epoch,
+        "sample_in_epoch": in_epoch * layout.global_batch,
+        "global_batch": layout.global_batch,
+        "samples": sum(layout.counts),
+        "seed": layout.seed,
+        "shuffle_shards": layout.shuffle_shards,
+    }
+
+
+def resume_micro_step(position: dict[str, int], layout: StreamLayout) -> int:
+    """The global micro-step at which `layout` continues a stream saved at `position`. With the same
+    global micro-batch (world_size x batch_size) it is the saved one: the stream continues exactly.
+    Otherwise the same epoch continues from the saved sample position rounded down to a whole global
+    micro-batch of the new layout: at most global_batch - 1 samples of that epoch are seen twice,
+    none is skipped (an epoch order does not depend on the number of ranks)."""
+    if position["global_batch"] == layout.global_batch:
+        return position["micro_step"]
+    in_epoch = position["sample_in_epoch"] // layout.global_batch
+    epoch = position["epoch"]
+    if in_epoch >= layout.steps_per_epoch:  # only the new layout's dropped tail of the epoch was left
+        epoch, in_epoch = epoch + 1, 0
+    return epoch * layout.steps_per_epoch + in_epoch
+
+
 class RankBatches(torch.utils.data.Sampler[list[int]]):
     """This rank's micro-batches, from global micro-step `start` on, for ever. Each item is
     epoch x samples + sample index, so that per-epoch augmentation can be keyed on the sample."""

@@ -1,5 +1,6 @@
 """Using a trained model: `pipeline sample | reconstruct | interpolate | attribute-vector`, each writing
-a PNG grid, from a weights folder (OUTPUT/weights: <network>.safetensors and config.json).
+a PNG grid, from a weights folder: a checkpoint (OUTPUT/checkpoints/latest) or what `pipeline export`
+wrote from one (<network>.safetensors and config.json).
 
 Loading uses safetensors only; nothing is unpickled.
 """
@@ -123,7 +124,9 @@ def attribute_vector(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     def command(name: str, handler, help_text: str, data: bool = True) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("weights", type=Path, metavar="WEIGHTS", help="a run's weights folder (OUTPUT/weights)")
+        parser.add_argument(
+            "weights", type=Path, metavar="WEIGHTS", help="a checkpoint (OUTPUT/checkpoints/latest) or an export"
+        )
         parser.add_argument("out", type=Path, metavar="OUT.png")
         if data:
             parser.add_argument("--shards", type=Path, required=True, help="a shards folder to take images from")

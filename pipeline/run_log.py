@@ -46,7 +46,25 @@ class RunLog:
         if self.progress:
             self.progress.update(self.task, completed=step)
 
+    @staticmethod
+    def drop_records_after(output_dir: Path, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: forget what the killed run logged for them."""
+        path = output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("".join(kept))
+        temporary.replace(path)
+
     def close(self) -> None:
         if self.progress:
             self.progress.stop()
         self.accelerator.end_training()
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line torn by the kill

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.engine import resolve_precision
 from pipeline.plugin import ImageInfo, PluginError, load_plugin_class
@@ -42,18 +43,43 @@ def check_one_global_batch(config: RunConfig, split: ShardSplit) -> None:
         )
 
 
-def prepare_output_dir(output_dir: Path) -> None:
-    if (output_dir / "metrics.jsonl").exists():
-        raise ConfigError(
-            f"output_dir: {output_dir} already holds a run (metrics.jsonl); choose another output_dir "
-            "(resuming a run arrives with checkpoints)"
-        )
+def prepare_output_dir(output_dir: Path, resuming: bool, resume: str) -> None:
+    if (output_dir / "metrics.jsonl").exists() and not resuming:
+        if resume == "none":
+            raise ConfigError(
+                f"output_dir: {output_dir} already holds a run (metrics.jsonl) and resume=none; "
+                "choose another output_dir, or resume=auto to continue it"
+            )
+        warn(f"{output_dir} holds a run without a usable checkpoint: starting it again from step 0")
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir):
             pass
     except OSError as error:
         raise ConfigError(f"output_dir: cannot write to {output_dir}: {error.strerror or error}") from None
+
+
+def warn(message: str) -> None:
+    """Every rank checks the same things; one of them says so."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pipeline train: warning: {message}", file=sys.stderr)
+
+
+def find_checkpoint(config: RunConfig, split: ShardSplit) -> tuple[Path, dict] | None:
+    found = find_resume(config.output_dir, config.resume, warn)
+    if found is None:
+        return None
+    folder, state = found
+    check_plugin(folder, state, config.plugin)
+    position = state["data"]
+    saved_stream = (position["samples"], position["seed"], position["shuffle_shards"])
+    if saved_stream != (split.count, config.seed, config.data.shuffle_shards):
+        warn(
+            f"{folder.name} was trained on another data stream (samples, seed, shuffle_shards = {saved_stream}); "
+            f"continuing at epoch {position['epoch']}, sample {position['sample_in_epoch']} of this one"
+        )
+    return found
 
 
 def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit):
@@ -69,16 +95,20 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         plugin_class = load_plugin_class(config.plugin)
         split = open_split(config.data.shards, config.data.split)
+        resume = find_checkpoint(config, split)
         check_one_global_batch(config, split)
         resolve_precision(config.precision)
         plugin = make_plugin(plugin_class, config, split)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         networks = plugin.build_networks()
         check_optimizer_networks(config, networks)
-        prepare_output_dir(config.output_dir)  # last: a rejected config leaves no folder behind
+        if resume is not None:
+            check_shapes(resume[0], config.plugin, networks)
+        # last: a rejected config leaves no folder behind
+        prepare_output_dir(config.output_dir, resume is not None, config.resume)
         from pipeline.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
 
-        Trainer(config, plugin, split, networks).train()
+        Trainer(config, plugin, split, networks, resume).train()
     except UserError as error:
         print(f"pipeline train: error: {error}", file=sys.stderr)
         return 2

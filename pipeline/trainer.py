@@ -4,23 +4,29 @@ for each micro-batch of this rank:
     loss = plugin.training_step(...)        # every network's own gradient, routed into one loss
     accelerator.backward(loss)              # DeepSpeed: backward, and the ZeRO step at the
                                             # accumulation boundary (k micro-batches)
-    at a boundary: step += 1; log / draw grids / save as scheduled
+    at a boundary: step += 1; log / draw grids / checkpoint as scheduled
+
+A checkpoint (pipeline/checkpoint.py) holds everything the loop depends on: weights, DeepSpeed's
+optimizer partitions, the step and data position, and every rank's RNG and plugin state; a run resumed
+from it continues bit for bit as if it had never stopped (on the same number of ranks).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from deepspeed.utils import safe_get_full_fp32_param
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from pipeline import grids
-from pipeline.config import RunConfig, resolved_yaml
-from pipeline.data import StreamLayout, training_loader
+from pipeline import checkpoint, grids, optimizer_state, rng
+from pipeline.config import ConfigError, RunConfig, resolved_yaml
+from pipeline.data import StreamLayout, data_position, resume_micro_step, training_loader
 from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision
 from pipeline.plugin import ModelPlugin
 from pipeline.run_log import RunLog
@@ -29,14 +35,24 @@ from shards.reader import ShardSplit
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, plugin: ModelPlugin, split: ShardSplit, networks: dict) -> None:
-        """networks: plugin.build_networks(), built from the same seed on every rank."""
-        self.config, self.plugin, self.split = config, plugin, split
+    def __init__(
+        self,
+        config: RunConfig,
+        plugin: ModelPlugin,
+        split: ShardSplit,
+        networks: dict,
+        resume: tuple[Path, dict[str, Any]] | None = None,
+    ) -> None:
+        """networks: plugin.build_networks(), built from the same seed on every rank. resume: a
+        validated checkpoint (folder, trainer_state) to continue from (pipeline.checkpoint.find_resume)."""
+        self.config, self.plugin, self.split, self.resume = config, plugin, split, resume
         self.precision = resolve_precision(config.precision)
         self.accelerator = make_accelerator(config, self.precision)
         module = TrainingModule(networks, plugin)
         optimizer = build_optimizer(config, module.networks, plugin.optimizer_defaults())
         self.engine, self.optimizer = self.accelerator.prepare(module, optimizer)
+        if not optimizer_state.supported(self.engine):
+            raise ConfigError("precision fp16 without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2")
         self.networks = self.accelerator.unwrap_model(self.engine).networks
         self.dtype = next(self.networks.parameters()).dtype
         self.layout = StreamLayout(
@@ -46,12 +62,18 @@ class Trainer:
             world_size=self.accelerator.num_processes,
             batch_size=config.data.batch_size,
         )
-        images_per_step = self.layout.global_batch * config.gradient_accumulation_steps
-        self.total_steps = config.max_steps or math.ceil(config.max_images / images_per_step)
-        self.images_per_step = images_per_step
+        self.images_per_step = self.layout.global_batch * config.gradient_accumulation_steps
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # micro-batches done: with the seed, the exact position in the data stream
+        self.images_seen = 0
         self.output_dir = Path(config.output_dir)
+
+    @property
+    def total_steps(self) -> int:
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        remaining = max(self.config.max_images - self.images_seen, 0)
+        return self.step + math.ceil(remaining / self.images_per_step)
 
     def train(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -62,6 +84,13 @@ class Trainer:
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
         log = None
         try:
+            if self.resume is not None:
+                self._load_checkpoint(*self.resume)
+            if self.step >= self.total_steps:
+                if accelerator.is_main_process:
+                    print(f"pipeline train: {self.output_dir} is already at step {self.step} of {self.total_steps}")
+                accelerator.wait_for_everyone()
+                return
             grid_inputs = self._grid_inputs()
             loader = training_loader(
                 str(config.data.shards),
@@ -74,6 +103,7 @@ class Trainer:
                 pin_memory=torch.cuda.is_available(),
             )
             log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)  # its clock starts here
+            first_step = self.step
             sums: dict[str, torch.Tensor] = {}
             micro_steps_summed = 0
             for images, labels in loader:
@@ -83,18 +113,20 @@ class Trainer:
                 micro_steps_summed += 1
                 if not accelerator.sync_gradients:
                     continue
+                self.images_seen += self.images_per_step
                 log.advance(self.step)
-                if self.step == 1:
+                if self.step == first_step + 1:
                     self._record_rank()
                 last = self.step >= self.total_steps
                 if self.step % config.log_every == 0 or last:
-                    log.log(self.step, self.step * self.images_per_step, self._reduce(sums, micro_steps_summed))
+                    log.log(self.step, self.images_seen, self._reduce(sums, micro_steps_summed))
                     sums, micro_steps_summed = {}, 0
                 if self.step % config.sample_every == 0 or last:
                     self._draw_grids(grid_inputs)
+                if self.step % config.checkpoint.every == 0 or last:
+                    self.save_checkpoint()
                 if last:
                     break
-            self._save_weights(self.output_dir / "weights")
             # Every rank must be done before end_training() destroys the process group: without this
             # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
             accelerator.wait_for_everyone()
@@ -181,19 +213,84 @@ class Trainer:
             grids.save(grids.grid(samples), folder / f"step-{self.step:08d}-samples.png")
             grids.save(grids.pairs_grid(inputs, reconstructions), folder / f"step-{self.step:08d}-reconstructions.png")
 
-    def _save_weights(self, folder: Path) -> None:
-        """Each network's weights as <network>.safetensors: the fp32 master weights DeepSpeed keeps
-        (under bf16 the module itself holds rounded copies), and the batch norm statistics averaged
-        over ranks. Every rank takes part; rank 0 writes."""
+    def save_checkpoint(self) -> Path | None:
+        """OUTPUT/checkpoints/step-NNNNNNNN (pipeline/checkpoint.py). Every rank takes part: the full fp32
+        weights are gathered collectively, each rank writes its own optimizer partition, rank 0 writes
+        the rest and commits. Returns the folder on rank 0."""
+        accelerator, config = self.accelerator, self.config
         self._average_batch_norm_statistics()
         tensors = {name: full_precision_state(network) for name, network in self.networks.items()}
-        if not self.accelerator.is_main_process:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
+        root = checkpoint.checkpoints_root(self.output_dir)
+        staging = checkpoint.staging_folder(root, self.step)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+            (staging / checkpoint.OPTIMIZER_FOLDER).mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        rank = accelerator.process_index
+        written = optimizer_state.save_partition(
+            self.engine, self.networks, staging / checkpoint.OPTIMIZER_FOLDER, rank, accelerator.num_processes
+        )
+        if written is not None:
+            checkpoint.fsync_file(written)
+        ranks = gather_object([{"rng": rng.capture(), "plugin": self.plugin.state_dict()}])
+        final = None
+        if accelerator.is_main_process:
+            self._write_weights(staging, tensors)
+            final = checkpoint.commit(staging, self._trainer_state(ranks))
+            protected = self.resume[0] if self.resume else None
+            checkpoint.prune(root, config.checkpoint.keep_last, protected)
+        accelerator.wait_for_everyone()  # nobody runs ahead (or exits) before the checkpoint exists
+        return final
+
+    def _write_weights(self, folder: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Each network's weights as <network>.safetensors: the fp32 master weights DeepSpeed keeps
+        (under bf16 the module itself holds rounded copies), and the batch norm statistics averaged
+        over ranks; and config.json, which `pipeline sample` and friends read."""
         for name, state in tensors.items():
-            save_file(state, str(folder / f"{name}.safetensors"), metadata={"plugin": self.config.plugin})
+            path = folder / f"{name}.safetensors"
+            save_file(state, str(path), metadata={"plugin": self.config.plugin})
+            checkpoint.fsync_file(path)
         description = {"plugin": self.config.plugin, "model": self.config.model, "image": self.split.image}
-        (folder / "config.json").write_text(json.dumps(description, indent=2) + "\n")
+        checkpoint.write_durably(folder / "config.json", json.dumps(description, indent=2) + "\n")
+
+    def _trainer_state(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "plugin": self.config.plugin,
+            "step": self.step,
+            "images": self.images_seen,
+            "micro_step": self.micro_step,
+            "data": data_position(self.layout, self.micro_step),
+            "world_size": self.accelerator.num_processes,
+            "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+            "zero_stage": engine.zero_optimization_stage(),
+            "precision": self.precision,
+            "engine": {name: getattr(engine, name) for name in ENGINE_COUNTERS},
+            "ranks": ranks,
+            "config": json.loads(json.dumps(self.config.model_dump(mode="json"))),
+        }
+
+    def _load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimizer partitions (any number of ranks wrote them),
+        counters, data position, and this rank's RNG and plugin state."""
+        for name, network in self.networks.items():
+            network.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        optimizer_state.load_partitions(self.engine, self.networks, folder / checkpoint.OPTIMIZER_FOLDER)
+        self.step, self.images_seen = state["step"], state["images"]
+        self.micro_step = resume_micro_step(state["data"], self.layout)
+        for name in ENGINE_COUNTERS:
+            setattr(self.engine, name, state["engine"][name])
+        rank = self.accelerator.process_index
+        if rank < len(state["ranks"]):  # ranks the saved run did not have start their own streams
+            rng.restore(state["ranks"][rank]["rng"])
+            self.plugin.load_state_dict(state["ranks"][rank]["plugin"])
+        if self.accelerator.is_main_process:
+            RunLog.drop_records_after(self.output_dir, self.step)
+
+
+# DeepSpeed's own progress counters (they drive its schedulers and its fp16 loss scaling)
+ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
 
 def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,4 +25,4 @@ shards inspect "$shards" --grid "$shards-contact-sheet.png"
 rm -rf runs/demo  # a fresh run each time (a run folder in use is refused)
 accelerate launch --config_file launch/accelerate/cpu-2proc.yaml -m pipeline.train \
     --config launch/configs/demo.yaml data.shards="$shards" output_dir=runs/demo
-echo "demo: grids in runs/demo/samples/, metrics in runs/demo/metrics.jsonl, weights in runs/demo/weights/"
+echo "demo: grids in runs/demo/samples/, metrics in runs/demo/metrics.jsonl, checkpoints in runs/demo/checkpoints/ (latest: the final weights)"

@@ -32,7 +32,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     )
     result = launch(config, processes=1)
     assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run" / "weights", shards
+    return root / "run" / "checkpoints" / "latest", shards
 
 
 def pipeline(*args) -> None:
@@ -137,7 +137,7 @@ def test_bad_weights_and_labels_are_one_line(tmp_path: Path, trained) -> None:
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
-    for path in weights.iterdir():
+    for path in weights.glob("*.*"):
         (broken / path.name).write_bytes(path.read_bytes())
     (broken / "decoder.safetensors").write_bytes((weights / "decoder.safetensors").read_bytes()[:1000])
     result = run_python("-m", "pipeline.cli", "sample", str(broken), str(tmp_path / "x.png"))

@@ -230,9 +230,10 @@ def test_a_used_output_dir_and_a_bad_deepspeed_json_fail_at_once(tmp_path: Path,
     used = tmp_path / "used"
     used.mkdir()
     (used / "metrics.jsonl").write_text("{}\n")
-    config = write_config(tmp_path / "a.yaml", shards, used)
+    config = write_config(tmp_path / "a.yaml", shards, used, resume="none")
     result = run_python("-m", "pipeline.train", "--config", str(config))
     assert result.returncode == 2 and "already holds a run" in result.stderr.strip().splitlines()[-1]
+    assert (used / "metrics.jsonl").read_text() == "{}\n"  # refused: nothing touched
     for content, message in (
         ('{"optimizer": {"type": "Adam"}}', "remove 'optimizer'"),
         ('{"zero_optimization": {"stage": 3}}', "ZeRO stage 3 is not supported"),

@@ -106,4 +106,21 @@ def rank_records(output_dir: Path) -> list[dict]:
 
 
 def weights(output_dir: Path) -> dict[str, dict]:
-    return {path.stem: load_file(str(path)) for path in sorted((output_dir / "weights").glob("*.safetensors"))}
+    """Each network's weights in the run's latest checkpoint."""
+    latest = output_dir / "checkpoints" / "latest"
+    return {path.stem: load_file(str(path)) for path in sorted(latest.glob("*.safetensors"))}
+
+
+KILLING_TRAINER = REPO / "tests" / "killing_trainer.py"
+
+
+def launch_killed(config: Path, kill_at: str, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """Like `launch`, through tests/killing_trainer.py, which SIGKILLs the whole run at `kill_at`."""
+    accelerate_config = REPO / "launch" / "accelerate" / ("cpu-2proc.yaml" if processes == 2 else "cpu-1proc.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    if processes == 2:
+        command += ["--main_process_port", str(free_port())]
+    command += [str(KILLING_TRAINER), "--config", str(config), *overrides]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**environment(), "KILL_AT": kill_at}
+    )

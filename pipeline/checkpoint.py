@@ -1,0 +1,192 @@
+"""Checkpoint folders: how they are laid out, made durable, found again, checked and exported.
+
+    OUTPUT/checkpoints/
+        step-00000500/
+            <network>.safetensors      full fp32 weights (safetensors.torch.load_file alone reads them)
+            config.json                the plugin, its options, the image format
+            optimizer/rank-NNNNN.safetensors   DeepSpeed's optimizer state, one file per rank
+                                               (pipeline/optimizer_state.py)
+            trainer_state.json         step, images, data position, every rank's RNG and plugin state,
+                                       and the sha256 of every other file: written last
+        latest -> step-00000500        updated only once that folder is complete
+
+Every rank writes its own files into `.step-NNNNNNNN.partial/`; rank 0 then writes trainer_state.json,
+renames the folder and only then moves `latest`. A run killed at any moment leaves at most a
+`.partial` folder (removed by the next save) and `latest` on the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from pipeline.optimizer_state import CheckpointError
+from shards.shard_writer import sync_folder
+from shards.verify import file_sha256
+
+FORMAT_VERSION = 1
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+OPTIMIZER_FOLDER = "optimizer"
+NAME = re.compile(r"step-(\d{8,})")
+
+
+def checkpoints_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def folder_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def staging_folder(root: Path, step: int) -> Path:
+    return root / f".{folder_name(step)}.partial"
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def commit(staging: Path, state: dict[str, Any]) -> Path:
+    """Rank 0, once every rank's files are in `staging` (and fsynced): record their hashes in
+    trainer_state.json, rename the folder into place, then point `latest` at it."""
+    root = staging.parent
+    files = sorted(path for path in staging.rglob("*") if path.is_file())
+    state["files"] = {str(path.relative_to(staging)): file_sha256(path) for path in files}
+    write_durably(staging / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    sync_folder(staging)
+    if (staging / OPTIMIZER_FOLDER).is_dir():
+        sync_folder(staging / OPTIMIZER_FOLDER)
+    final = root / folder_name(state["step"])
+    if final.exists():  # a run resumed from an older checkpoint re-reaches this step: the new one wins
+        replaced = root / f".{final.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(staging, final)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(staging, final)
+    sync_folder(root)
+    temporary_link = root / f".{LATEST}.tmp"
+    temporary_link.unlink(missing_ok=True)
+    temporary_link.symlink_to(final.name)
+    os.replace(temporary_link, root / LATEST)
+    sync_folder(root)
+    return final
+
+
+def step_of(folder: Path) -> int | None:
+    match = NAME.fullmatch(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """step-* folders, newest first (complete or not: `validate` tells)."""
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir() if path.is_dir() and not path.is_symlink() and step_of(path) is not None]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def prune(root: Path, keep_last: int, protected: Path | None) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints, never `protected` (the one a run resumed
+    from), and any `.partial` folder a killed save left."""
+    removed = []
+    for path in complete_checkpoints(root)[keep_last:]:
+        if protected is not None and path.resolve() == protected.resolve():
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    for path in [*root.glob(".step-*.partial"), *root.glob(".step-*.replaced")]:
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+def validate(folder: Path) -> dict[str, Any]:
+    """trainer_state.json of a complete, untampered checkpoint; else CheckpointError naming the file."""
+    state_path = folder / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path}: missing (an incomplete checkpoint)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{state_path}: unreadable ({error})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "files" not in state:
+        raise CheckpointError(f"{state_path}: not a trainer state of format {FORMAT_VERSION}")
+    for relative, digest in state["files"].items():
+        path = folder / relative
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: its sha256 does not match {STATE_FILE} (truncated or modified)")
+    return state
+
+
+def find_resume(output_dir: Path, resume: str, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, validated: resume=auto takes the newest complete one, passing
+    (with a warning) over any that fails validation; resume=PATH must itself be valid."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        folder = Path(resume).resolve()
+        return folder, validate(folder)
+    for folder in complete_checkpoints(checkpoints_root(output_dir)):
+        try:
+            return folder, validate(folder)
+        except CheckpointError as error:
+            warn(f"skipping checkpoint {folder.name}: {error}")
+    return None
+
+
+def check_plugin(folder: Path, state: dict, plugin: str) -> None:
+    if state.get("plugin") != plugin:
+        raise CheckpointError(f"{folder / STATE_FILE}: a checkpoint of plugin {state.get('plugin')!r}, not {plugin!r}")
+
+
+def check_shapes(folder: Path, plugin: str, networks: dict) -> None:
+    """One clear line when the checkpoint's tensors do not fit these networks."""
+    for name, network in networks.items():
+        path = folder / f"{name}.safetensors"
+        expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                saved = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{path}: unreadable ({error})") from None
+        for key in sorted(expected.keys() | saved.keys()):
+            if expected.get(key) != saved.get(key):
+                raise CheckpointError(
+                    f"{path}: {key} is {saved.get(key, 'missing')} in the checkpoint, "
+                    f"{expected.get(key, 'absent')} in this {plugin} {name}"
+                )
+
+
+def export(checkpoint: Path, out: Path) -> list[Path]:
+    """A weights folder (each network's safetensors + config.json), checked against trainer_state.json."""
+    state = validate(checkpoint)
+    names = [name for name in state["files"] if "/" not in name]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        target = out / name
+        temporary = out / f".{name}.tmp"
+        shutil.copyfile(checkpoint / name, temporary)
+        os.replace(temporary, target)
+        written.append(target)
+    return written

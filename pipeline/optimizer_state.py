@@ -1,0 +1,208 @@
+"""DeepSpeed's optimizer state, saved partitioned as trained, as safetensors (never a pickle).
+
+Under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) each rank holds, for a slice of every parameter's
+flattened elements, the fp32 master copy and the optimizer's state (RMSProp's square_avg, Adam's
+exp_avg and exp_avg_sq, ...). DeepSpeed links each parameter to its slice (`param._hp_mapping`: where
+the slice starts in the parameter, how many elements). Each rank writes its own slices to
+`optimizer/rank-NNNNN.safetensors`:
+
+    "master/<network>.<parameter>"    the fp32 master slice
+    "<state>/<network>.<parameter>"   each per-element optimizer state slice
+    metadata: {"partition": JSON of {"slices": {"<network>.<parameter>": [start, numel]}, "steps": [...],
+               "world_size": N}}  (one key: safetensors writes several in a random order, and
+               identical runs must give identical files)
+
+A rank that resumes reads, for each of its own slices, the overlapping pieces of every saved rank's
+file (lazily: safetensors reads only those bytes), so a checkpoint resumes on any number of ranks.
+Without ZeRO, in fp32, DeepSpeed's optimizer is the plain torch optimizer: every rank holds whole
+parameters and rank 0 writes them as slices of [0, numel).
+
+We do not use DeepSpeed's own checkpoint files: they are pickles (DeepSpeed loads them with
+torch.load(weights_only=False)), and ZeRO-1/2's default layout cannot change the number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from shards.errors import UserError
+
+MASTER = "master"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+@dataclass
+class LocalSlice:
+    """The part of one parameter this rank updates: its elements [start, start + numel) of the
+    flattened parameter, the fp32 master copy of them, and the optimizer state of them."""
+
+    name: str
+    start: int
+    numel: int
+    master: torch.Tensor
+    states: dict[str, torch.Tensor]
+
+
+def partition_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.safetensors"
+
+
+def supported(engine) -> bool:
+    """Whether we can read and write this engine's optimizer state: ZeRO-1/2 and DeepSpeed's bf16
+    optimizer link every parameter to its slice; without a wrapper the torch optimizer holds whole
+    parameters. (DeepSpeed's fp16 optimizer without ZeRO does neither.)"""
+    linked = hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state")
+    return linked or engine.optimizer is engine.basic_optimizer
+
+
+def _partitioned(engine) -> bool:
+    return engine.optimizer is not engine.basic_optimizer
+
+
+def local_slices(engine, networks: torch.nn.ModuleDict) -> Iterator[LocalSlice]:
+    """This rank's slices (with their optimizer state once the optimizer has stepped)."""
+    if not _partitioned(engine):
+        state = engine.basic_optimizer.state
+        for name, param in networks.named_parameters():
+            held = state.get(param, {})
+            states = {key: value.view(-1) for key, value in held.items() if _per_element(key, value, param)}
+            yield LocalSlice(name, 0, param.numel(), param.data.view(-1), states)
+        return
+    optimizer = engine.basic_optimizer
+    for name, param in networks.named_parameters():
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:  # none of this parameter's elements live on this rank
+            continue
+        # The state slices are cut here from the group's flat state, not taken from mapping.optim_fragment:
+        # DeepSpeed links those after stepping the FIRST param group only, so with several groups (one
+        # per network) the other groups' parameters never get theirs.
+        flat = optimizer.param_groups[mapping.param_group_index]["params"][0]
+        where = mapping.hp_fragment_address
+        states = {
+            key: value.narrow(0, where.start, where.numel)
+            for key, value in optimizer.state.get(flat, {}).items()
+            if _per_element(key, value, flat)
+        }
+        address = mapping.lp_fragment_address
+        yield LocalSlice(name, address.start, address.numel, mapping.hp_fragment, states)
+
+
+def _per_element(key: str, value, param: torch.Tensor) -> bool:
+    return key != "step" and torch.is_tensor(value) and value.shape == param.shape
+
+
+def _group_steps(optimizer: torch.optim.Optimizer) -> list[float | None]:
+    """Each param group's step count (torch keeps it per parameter; within a group all are equal)."""
+    steps = []
+    for group in optimizer.param_groups:
+        state = optimizer.state.get(group["params"][0], {})
+        step = state.get("step")
+        steps.append(None if step is None else float(step))
+    return steps
+
+
+def save_partition(engine, networks: torch.nn.ModuleDict, folder: Path, rank: int, world_size: int) -> Path | None:
+    """Write this rank's slices. Without ZeRO every rank holds everything and only rank 0 writes."""
+    if not _partitioned(engine) and rank != 0:
+        return None
+    tensors, slices = {}, {}
+    for piece in local_slices(engine, networks):
+        slices[piece.name] = [piece.start, piece.numel]
+        tensors[f"{MASTER}/{piece.name}"] = piece.master.detach().float().cpu().contiguous()
+        for key, value in piece.states.items():
+            tensors[f"{key}/{piece.name}"] = value.detach().float().cpu().contiguous()
+    index = {
+        "slices": slices,
+        "steps": _group_steps(engine.basic_optimizer),
+        "world_size": world_size if _partitioned(engine) else 1,
+    }
+    metadata = {"partition": json.dumps(index)}
+    path = partition_file(folder, rank)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@dataclass
+class SavedPartition:
+    path: Path
+    slices: dict[str, tuple[int, int]]
+    steps: list[float | None]
+    state_keys: set[str]
+
+
+def read_partition_index(path: Path) -> SavedPartition:
+    """A saved partition's header (no tensor data is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            keys = list(file.keys())
+        index = json.loads(metadata["partition"])
+        slices = {name: (int(start), int(numel)) for name, (start, numel) in index["slices"].items()}
+        steps = index["steps"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise CheckpointError(f"{path}: not a readable optimizer partition ({error})") from None
+    state_keys = {key.split("/", 1)[0] for key in keys} - {MASTER}
+    return SavedPartition(path, slices, steps, state_keys)
+
+
+def _create_state(engine, state_keys: set[str], steps: list[float | None]) -> None:
+    """A fresh engine has no optimizer state until its first step: create it, with the saved keys and
+    step counts, through the optimizer's own load_state_dict."""
+    optimizer = engine.basic_optimizer
+    saved = optimizer.state_dict()
+    for group_index, group in enumerate(saved["param_groups"]):
+        for param_id, param in zip(group["params"], optimizer.param_groups[group_index]["params"], strict=True):
+            state = {key: torch.zeros_like(param, dtype=torch.float32) for key in sorted(state_keys)}
+            if steps[group_index] is not None:
+                state["step"] = torch.tensor(steps[group_index], dtype=torch.float32)
+            saved["state"][param_id] = state
+    optimizer.load_state_dict(saved)
+
+
+@torch.no_grad()
+def load_partitions(engine, networks: torch.nn.ModuleDict, folder: Path) -> None:
+    """Fill this rank's slices (masters and optimizer state) from a checkpoint's partitions, whatever
+    the number of ranks that wrote them. The module's own weights are loaded separately."""
+    saved = [read_partition_index(path) for path in sorted(folder.glob("rank-*.safetensors"))]
+    if not saved:
+        raise CheckpointError(f"{folder}: no optimizer partitions (rank-*.safetensors)")
+    state_keys, steps = saved[0].state_keys, saved[0].steps
+    groups = len(engine.basic_optimizer.param_groups)
+    if len(steps) != groups:
+        raise CheckpointError(f"{saved[0].path}: {len(steps)} optimizer param groups, this model has {groups}")
+    _create_state(engine, state_keys, steps)
+    handles = {}
+    try:
+        for piece in local_slices(engine, networks):
+            filled = 0
+            for partition in saved:
+                if piece.name not in partition.slices:
+                    continue
+                saved_start, saved_numel = partition.slices[piece.name]
+                begin, end = max(piece.start, saved_start), min(piece.start + piece.numel, saved_start + saved_numel)
+                if begin >= end:
+                    continue
+                if partition.path not in handles:
+                    handles[partition.path] = safe_open(str(partition.path), framework="pt")
+                file = handles[partition.path]
+                for key, target in [(MASTER, piece.master), *piece.states.items()]:
+                    source = file.get_slice(f"{key}/{piece.name}")[begin - saved_start : end - saved_start]
+                    target[begin - piece.start : end - piece.start].copy_(source)
+                filled += end - begin
+            if filled != piece.numel:
+                raise CheckpointError(
+                    f"{folder}: the optimizer partitions hold {filled} of the {piece.numel} elements of {piece.name} "
+                    "that this rank needs (a partition file is missing, or the model's shapes differ)"
+                )
+    finally:
+        handles.clear()

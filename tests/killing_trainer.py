@@ -1,0 +1,76 @@
+"""pipeline.train, really killed at a chosen point: rank 0 sends SIGKILL to every process of the run (the
+launcher, every rank, every data worker) at once, as a node failure would.
+
+KILL_AT=micro_step:N      once rank 0 has run N micro-batches (N not on an accumulation boundary: mid-step)
+KILL_AT=state_write:N     halfway through writing the N-th checkpoint's trainer_state.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pipeline import checkpoint, train
+from pipeline.trainer import Trainer
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        found.append(pid)
+        queue += children.get(pid, [])
+    return found
+
+
+def kill_the_run() -> None:
+    # under accelerate launch the parent is the launcher; a lone `python killing_trainer.py` kills itself
+    root = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+    for pid in sorted(descendants(root), key=lambda pid: pid == os.getpid()):  # this process last
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def main() -> int:
+    kind, count = os.environ["KILL_AT"].split(":")
+    count = int(count)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train.main()
+    if kind == "micro_step":
+        original_step = Trainer.train_step
+
+        def train_step(self, images, labels):
+            metrics = original_step(self, images, labels)
+            if self.micro_step == count:
+                kill_the_run()
+            return metrics
+
+        Trainer.train_step = train_step
+    elif kind == "state_write":
+        original_write = checkpoint.write_durably
+        writes = []
+
+        def write_durably(path: Path, text: str) -> None:
+            if path.name == checkpoint.STATE_FILE:
+                writes.append(path)
+                if len(writes) == count:
+                    path.write_text(text[: len(text) // 2])
+                    kill_the_run()
+            original_write(path, text)
+
+        checkpoint.write_durably = write_durably
+    return train.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Checkpoints and resume, with real processes really killed (SIGKILL to every process of the run):
+bit-identical resume on 2 ranks under ZeRO-2 with accumulation and data workers, a kill in the middle of
+a checkpoint write, keep_last, a change of the number of ranks, export, and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_helpers import build_small_shards, launch, launch_killed, metrics, run_python, weights, write_config
+
+from pipeline.data import StreamLayout, epoch_order, resume_micro_step
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_small_shards(tmp_path_factory.mktemp("checkpoints"))  # 40 images: 7,7,7,7,7,5
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def checkpoint_steps(output_dir: Path) -> list[str]:
+    return sorted(path.name for path in (output_dir / "checkpoints").glob("step-*"))
+
+
+def latest(output_dir: Path) -> Path:
+    return (output_dir / "checkpoints" / "latest").resolve()
+
+
+def state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def losses(output_dir: Path) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "images_per_s"} for record in metrics(output_dir)]
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = [*folder.glob("*.safetensors"), *folder.glob("optimizer/*.safetensors")]
+    return {f"{path.relative_to(folder)}:{key}": value for path in files for key, value in load_file(str(path)).items()}
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    left, right = all_tensors(a), all_tensors(b)
+    assert left.keys() == right.keys()
+    different = [key for key in left if not torch.equal(left[key], right[key])]
+    assert not different, different[:5]
+
+
+def vaegan_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
+    settings = {
+        "plugin": "vaegan",
+        "model": {"latent_size": 8, "fc_size": 32, "equilibrium": True},  # equilibrium: per-rank plugin state
+        "data": {"shards": str(shards), "batch_size": 2, "workers": 2},
+        "max_steps": 7,
+        "checkpoint": {"every": 2},
+        "sample_every": 100,
+    }
+    return write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, **{**settings, **overrides})
+
+
+def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
+    """2 ranks x 2 micro-batches of 2 under ZeRO-2, 2 data workers per rank: an epoch of 40 images is 10
+    micro-batches, 5 steps. Killed after micro-batch 7 (mid-step, mid-epoch; last checkpoint: step 2),
+    resumed, and run to step 7 across the epoch boundary: every weight, every optimizer partition, every
+    rank's RNG and plugin state, and every logged loss equal those of a run never stopped."""
+    shards = build_small_shards(tmp_path / "data", images=40, size=32)
+    straight = vaegan_config(tmp_path, shards, "straight")
+    assert_ok(launch(straight))
+
+    interrupted = vaegan_config(tmp_path, shards, "interrupted")
+    killed = launch_killed(interrupted, "micro_step:7")
+    assert killed.returncode != 0
+    out = tmp_path / "interrupted"
+    assert latest(out).name == "step-00000002"
+    assert max(record["step"] for record in metrics(out)) == 3  # logged past the checkpoint, then lost
+    assert_ok(launch(interrupted))  # resume: auto
+
+    assert_bit_identical(latest(tmp_path / "straight"), latest(out))
+    resumed, uninterrupted = state(latest(out)), state(latest(tmp_path / "straight"))
+    assert resumed["files"] == uninterrupted["files"]  # the same bytes, file by file
+    assert resumed["ranks"] == uninterrupted["ranks"]  # RNG and equilibrium counters of both ranks
+    assert (resumed["step"], resumed["images"], resumed["data"]["epoch"]) == (7, 7 * 8, 1)
+    assert losses(out) == losses(tmp_path / "straight")
+    # keep_last 3: the resumed run never deletes the checkpoint it started from
+    assert checkpoint_steps(tmp_path / "straight") == ["step-00000004", "step-00000006", "step-00000007"]
+    assert checkpoint_steps(out) == ["step-00000002", "step-00000004", "step-00000006", "step-00000007"]
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path, shards: Path) -> None:
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=6, checkpoint={"every": 2})
+    killed = launch_killed(config, "state_write:2")  # halfway through step 4's trainer_state.json
+    assert killed.returncode != 0
+    root = tmp_path / "run" / "checkpoints"
+    assert latest(tmp_path / "run").name == "step-00000002"
+    partial = root / ".step-00000004.partial"
+    assert (partial / "trainer_state.json").exists()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads((partial / "trainer_state.json").read_text())
+    assert checkpoint_steps(tmp_path / "run") == ["step-00000002"]
+
+    assert_ok(launch(config))
+    straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", max_steps=6)
+    assert_ok(launch(straight))
+    assert_bit_identical(latest(tmp_path / "straight"), latest(tmp_path / "run"))
+    assert not partial.exists()  # cleaned by the next save
+
+
+def test_a_finished_run_resumes_to_nothing_and_extends_with_max_steps(tmp_path: Path, shards: Path) -> None:
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
+    again = run_python("-m", "pipeline.train", "--config", str(config))
+    assert_ok(again)
+    assert "already at step 2 of 2" in again.stdout
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config), "max_steps=3"))
+    assert [record["step"] for record in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert state(latest(tmp_path / "run"))["step"] == 3
+
+
+@pytest.mark.parametrize("ranks", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path, shards: Path, ranks) -> None:
+    """2 ranks x batch 2 and 1 rank x batch 4 read the same global micro-batches: the run continued on
+    the other number of ranks matches one that never changed, up to float summation order (RMSProp
+    state, fp32 masters and the data position all carry over)."""
+    before, after = ranks
+    common = {"max_steps": 4, "checkpoint": {"every": 2}, "optimizer": {"name": "rmsprop", "lr": 0.01}}
+    batch = {1: 4, 2: 2}
+
+    def data(processes: int) -> dict:
+        return {"shards": str(shards), "batch_size": batch[processes], "workers": 0}
+
+    straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", data=data(before), **common)
+    assert_ok(launch(straight, processes=before))
+    first = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", data=data(before), **common)
+    assert_ok(launch(first, "max_steps=2", processes=before))
+    second = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", data=data(after), **common)
+    assert_ok(launch(second, processes=after))
+
+    resumed = state(latest(tmp_path / "run"))
+    assert (resumed["world_size"], resumed["step"]) == (after, 4)
+    assert len(list((latest(tmp_path / "run") / "optimizer").glob("rank-*"))) == after
+    left, right = all_tensors(latest(tmp_path / "straight")), all_tensors(latest(tmp_path / "run"))
+    for key in [key for key in left if not key.startswith("optimizer/")]:
+        torch.testing.assert_close(left[key], right[key], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("saved_batch", "new_batch"), [(4, 6), (6, 4), (4, 12), (12, 8)])
+def test_another_global_batch_repeats_less_than_one_batch_and_skips_nothing(saved_batch, new_batch) -> None:
+    """What the README states: the epoch continues from the saved sample position, rounded down to the
+    new global micro-batch."""
+    counts = (7, 7, 7, 7, 7, 5)
+    saved = StreamLayout(counts, seed=3, shuffle_shards=2, world_size=1, batch_size=saved_batch)
+    new = StreamLayout(counts, seed=3, shuffle_shards=2, world_size=1, batch_size=new_batch)
+    for micro_step in range(0, 3 * saved.steps_per_epoch):
+        epoch, in_epoch = divmod(micro_step, saved.steps_per_epoch)
+        consumed = in_epoch * saved_batch
+        start = resume_micro_step(_position(saved, micro_step), new)
+        new_epoch, new_in_epoch = divmod(start, new.steps_per_epoch)
+        resumed_at = new_in_epoch * new_batch if new_epoch == epoch else None
+        if resumed_at is None:  # moved on to the next epoch: only the new layout's dropped tail remained
+            assert new_epoch == epoch + 1 and consumed >= new.steps_per_epoch * new_batch
+        else:
+            assert consumed - new_batch < resumed_at <= consumed  # repeats < one batch, skips none
+            order = list(epoch_order(new, epoch))
+            assert list(epoch_order(saved, epoch))[:consumed] == order[:consumed]  # same epoch order
+
+
+def _position(layout: StreamLayout, micro_step: int) -> dict:
+    from pipeline.data import data_position
+
+    return data_position(layout, micro_step)
+
+
+def test_export_gives_weights_that_need_no_deepspeed(tmp_path: Path, shards: Path) -> None:
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
+    exported = tmp_path / "exported"
+    assert_ok(run_python("-m", "pipeline.cli", "export", str(tmp_path / "run/checkpoints/latest"), str(exported)))
+    assert sorted(path.name for path in exported.iterdir()) == [
+        "config.json",
+        "decoder.safetensors",
+        "encoder.safetensors",
+    ]
+    for network, tensors in weights(tmp_path / "run").items():
+        again = load_file(str(exported / f"{network}.safetensors"))
+        assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+    assert_ok(run_python("-m", "pipeline.cli", "sample", str(exported), str(tmp_path / "grid.png"), "--count", "4"))
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shards: Path) -> Path:
+    """A 1-rank run with checkpoints at steps 2 and 4."""
+    folder = tmp_path_factory.mktemp("finished")
+    config = write_config(folder / "run.yaml", shards, folder / "run", max_steps=4, checkpoint={"every": 2})
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
+    return folder / "run"
+
+
+def copy_run(finished: Path, tmp_path: Path) -> Path:
+    shutil.copytree(finished, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
+
+
+def train(tmp_path: Path, shards: Path, *overrides: str, **settings) -> subprocess.CompletedProcess:
+    config = write_config(tmp_path / "again.yaml", shards, tmp_path / "run", max_steps=6, **settings)
+    return run_python("-m", "pipeline.train", "--config", str(config), *overrides)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_auto_passes_over_a_truncated_checkpoint_with_a_warning(tmp_path: Path, shards: Path, finished: Path) -> None:
+    run = copy_run(finished, tmp_path)
+    partition = run / "checkpoints/step-00000004/optimizer/rank-00000.safetensors"
+    partition.write_bytes(partition.read_bytes()[:-100])
+    result = train(tmp_path, shards)
+    assert_ok(result)
+    assert "skipping checkpoint step-00000004" in result.stderr and "sha256" in result.stderr
+    assert [record["step"] for record in metrics(run)] == [1, 2, 3, 4, 5, 6]  # resumed from step 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("tamper", "rank-00000.safetensors: its sha256 does not match"),
+        ("missing", "encoder.safetensors: missing"),
+        ("no state", "trainer_state.json: missing"),
+        ("other plugin", "a checkpoint of plugin 'linear', not 'vae'"),
+        ("other shapes", "encoder.safetensors: bias is (4,) in the checkpoint, (8,) in this linear encoder"),
+    ],
+)
+def test_a_bad_checkpoint_named_by_path_fails_with_one_line(tmp_path, shards, finished, damage, expected) -> None:
+    run = copy_run(finished, tmp_path)
+    folder = run / "checkpoints/step-00000004"
+    overrides = [f"resume={folder}"]
+    settings = {}
+    if damage == "tamper":
+        partition = folder / "optimizer/rank-00000.safetensors"
+        data = bytearray(partition.read_bytes())
+        data[-5] ^= 0xFF
+        partition.write_bytes(bytes(data))
+    elif damage == "missing":
+        (folder / "encoder.safetensors").unlink()
+    elif damage == "no state":
+        (folder / "trainer_state.json").unlink()
+    elif damage == "other plugin":
+        settings = {"plugin": "vae", "model": {"latent_size": 8, "fc_size": 32}}
+    elif damage == "other shapes":
+        settings = {"model": {"hidden": 8}}
+    line = one_error_line(train(tmp_path, shards, *overrides, **settings))
+    assert expected in line, line
+    assert str(folder) in line
