@@ -92,9 +92,9 @@ def pipeline_from_memory(trainer, batches, warmup: int) -> float:
 def pipeline_from_shards(trainer, steps: int, log_every: int) -> float:
     """The full loop (shard loader, logging) for `steps` more steps; the rate of its steady state,
     from metrics.jsonl: the median log interval, leaving out the first (loader start-up) and the last
-    (final grids and weights)."""
+    (final grids and checkpoint)."""
     trainer.config.log_every = log_every
-    trainer.total_steps = trainer.step + steps
+    trainer.config.max_steps = trainer.step + steps
     trainer.train()
     rows = [json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
     rates = sorted(row["images_per_s"] for row in rows[1:-1])

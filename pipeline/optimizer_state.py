@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from shards.errors import UserError
 
@@ -53,8 +52,8 @@ class LocalSlice:
     states: dict[str, torch.Tensor]
 
 
-def partition_file(folder: Path, rank: int) -> Path:
-    return folder / f"rank-{rank:05d}.safetensors"
+def partition_file(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
 
 
 def supported(engine) -> bool:
@@ -111,8 +110,11 @@ def _group_steps(optimizer: torch.optim.Optimizer) -> list[float | None]:
     return steps
 
 
-def save_partition(engine, networks: torch.nn.ModuleDict, folder: Path, rank: int, world_size: int) -> Path | None:
-    """Write this rank's slices. Without ZeRO every rank holds everything and only rank 0 writes."""
+def partition_contents(
+    engine, networks: torch.nn.ModuleDict, rank: int, world_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """This rank's slices as (tensors, metadata) for `partition_file`. Without ZeRO every rank holds
+    everything and only rank 0 writes (None elsewhere)."""
     if not _partitioned(engine) and rank != 0:
         return None
     tensors, slices = {}, {}
@@ -126,10 +128,7 @@ def save_partition(engine, networks: torch.nn.ModuleDict, folder: Path, rank: in
         "steps": _group_steps(engine.basic_optimizer),
         "world_size": world_size if _partitioned(engine) else 1,
     }
-    metadata = {"partition": json.dumps(index)}
-    path = partition_file(folder, rank)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return tensors, {"partition": json.dumps(index)}
 
 
 @dataclass

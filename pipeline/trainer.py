@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, set_seed
 from deepspeed.utils import safe_get_full_fp32_param
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline import checkpoint, grids, optimizer_state, rng
 from pipeline.config import ConfigError, RunConfig, resolved_yaml
@@ -85,7 +85,7 @@ class Trainer:
         log = None
         try:
             if self.resume is not None:
-                self._load_checkpoint(*self.resume)
+                self.load_checkpoint(*self.resume)
             if self.step >= self.total_steps:
                 if accelerator.is_main_process:
                     print(f"pipeline train: {self.output_dir} is already at step {self.step} of {self.total_steps}")
@@ -219,6 +219,8 @@ class Trainer:
         the rest and commits. Returns the folder on rank 0."""
         accelerator, config = self.accelerator, self.config
         self._average_batch_norm_statistics()
+        # the weights saved are DeepSpeed's fp32 masters (under bf16 the module holds rounded copies),
+        # with the batch norm statistics averaged over ranks
         tensors = {name: full_precision_state(network) for name, network in self.networks.items()}
         root = checkpoint.checkpoints_root(self.output_dir)
         staging = checkpoint.staging_folder(root, self.step)
@@ -227,31 +229,24 @@ class Trainer:
             (staging / checkpoint.OPTIMIZER_FOLDER).mkdir(parents=True)
         accelerator.wait_for_everyone()
         rank = accelerator.process_index
-        written = optimizer_state.save_partition(
-            self.engine, self.networks, staging / checkpoint.OPTIMIZER_FOLDER, rank, accelerator.num_processes
-        )
-        if written is not None:
-            checkpoint.fsync_file(written)
-        ranks = gather_object([{"rng": rng.capture(), "plugin": self.plugin.state_dict()}])
+        files = {}  # every rank: its optimizer partition; rank 0 also each network's weights
+        partition = optimizer_state.partition_contents(self.engine, self.networks, rank, accelerator.num_processes)
+        if partition is not None:
+            files[f"{checkpoint.OPTIMIZER_FOLDER}/{optimizer_state.partition_file(rank)}"] = partition
+        if accelerator.is_main_process:
+            files.update({f"{name}.safetensors": (state, {"plugin": config.plugin}) for name, state in tensors.items()})
+        hashed = checkpoint.write_tensor_files(staging, files)
+        ranks = gather_object([{"rng": rng.capture(), "plugin": self.plugin.state_dict(), "hashed": hashed}])
         final = None
         if accelerator.is_main_process:
-            self._write_weights(staging, tensors)
-            final = checkpoint.commit(staging, self._trainer_state(ranks))
+            description = {"plugin": config.plugin, "model": config.model, "image": self.split.image}
+            checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
+            hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}
+            final = checkpoint.commit(staging, self._trainer_state(ranks), hashed)
             protected = self.resume[0] if self.resume else None
             checkpoint.prune(root, config.checkpoint.keep_last, protected)
         accelerator.wait_for_everyone()  # nobody runs ahead (or exits) before the checkpoint exists
         return final
-
-    def _write_weights(self, folder: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Each network's weights as <network>.safetensors: the fp32 master weights DeepSpeed keeps
-        (under bf16 the module itself holds rounded copies), and the batch norm statistics averaged
-        over ranks; and config.json, which `pipeline sample` and friends read."""
-        for name, state in tensors.items():
-            path = folder / f"{name}.safetensors"
-            save_file(state, str(path), metadata={"plugin": self.config.plugin})
-            checkpoint.fsync_file(path)
-        description = {"plugin": self.config.plugin, "model": self.config.model, "image": self.split.image}
-        checkpoint.write_durably(folder / "config.json", json.dumps(description, indent=2) + "\n")
 
     def _trainer_state(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         engine = self.engine
@@ -267,11 +262,12 @@ class Trainer:
             "zero_stage": engine.zero_optimization_stage(),
             "precision": self.precision,
             "engine": {name: getattr(engine, name) for name in ENGINE_COUNTERS},
+            "loss_scaler": loss_scaler_state(engine),
             "ranks": ranks,
             "config": json.loads(json.dumps(self.config.model_dump(mode="json"))),
         }
 
-    def _load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
+    def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer partitions (any number of ranks wrote them),
         counters, data position, and this rank's RNG and plugin state."""
         for name, network in self.networks.items():
@@ -281,6 +277,9 @@ class Trainer:
         self.micro_step = resume_micro_step(state["data"], self.layout)
         for name in ENGINE_COUNTERS:
             setattr(self.engine, name, state["engine"][name])
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        for name, value in (state.get("loss_scaler") or {}).items():
+            setattr(scaler, name, value)
         rank = self.accelerator.process_index
         if rank < len(state["ranks"]):  # ranks the saved run did not have start their own streams
             rng.restore(state["ranks"][rank]["rng"])
@@ -291,6 +290,14 @@ class Trainer:
 
 # DeepSpeed's own progress counters (they drive its schedulers and its fp16 loss scaling)
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def loss_scaler_state(engine) -> dict[str, Any] | None:
+    """fp16's dynamic loss scale and its counters (scale, iterations since the last overflow, hysteresis)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None:
+        return None
+    return {name: value for name, value in vars(scaler).items() if type(value) in (int, float, bool)}
 
 
 def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:

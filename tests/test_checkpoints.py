@@ -124,6 +124,20 @@ def test_a_finished_run_resumes_to_nothing_and_extends_with_max_steps(tmp_path: 
     assert state(latest(tmp_path / "run"))["step"] == 3
 
 
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_resume_is_exact_under_the_other_zero_stages(tmp_path: Path, shards: Path, zero_stage: int) -> None:
+    """ZeRO-1 keeps sliced masters like ZeRO-2; without ZeRO (fp32) DeepSpeed's optimizer is the torch
+    optimizer itself, holding whole parameters. Both resume exactly (one process here)."""
+    settings = {"deepspeed": {"zero_stage": zero_stage}, "optimizer": {"name": "rmsprop", "lr": 0.01}}
+    straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", max_steps=4, **settings)
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(straight)))
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=4, **settings)
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config), "max_steps=2"))
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
+    assert_bit_identical(latest(tmp_path / "straight"), latest(tmp_path / "run"))
+    assert "square_avg/encoder.weight" in load_file(str(latest(tmp_path / "run") / "optimizer/rank-00000.safetensors"))
+
+
 @pytest.mark.parametrize("ranks", [(2, 1), (1, 2)])
 def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path, shards: Path, ranks) -> None:
     """2 ranks x batch 2 and 1 rank x batch 4 read the same global micro-batches: the run continued on
@@ -229,14 +243,14 @@ def test_auto_passes_over_a_truncated_checkpoint_with_a_warning(tmp_path: Path, 
     partition.write_bytes(partition.read_bytes()[:-100])
     result = train(tmp_path, shards)
     assert_ok(result)
-    assert "skipping checkpoint step-00000004" in result.stderr and "sha256" in result.stderr
+    assert "skipping checkpoint step-00000004" in result.stderr and "checksum does not match" in result.stderr
     assert [record["step"] for record in metrics(run)] == [1, 2, 3, 4, 5, 6]  # resumed from step 2
 
 
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
-        ("tamper", "rank-00000.safetensors: its sha256 does not match"),
+        ("tamper", "rank-00000.safetensors: its checksum does not match"),
         ("missing", "encoder.safetensors: missing"),
         ("no state", "trainer_state.json: missing"),
         ("other plugin", "a checkpoint of plugin 'linear', not 'vae'"),

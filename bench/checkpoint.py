@@ -1,0 +1,155 @@
+"""Saving and loading a VAE-GAN checkpoint against writing and reading the same tensors with bare
+safetensors, in the same process.
+
+    python bench/checkpoint.py [--rounds 3] [--size 64]
+
+The model is the paper's VAE-GAN for 64x64 RGB (latent 128, encoder FC 2048), RMSProp, DeepSpeed ZeRO-2
+in one process, after one training step (so the optimizer state exists). `save` is
+Trainer.save_checkpoint (full fp32 weights gathered, the optimizer partition, RNG, fsync of every file,
+sha256 of every file, atomic rename, `latest`); `load` is what a resume does (validation: sha256 of every
+file, then weights into the networks and the optimizer partitions into DeepSpeed). The bare rows write
+the same tensors with safetensors.torch.save_file (no fsync, no hashes) and read them with load_file into
+tensors already allocated.
+Best of --rounds, interleaved. Results: a table, and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from report import machine, markdown_table, write_section
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out" / "checkpoint"
+
+
+def small_shards(size: int) -> Path:
+    """A few real images at the model's size, in RGB: the trainer needs a split to exist."""
+    images, out = OUT / "images", OUT / f"shards-{size}"
+    if not (out / "manifest.json").exists():
+        shards = [sys.executable, "-m", "shards.cli"]
+        subprocess.run([*shards, "demo-images", str(images), "--source", "digits", "--limit", "64"], check=True)
+        options = ["--size", str(size), "--mode", "RGB", "--labels", "folder", "--val-fraction", "0"]
+        subprocess.run([*shards, "build", str(images), str(out), *options], check=True)
+    return out
+
+
+def make_trainer(shards: Path, output_dir: Path):
+    from pipeline.config import RunConfig
+    from pipeline.plugin import ImageInfo
+    from pipeline.plugins.vaegan import VAEGAN
+    from pipeline.trainer import Trainer
+    from shards.reader import open_split
+
+    split = open_split(shards)
+    config = RunConfig.model_validate(
+        {
+            "plugin": "vaegan",
+            "data": {"shards": str(shards), "batch_size": 8, "workers": 0},
+            "max_steps": 10**6,
+            "deepspeed": {"zero_stage": 2},
+            "checkpoint": {"every": 10**6, "keep_last": 1},
+            "output_dir": str(output_dir),
+        }
+    )
+    plugin = VAEGAN(config.model, ImageInfo(split.image["size"], split.image["channels"]))
+    torch.manual_seed(0)
+    trainer = Trainer(config, plugin, split, plugin.build_networks())
+    images = torch.rand(8, split.image["channels"], split.image["size"], split.image["size"]) * 2 - 1
+    trainer.train_step(images, torch.zeros(8, dtype=torch.long))  # one step: the optimizer state exists
+    return trainer
+
+
+def bare_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's tensors, file by file, in memory."""
+    files = [*folder.glob("*.safetensors"), *folder.glob("optimizer/*.safetensors")]
+    return {str(path.relative_to(folder)).replace("/", "-"): load_file(str(path)) for path in files}
+
+
+def timed(action, *args):
+    start = time.perf_counter()
+    result = action(*args)
+    return time.perf_counter() - start, result
+
+
+def resume_from(trainer, folder: Path) -> None:
+    from pipeline import checkpoint
+
+    trainer.load_checkpoint(folder, checkpoint.validate(folder))
+
+
+def bare_save(tensors: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
+    for name, state in tensors.items():
+        save_file(state, str(folder / name))
+
+
+def bare_load(targets: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
+    """Read every tensor into memory that is already allocated (as load_state_dict into a model does):
+    load_file alone only maps the file."""
+    for name, destination in targets.items():
+        for key, value in load_file(str(folder / name)).items():
+            destination[key].copy_(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, choices=(32, 64, 128))
+    args = parser.parse_args()
+    shutil.rmtree(OUT / "run", ignore_errors=True)
+    trainer = make_trainer(small_shards(args.size), OUT / "run")
+    bare_folder = OUT / "bare"
+    times: dict[str, list[float]] = {"save": [], "load": [], "bare save": [], "bare load": []}
+    for round_number in range(args.rounds):
+        trainer.step = round_number + 1  # a new folder each round; keep_last 1 removes the previous
+        seconds, folder = timed(trainer.save_checkpoint)
+        times["save"].append(seconds)
+        times["load"].append(timed(resume_from, trainer, folder)[0])
+        tensors = bare_tensors(folder)
+        shutil.rmtree(bare_folder, ignore_errors=True)
+        bare_folder.mkdir(parents=True)
+        times["bare save"].append(timed(bare_save, tensors, bare_folder)[0])
+        targets = {name: {key: torch.empty_like(v) for key, v in state.items()} for name, state in tensors.items()}
+        times["bare load"].append(timed(bare_load, targets, bare_folder)[0])
+    best = {name: min(values) for name, values in times.items()}
+
+    total_bytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    parameters = sum(p.numel() for p in trainer.networks.parameters())
+    megabytes = total_bytes / 2**20
+    rows = []
+    for what, ours, bare in (("save", "save", "bare save"), ("load", "load", "bare load")):
+        rows.append(
+            [
+                what,
+                f"{best[bare]:.2f} s ({megabytes / best[bare]:.0f} MiB/s)",
+                f"{best[ours]:.2f} s ({megabytes / best[ours]:.0f} MiB/s)",
+                f"{best[bare] / best[ours]:.2f}",
+                ">= 0.50",
+            ]
+        )
+    body = f"""## Checkpoints (`bench/checkpoint.py`)
+
+{machine()}. The paper's VAE-GAN for {args.size}x{args.size} RGB ({parameters:,} parameters), RMSProp,
+DeepSpeed ZeRO-2, one process: a checkpoint of {megabytes:.0f} MiB (fp32 weights, and the optimizer partition:
+fp32 masters and square averages). Ours: `Trainer.save_checkpoint` (gather, write, fsync, sha256 of
+every file, rename, `latest`) and a resume's load (sha256 of every file, weights, optimizer partitions
+into DeepSpeed). Bare: the same tensors with `safetensors.torch.save_file` / `load_file`, no fsync, no
+hashes; read with `load_file` into tensors already allocated (as `load_state_dict` does). Best of
+{args.rounds} interleaved rounds; the files are in the page cache for both.
+
+{markdown_table(["", "bare safetensors", "pipeline", "ratio (bare time / ours)", "target"], rows)}
+"""
+    print(body)
+    write_section("checkpoint", body)
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
