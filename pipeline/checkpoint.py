@@ -115,7 +115,14 @@ def commit(staging: Path, state: dict[str, Any], hashed: dict[str, str]) -> Path
     trainer_state.json, rename the folder into place, then point `latest` at it. `hashed`: the digests
     of files their writers already hashed (each rank hashes its own partition, in parallel)."""
     root = staging.parent
-    files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
+    # every file a rank reported, whether or not this node's view of a shared file system shows it yet
+    files = sorted({str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file()} | set(hashed))
+    for name in files:
+        if not (staging / name).is_file():
+            raise CheckpointError(
+                f"{staging / name}: written by another rank but not visible here (output_dir must "
+                "be on a file system every node shares)"
+            )
     unhashed = [name for name in files if name not in hashed]
     hashed = {**hashed, **dict(zip(unhashed, file_digests([staging / name for name in unhashed]), strict=True))}
     state["checksum"] = CHECKSUM
@@ -126,6 +133,7 @@ def commit(staging: Path, state: dict[str, Any], hashed: dict[str, str]) -> Path
         sync_folder(staging / OPTIMIZER_FOLDER)
     final = root / folder_name(state["step"])
     if final.exists():  # a run resumed from an older checkpoint re-reaches this step: the new one wins
+        (root / LATEST).unlink(missing_ok=True)  # never left pointing at a folder that is briefly absent
         replaced = root / f".{final.name}.replaced"
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
@@ -155,18 +163,23 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
-def prune(root: Path, keep_last: int, protected: Path | None) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints, never `protected` (the one a run resumed
-    from), and any `.partial` folder a killed save left."""
+def prune(root: Path, keep_last: int, current: Path, protected: Path | None) -> list[Path]:
+    """Keep the `keep_last` newest checkpoints up to `current` (the one just written, always kept), and
+    `protected` (the one the run resumed from); delete the older ones, and what killed saves left.
+    Checkpoints of later steps (a timeline abandoned by resuming from an older one) are left: the run
+    replaces each when it reaches that step."""
     removed = []
-    for path in complete_checkpoints(root)[keep_last:]:
-        if protected is not None and path.resolve() == protected.resolve():
-            continue
-        shutil.rmtree(path)
-        removed.append(path)
-    for path in [*root.glob(".step-*.partial"), *root.glob(".step-*.replaced")]:
-        shutil.rmtree(path)
-        removed.append(path)
+    older = [path for path in complete_checkpoints(root) if step_of(path) <= step_of(current)]
+    keep = {path.resolve() for path in older[:keep_last]} | {current.resolve()}
+    if protected is not None:
+        keep.add(protected.resolve())
+    doomed = [path for path in older if path.resolve() not in keep]
+    for path in doomed:  # renamed first: a kill halfway through deleting leaves no broken step-N folder
+        os.replace(path, root / f".{path.name}.deleting")
+    for pattern in (".step-*.partial", ".step-*.replaced", ".step-*.deleting"):
+        for path in root.glob(pattern):
+            shutil.rmtree(path)
+            removed.append(path)
     return removed
 
 
@@ -179,7 +192,12 @@ def validate(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{state_path}: missing (an incomplete checkpoint)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{state_path}: unreadable ({error})") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "files" not in state:
+    required = {"files": dict, "step": int, "images": int, "data": dict, "engine": dict, "ranks": list}
+    if (
+        not isinstance(state, dict)
+        or state.get("format_version") != FORMAT_VERSION
+        or not all(isinstance(state.get(key), kind) for key, kind in required.items())
+    ):
         raise CheckpointError(f"{state_path}: not a trainer state of format {FORMAT_VERSION}")
     if state.get("checksum") != CHECKSUM:
         raise CheckpointError(f"{state_path}: unknown checksum {state.get('checksum')!r} (expected {CHECKSUM})")
@@ -187,7 +205,11 @@ def validate(folder: Path) -> dict[str, Any]:
     for path in paths:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
-    for path, digest, expected in zip(paths, file_digests(paths), state["files"].values(), strict=True):
+    try:
+        digests = file_digests(paths)
+    except OSError as error:
+        raise CheckpointError(f"{error.filename or folder}: unreadable ({error.strerror or error})") from None
+    for path, digest, expected in zip(paths, digests, state["files"].values(), strict=True):
         if digest != expected:
             raise CheckpointError(f"{path}: its checksum does not match {STATE_FILE} (truncated or modified)")
     return state
@@ -201,7 +223,12 @@ def find_resume(output_dir: Path, resume: str, warn: Callable[[str], None]) -> t
     if resume != "auto":
         folder = Path(resume).resolve()
         return folder, validate(folder)
-    for folder in complete_checkpoints(checkpoints_root(output_dir)):
+    root = checkpoints_root(output_dir)
+    candidates = complete_checkpoints(root)
+    if (root / LATEST).is_dir():  # the run's own newest, ahead of later steps of an abandoned timeline
+        newest = (root / LATEST).resolve()
+        candidates = [newest, *(path for path in candidates if path.resolve() != newest)]
+    for folder in candidates:
         try:
             return folder, validate(folder)
         except CheckpointError as error:

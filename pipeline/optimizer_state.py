@@ -195,7 +195,10 @@ def load_partitions(engine, networks: torch.nn.ModuleDict, folder: Path) -> None
                     handles[partition.path] = safe_open(str(partition.path), framework="pt")
                 file = handles[partition.path]
                 for key, target in [(MASTER, piece.master), *piece.states.items()]:
-                    source = file.get_slice(f"{key}/{piece.name}")[begin - saved_start : end - saved_start]
+                    try:
+                        source = file.get_slice(f"{key}/{piece.name}")[begin - saved_start : end - saved_start]
+                    except SafetensorError as error:
+                        raise CheckpointError(f"{partition.path}: {error}") from None
                     target[begin - piece.start : end - piece.start].copy_(source)
                 filled += end - begin
             if filled != piece.numel:

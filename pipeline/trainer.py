@@ -22,14 +22,17 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, set_seed
 from deepspeed.utils import safe_get_full_fp32_param
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, grids, optimizer_state, rng
 from pipeline.config import ConfigError, RunConfig, resolved_yaml
 from pipeline.data import StreamLayout, data_position, resume_micro_step, training_loader
 from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision
+from pipeline.optimizer_state import CheckpointError
 from pipeline.plugin import ModelPlugin
 from pipeline.run_log import RunLog
+from shards.errors import UserError
 from shards.random_access import SplitDataset
 from shards.reader import ShardSplit
 
@@ -84,6 +87,11 @@ class Trainer:
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
         log = None
         try:
+            # each rank chose alone (before the process group existed): a rank that saw other files must not
+            # start from another step than the rest
+            choices = set(gather_object([str(self.resume[0]) if self.resume else "none"]))
+            if len(choices) > 1:
+                raise CheckpointError(f"the ranks chose different checkpoints to resume from: {sorted(choices)}")
             if self.resume is not None:
                 self.load_checkpoint(*self.resume)
             if self.step >= self.total_steps:
@@ -224,10 +232,14 @@ class Trainer:
         tensors = {name: full_precision_state(network) for name, network in self.networks.items()}
         root = checkpoint.checkpoints_root(self.output_dir)
         staging = checkpoint.staging_folder(root, self.step)
+        failure = None
         if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
-            (staging / checkpoint.OPTIMIZER_FOLDER).mkdir(parents=True)
-        accelerator.wait_for_everyone()
+            try:
+                shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+                (staging / checkpoint.OPTIMIZER_FOLDER).mkdir(parents=True)
+            except OSError as error:
+                failure = f"cannot write the checkpoint of step {self.step}: {error}"
+        self._all_ranks_succeed(failure)
         rank = accelerator.process_index
         files = {}  # every rank: its optimizer partition; rank 0 also each network's weights
         partition = optimizer_state.partition_contents(self.engine, self.networks, rank, accelerator.num_processes)
@@ -235,18 +247,33 @@ class Trainer:
             files[f"{checkpoint.OPTIMIZER_FOLDER}/{optimizer_state.partition_file(rank)}"] = partition
         if accelerator.is_main_process:
             files.update({f"{name}.safetensors": (state, {"plugin": config.plugin}) for name, state in tensors.items()})
-        hashed = checkpoint.write_tensor_files(staging, files)
+        hashed, failure = {}, None
+        try:
+            hashed = checkpoint.write_tensor_files(staging, files)
+        except (OSError, SafetensorError) as error:  # a full disk, say: every rank must hear of it
+            failure = f"rank {rank} cannot write its part of the checkpoint of step {self.step}: {error}"
+        self._all_ranks_succeed(failure)
         ranks = gather_object([{"rng": rng.capture(), "plugin": self.plugin.state_dict(), "hashed": hashed}])
-        final = None
+        final, failure = None, None
         if accelerator.is_main_process:
-            description = {"plugin": config.plugin, "model": config.model, "image": self.split.image}
-            checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
-            hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}
-            final = checkpoint.commit(staging, self._trainer_state(ranks), hashed)
-            protected = self.resume[0] if self.resume else None
-            checkpoint.prune(root, config.checkpoint.keep_last, protected)
-        accelerator.wait_for_everyone()  # nobody runs ahead (or exits) before the checkpoint exists
+            try:
+                description = {"plugin": config.plugin, "model": config.model, "image": self.split.image}
+                checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
+                hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}
+                final = checkpoint.commit(staging, self._trainer_state(ranks), hashed)
+                protected = self.resume[0] if self.resume else None
+                checkpoint.prune(root, config.checkpoint.keep_last, final, protected)
+            except (OSError, UserError) as error:
+                failure = f"cannot complete the checkpoint of step {self.step}: {error}"
+        self._all_ranks_succeed(failure)  # nobody runs ahead (or exits) before the checkpoint exists
         return final
+
+    def _all_ranks_succeed(self, failure: str | None) -> None:
+        """A barrier that also tells every rank whether any rank failed (a rank failing alone would leave
+        the others waiting in their next collective): then all stop with the first failure's line."""
+        failures = [message for message in gather_object([failure]) if message]
+        if failures:
+            raise CheckpointError(failures[0])
 
     def _trainer_state(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         engine = self.engine
@@ -270,16 +297,24 @@ class Trainer:
     def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer partitions (any number of ranks wrote them),
         counters, data position, and this rank's RNG and plugin state."""
-        for name, network in self.networks.items():
-            network.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
-        optimizer_state.load_partitions(self.engine, self.networks, folder / checkpoint.OPTIMIZER_FOLDER)
+        failure = None
+        try:
+            for name, network in self.networks.items():
+                network.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+            optimizer_state.load_partitions(self.engine, self.networks, folder / checkpoint.OPTIMIZER_FOLDER)
+        except UserError as error:  # each rank reads its own slices: a failure may be one rank's alone
+            failure = str(error)
+        except (OSError, SafetensorError, RuntimeError) as error:
+            failure = f"{folder}: cannot load it on rank {self.accelerator.process_index} ({error})"
+        self._all_ranks_succeed(failure)
         self.step, self.images_seen = state["step"], state["images"]
         self.micro_step = resume_micro_step(state["data"], self.layout)
         for name in ENGINE_COUNTERS:
             setattr(self.engine, name, state["engine"][name])
         scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        for name, value in (state.get("loss_scaler") or {}).items():
-            setattr(scaler, name, value)
+        if scaler is not None and state.get("precision") == self.precision:
+            for name, value in (state.get("loss_scaler") or {}).items():
+                setattr(scaler, name, value)
         rank = self.accelerator.process_index
         if rank < len(state["ranks"]):  # ranks the saved run did not have start their own streams
             rng.restore(state["ranks"][rank]["rng"])

@@ -3,11 +3,13 @@ launcher, every rank, every data worker) at once, as a node failure would.
 
 KILL_AT=micro_step:N      once rank 0 has run N micro-batches (N not on an accumulation boundary: mid-step)
 KILL_AT=state_write:N     halfway through writing the N-th checkpoint's trainer_state.json
+KILL_AT=disk_full:R       no kill: rank R's disk is full when it writes its part of a checkpoint
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -44,7 +46,14 @@ def kill_the_run() -> None:
 def main() -> int:
     kind, count = os.environ["KILL_AT"].split(":")
     count = int(count)
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if kind == "disk_full" and rank == count:
+
+        def write_tensor_files(folder, files):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+
+        checkpoint.write_tensor_files = write_tensor_files
+    if rank != 0:
         return train.main()
     if kind == "micro_step":
         original_step = Trainer.train_step

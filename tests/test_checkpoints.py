@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from trainer_helpers import build_small_shards, launch, launch_killed, metrics, run_python, weights, write_config
 
+from pipeline.checkpoint import prune
 from pipeline.data import StreamLayout, epoch_order, resume_micro_step
 
 
@@ -111,6 +112,34 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path
     assert_ok(launch(straight))
     assert_bit_identical(latest(tmp_path / "straight"), latest(tmp_path / "run"))
     assert not partial.exists()  # cleaned by the next save
+
+
+def test_a_rank_failing_to_write_stops_every_rank_with_one_line(tmp_path: Path, shards: Path) -> None:
+    """Rank 1's disk is full: both ranks stop at once (no rank left waiting in a collective), each
+    with one line, and no checkpoint appears."""
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
+    result = launch_killed(config, "disk_full:1")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "pipeline train: error:" in line]
+    assert len(errors) == 2 and all("rank 1 cannot write its part" in line for line in errors), result.stderr[-3000:]
+    assert "No space left on device" in errors[0]
+    # the launcher prints its own traceback for a failed child; the ranks print none
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert checkpoint_steps(tmp_path / "run") == []
+
+
+def test_prune_keeps_the_new_and_the_resumed_from_and_leaves_later_steps(tmp_path: Path) -> None:
+    """A run resumed from step 500 while steps 1000 and 600 exist (an abandoned timeline, and its own
+    first save): keep_last counts checkpoints up to the one just written, which is always kept."""
+    root = tmp_path / "checkpoints"
+    for step in (400, 500, 1000, 600):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+    (root / ".step-00000700.partial").mkdir()
+    prune(root, 1, root / "step-00000600", protected=root / "step-00000500")
+    assert checkpoint_steps(tmp_path) == ["step-00000500", "step-00000600", "step-00001000"]
+    prune(root, 1, root / "step-00000600", protected=None)
+    assert checkpoint_steps(tmp_path) == ["step-00000600", "step-00001000"]
+    assert [path.name for path in root.iterdir() if path.name.startswith(".")] == []
 
 
 def test_a_finished_run_resumes_to_nothing_and_extends_with_max_steps(tmp_path: Path, shards: Path) -> None:
