@@ -81,13 +81,17 @@ def write_config(path: Path, shards: Path, output_dir: Path, **overrides) -> Pat
     return path
 
 
-def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+def accelerate_launch(processes: int) -> list[str]:
     """`accelerate launch` with launch/accelerate/cpu-{1proc,2proc}.yaml, as the README says."""
     accelerate_config = REPO / "launch" / "accelerate" / ("cpu-2proc.yaml" if processes == 2 else "cpu-1proc.yaml")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
     if processes == 2:
         command += ["--main_process_port", str(free_port())]
-    command += ["-m", "pipeline.train", "--config", str(config), *overrides]
+    return command
+
+
+def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [*accelerate_launch(processes), "-m", "pipeline.train", "--config", str(config), *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=environment())
 
 
@@ -116,11 +120,7 @@ KILLING_TRAINER = REPO / "tests" / "killing_trainer.py"
 
 def launch_killed(config: Path, kill_at: str, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
     """Like `launch`, through tests/killing_trainer.py, which SIGKILLs the whole run at `kill_at`."""
-    accelerate_config = REPO / "launch" / "accelerate" / ("cpu-2proc.yaml" if processes == 2 else "cpu-1proc.yaml")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
-    if processes == 2:
-        command += ["--main_process_port", str(free_port())]
-    command += [str(KILLING_TRAINER), "--config", str(config), *overrides]
+    command = [*accelerate_launch(processes), str(KILLING_TRAINER), "--config", str(config), *overrides]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**environment(), "KILL_AT": kill_at}
     )
