@@ -82,16 +82,11 @@ def file_digests(paths: list[Path]) -> list[str]:
     """Each file's digest: the sha256 of the sha256s of its 64 MiB chunks, so that the chunks of one
     big file hash in parallel threads (reading and hashing release the GIL)."""
     jobs = [(path, offset) for path in paths for offset in range(0, max(path.stat().st_size, 1), CHUNK_BYTES)]
+    trees = {path: hashlib.sha256() for path in paths}
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-        chunks = dict(zip(jobs, pool.map(_chunk_digest, jobs), strict=True))
-    digests = []
-    for path in paths:
-        tree = hashlib.sha256()
-        for (owner, _), digest in chunks.items():
-            if owner == path:
-                tree.update(digest)
-        digests.append(tree.hexdigest())
-    return digests
+        for (path, _), digest in zip(jobs, pool.map(_chunk_digest, jobs), strict=True):  # in offset order
+            trees[path].update(digest)
+    return [trees[path].hexdigest() for path in paths]
 
 
 def write_tensor_files(folder: Path, files: dict[str, tuple[dict, dict[str, str]]]) -> dict[str, str]:

@@ -291,7 +291,7 @@ class Trainer:
             "engine": {name: getattr(engine, name) for name in ENGINE_COUNTERS},
             "loss_scaler": loss_scaler_state(engine),
             "ranks": ranks,
-            "config": json.loads(json.dumps(self.config.model_dump(mode="json"))),
+            "config": self.config.model_dump(mode="json"),
         }
 
     def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:

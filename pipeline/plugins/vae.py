@@ -29,7 +29,20 @@ def parse_options(model: type[BaseModel], options: dict[str, Any], plugin: str) 
 
 class GaussianLatentModel:
     """Sampling, reconstruction and codes for plugins with `encoder` (-> mu, log-variance) and `decoder`
-    networks and a N(0, I) prior of `options.latent_size` dimensions."""
+    networks and a N(0, I) prior of `options.latent_size` dimensions; and their construction: options
+    validated by `options_class`, an image size the paper's networks take. Subclasses set `name` and
+    `options_class`."""
+
+    name: str
+    options_class: type[BaseModel]
+
+    def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
+        self.options = parse_options(self.options_class, options, self.name)
+        try:
+            check_size(image.size)
+        except ValueError as error:
+            raise PluginError(f"{self.name}: {error}") from None
+        self.image = image
 
     def sample(self, networks: nn.ModuleDict, count: int, generator: torch.Generator) -> torch.Tensor:
         decoder = networks["decoder"]
@@ -50,13 +63,7 @@ class GaussianLatentModel:
 class VAE(GaussianLatentModel):
     """The paper's VAE baseline: encoder + decoder, pixel-wise Gaussian likelihood."""
 
-    def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
-        self.options = parse_options(VAEOptions, options, "vae")
-        try:
-            check_size(image.size)
-        except ValueError as error:
-            raise PluginError(f"vae: {error}") from None
-        self.image = image
+    name, options_class = "vae", VAEOptions
 
     def build_networks(self) -> dict[str, nn.Module]:
         size, channels, latent = self.image.size, self.image.channels, self.options.latent_size

@@ -40,9 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 
-from pipeline.plugin import ImageInfo, PluginError, StepOutput
-from pipeline.plugins.networks import Decoder, Discriminator, Encoder, check_size, gaussian_kl, reparameterise
-from pipeline.plugins.vae import GaussianLatentModel, parse_options
+from pipeline.plugin import ImageInfo, StepOutput
+from pipeline.plugins.networks import Decoder, Discriminator, Encoder, gaussian_kl, reparameterise
+from pipeline.plugins.vae import GaussianLatentModel
 
 
 class VAEGANOptions(BaseModel):
@@ -101,13 +101,10 @@ def without_training(network: nn.Module, *inputs: torch.Tensor, repeat: bool = T
 class VAEGAN(GaussianLatentModel):
     """The paper's VAE-GAN: learned similarity (discriminator features) for the VAE's likelihood."""
 
+    name, options_class = "vaegan", VAEGANOptions
+
     def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
-        self.options = parse_options(VAEGANOptions, options, "vaegan")
-        try:
-            check_size(image.size)
-        except ValueError as error:
-            raise PluginError(f"vaegan: {error}") from None
-        self.image = image
+        super().__init__(options, image)
         self.skipped = {"discriminator": 0, "decoder": 0}  # equilibrium counters, kept in checkpoints
 
     def build_networks(self) -> dict[str, nn.Module]:
