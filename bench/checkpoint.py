@@ -43,6 +43,7 @@ def small_shards(size: int) -> Path:
 
 def make_trainer(shards: Path, output_dir: Path):
     from pipeline.config import RunConfig
+    from pipeline.data import MicroBatch
     from pipeline.plugin import ImageInfo
     from pipeline.plugins.vaegan import VAEGAN
     from pipeline.trainer import Trainer
@@ -63,7 +64,7 @@ def make_trainer(shards: Path, output_dir: Path):
     torch.manual_seed(0)
     trainer = Trainer(config, plugin, split, plugin.build_networks())
     images = torch.rand(8, split.image["channels"], split.image["size"], split.image["size"]) * 2 - 1
-    trainer.train_step(images, torch.zeros(8, dtype=torch.long))  # one step: the optimizer state exists
+    trainer.train_step(MicroBatch(images, torch.zeros(8, dtype=torch.long), 0))  # the optimizer state now exists
     return trainer
 
 

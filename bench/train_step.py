@@ -82,10 +82,12 @@ def bare_loop(plugin, batches, warmup: int) -> float:
 
 
 def pipeline_from_memory(trainer, batches, warmup: int) -> float:
+    from pipeline.data import MicroBatch
+
     for index, (images, labels) in enumerate(batches):
         if index == warmup:
             start = time.perf_counter()
-        trainer.train_step(images, labels)
+        trainer.train_step(MicroBatch(images, labels, 0))
     return (len(batches) - warmup) * len(batches[0][0]) / (time.perf_counter() - start)
 
 

@@ -13,9 +13,11 @@ per_node=${PROCS_PER_NODE:-1}
 unset ACCELERATE_USE_CPU
 common=(--multi_gpu --num_machines 2 --num_processes $((2 * per_node)) --main_process_ip 127.0.0.1
         --main_process_port "${MASTER_PORT:-29531}" --rdzv_backend static --same_network)
-accelerate launch "${common[@]}" --machine_rank 1 -m pipeline.train "$@" &
+# pipeline.launch: `accelerate launch` that hands SIGTERM to the ranks (they checkpoint and exit 0)
+python=${PYTHON:-python}
+"$python" -m pipeline.launch "${common[@]}" --machine_rank 1 -m pipeline.train "$@" &
 node1=$!
-accelerate launch "${common[@]}" --machine_rank 0 -m pipeline.train "$@" &
+"$python" -m pipeline.launch "${common[@]}" --machine_rank 0 -m pipeline.train "$@" &
 node0=$!
 trap 'kill $node0 $node1 2>/dev/null || true' EXIT INT TERM
 status=0

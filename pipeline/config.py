@@ -69,6 +69,17 @@ class CheckpointConfig(Strict):
     keep_last: int = Field(3, gt=0)
 
 
+class FaultsConfig(Strict):
+    """What the run does when things go wrong (README, "Faults")."""
+
+    max_skipped_steps_in_a_row: int = Field(
+        20, gt=0, description="updates skipped for a non-finite loss or gradient, in a row, before the run stops"
+    )
+    collective_timeout_minutes: float = Field(
+        30, gt=0, description="a rank waiting this long for the others in a collective fails the run (no hang)"
+    )
+
+
 class RunConfig(Strict):
     plugin: str
     model: dict[str, Any] = Field(default_factory=dict, description="the plugin's own options")
@@ -83,6 +94,7 @@ class RunConfig(Strict):
     sample_every: int = Field(200, gt=0)
     grid_size: int = Field(64, gt=0, description="images in each sample/reconstruction grid")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     output_dir: Path
     resume: str = Field("auto", description="auto | none | PATH to a checkpoint folder")
     seed: int = Field(0, ge=0, lt=2**31)

@@ -8,11 +8,18 @@ global micro-batches of world_size x batch_size samples; rank r takes the r-th s
   global micro-batch of an epoch (fewer than world_size x batch_size samples) is dropped;
 - every rank runs the same number of micro-steps, whatever the shard counts (no hang);
 - the stream is a pure function of (seed, global micro-step), so a run resumes at an exact sample.
+
+A sample that cannot be read (its shard was truncated or damaged after the build) is left out of its
+micro-batch and counted; the first one of each shard is reported on stderr by the process that met it.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import multiprocessing
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
@@ -20,7 +27,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from shards.random_access import SplitDataset
+from shards.random_access import SampleError, SplitDataset
 from shards.reader import open_split
 
 
@@ -122,20 +129,71 @@ def flipped(seed: int, epoch: int, index: int) -> bool:
 
 class TrainingSamples(torch.utils.data.Dataset):
     """The split's samples, addressed as epoch x samples + index (RankBatches' items), with the paper's
-    random horizontal flip when asked for."""
+    random horizontal flip when asked for. An unreadable sample comes out as None (see collate)."""
 
-    def __init__(self, split: SplitDataset, seed: int, hflip: bool) -> None:
-        self.split, self.seed, self.hflip = split, seed, hflip
+    def __init__(self, split: SplitDataset, seed: int, hflip: bool, rank: int = 0) -> None:
+        self.split, self.seed, self.hflip, self.rank = split, seed, hflip, rank
+        self.reported: set[str] = set()  # shards already reported by this process
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int] | None:
         epoch, index = divmod(item, len(self.split))
-        image, label = self.split[index]
+        try:
+            image, label = self.split[index]
+        except SampleError as error:
+            if error.shard.name not in self.reported:
+                self.reported.add(error.shard.name)
+                print(
+                    f"pipeline train: warning: rank {self.rank}: {error.shard}: sample {error.position} is unreadable "
+                    f"({error.reason}); this shard's bad samples are skipped and counted (bad_samples)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return None
         if self.hflip and flipped(self.seed, epoch, index):
             image = image.flip(-1)
         return image, label
+
+
+@dataclass
+class MicroBatch:
+    images: torch.Tensor | None  # None when every sample of the micro-batch was unreadable
+    labels: torch.Tensor | None
+    bad_samples: int
+
+    def pin_memory(self) -> MicroBatch:  # the DataLoader's pin_memory=True calls this on custom batches
+        if self.images is not None:
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+        return self
+
+
+def collate(samples: list[tuple[torch.Tensor, int] | None]) -> MicroBatch:
+    """Stack the readable samples; count the others. The micro-batch gets smaller rather than taking
+    samples from elsewhere in the stream, which would shift every later batch and break exact resume."""
+    good = [sample for sample in samples if sample is not None]
+    bad = len(samples) - len(good)
+    if not good:
+        return MicroBatch(None, None, bad)
+    images, labels = torch.utils.data.default_collate(good)
+    return MicroBatch(images, labels, bad)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """Data workers leave SIGTERM (which SLURM sends to every process of a job) to their rank, which
+    checkpoints before it exits: a worker dying of it would fail the rank's next batch instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
+def kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing ends daemonic children (DataLoader workers still held by a
+    loader with persistent workers) with SIGTERM and waits for them: ours ignore SIGTERM, so that wait
+    would never end. They hold nothing worth keeping: kill them first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def training_loader(
@@ -148,10 +206,12 @@ def training_loader(
     hflip: bool = False,
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    dataset = TrainingSamples(SplitDataset(open_split(shards, split)), layout.seed, hflip)
+    dataset = TrainingSamples(SplitDataset(open_split(shards, split)), layout.seed, hflip, rank)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=RankBatches(layout, rank, start),
+        collate_fn=collate,
+        worker_init_fn=ignore_sigterm,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,

@@ -8,6 +8,7 @@ step then update all networks (docs/design.md has the evidence for this choice).
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import os
 import socket
@@ -51,6 +52,10 @@ class TrainingModule(nn.Module):
         self.plugin = plugin
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepOutput:
+        if len(images) == 0:
+            # every sample of this rank's micro-batch was unreadable: the rank still takes its part in the
+            # step's collectives, with a zero gradient (plugins need at least one image)
+            return StepOutput(loss=sum(parameter.sum() for parameter in self.networks.parameters()) * 0.0)
         return self.plugin.training_step(self.networks, images, labels, step)
 
 
@@ -88,7 +93,9 @@ def make_accelerator(config: RunConfig, precision: str) -> Accelerator:
     single_process_world()
     skip_shared_memory_allreduce()
     ds_config = build_deepspeed_config(config, precision)
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    # the timeout bounds how long a rank waits for a dead or frozen peer (a vanished node closes no socket)
+    timeout = datetime.timedelta(minutes=config.faults.collective_timeout_minutes)
+    handlers = [InitProcessGroupKwargs(timeout=timeout, **({} if torch.cuda.is_available() else {"backend": "gloo"}))]
     trackers = "tensorboard" if _tensorboard_available() else None
     accelerator = Accelerator(
         deepspeed_plugin=DeepSpeedPluginForPlainModels(hf_ds_config=ds_config),

@@ -57,10 +57,13 @@ class RunLog:
         temporary.write_text("".join(kept))
         temporary.replace(path)
 
-    def close(self) -> None:
+    def say(self, message: str) -> None:
+        if self.progress:
+            self.progress.console.print(f"pipeline train: {message}")
+
+    def stop(self) -> None:
         if self.progress:
             self.progress.stop()
-        self.accelerator.end_training()
 
 
 def _logged_step(line: str) -> float:

@@ -11,7 +11,9 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -111,18 +113,33 @@ def run(args: argparse.Namespace) -> int:
         Trainer(config, plugin, split, networks, resume).train()
     except UserError as error:
         print(f"pipeline train: error: {error}", file=sys.stderr)
-        return 2
-    leave_without_finalization()
+        return leave_without_finalization(2) if torch.distributed.is_initialized() else 2
+    except Exception as error:
+        if not torch.distributed.is_initialized():
+            raise
+        # a fault (another rank died: "Connection reset by peer") or a bug: the traceback for the latter,
+        # then one line, then out at once (waiting for a dead peer in the teardown would hang)
+        traceback.print_exc()
+        first_line = (str(error).splitlines() or [""])[0]
+        print(
+            f"pipeline train: error: rank {torch.distributed.get_rank()} stopped on {type(error).__name__}: "
+            f"{first_line[:300]} (if another rank died first, its log says why; resume=auto continues from the "
+            "last checkpoint)",
+            file=sys.stderr,
+        )
+        leave_without_finalization(1)
+    leave_without_finalization(0)
 
 
-def leave_without_finalization() -> None:
-    """Exit 0 at once, skipping the interpreter's teardown. DeepSpeed keeps references to gloo process
+def leave_without_finalization(status: int) -> NoReturn:
+    """Exit at once, skipping the interpreter's teardown. DeepSpeed keeps references to gloo process
     groups after they are destroyed, so their C++ objects die during interpreter finalization; in about
     one 2-rank CPU run in 50 a rank then aborted ("terminate called without an active exception") after a
-    successful run, and the launcher reported a failure. Everything is written, fsynced and closed here."""
+    successful run, and the launcher reported a failure. After a failure, a teardown may also wait for a
+    rank that is gone. Everything is written, fsynced and closed here."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,15 +9,21 @@ for each micro-batch of this rank:
 A checkpoint (pipeline/checkpoint.py) holds everything the loop depends on: weights, DeepSpeed's
 optimizer partitions, the step and data position, and every rank's RNG and plugin state; a run resumed
 from it continues bit for bit as if it had never stopped (on the same number of ranks).
+
+Faults (pipeline/faults.py, README "Faults"): an update with a non-finite gradient is skipped on every
+rank and counted, too many in a row stop the run; unreadable samples are left out and counted; SIGTERM
+checkpoints and stops; a failed checkpoint write removes its staging folder and stops every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate.utils import gather_object, set_seed
@@ -25,16 +31,20 @@ from deepspeed.utils import safe_get_full_fp32_param
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, grids, optimizer_state, rng
+from pipeline import checkpoint, faults, grids, optimizer_state, rng
 from pipeline.config import ConfigError, RunConfig, resolved_yaml
-from pipeline.data import StreamLayout, data_position, resume_micro_step, training_loader
+from pipeline.data import MicroBatch, StreamLayout, data_position, resume_micro_step, training_loader
 from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision
 from pipeline.optimizer_state import CheckpointError
 from pipeline.plugin import ModelPlugin
 from pipeline.run_log import RunLog
 from shards.errors import UserError
-from shards.random_access import SplitDataset
+from shards.random_access import SampleError, SplitDataset
 from shards.reader import ShardSplit
+
+
+class TrainingStopped(UserError):
+    """The run cannot usefully go on (diverged); the last good checkpoint is left as it was."""
 
 
 class Trainer:
@@ -56,6 +66,7 @@ class Trainer:
         self.engine, self.optimizer = self.accelerator.prepare(module, optimizer)
         if not optimizer_state.supported(self.engine):
             raise ConfigError("precision fp16 without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2")
+        faults.skip_nonfinite_updates(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
         self.dtype = next(self.networks.parameters()).dtype
         self.layout = StreamLayout(
@@ -66,9 +77,13 @@ class Trainer:
             batch_size=config.data.batch_size,
         )
         self.images_per_step = self.layout.global_batch * config.gradient_accumulation_steps
+        self.metric_names: list[str] | None = None
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # micro-batches done: with the seed, the exact position in the data stream
         self.images_seen = 0
+        self.bad_samples = 0  # unreadable samples left out so far, all ranks (counted at each log and checkpoint)
+        self.bad_samples_here = 0  # ... met by this rank since the last count
+        self.skipped_in_a_row = 0  # updates skipped for a non-finite gradient, up to the last step
         self.output_dir = Path(config.output_dir)
 
     @property
@@ -85,69 +100,95 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(resolved_yaml(config))
         accelerator.init_trackers("tensorboard", config={"plugin": config.plugin, "seed": config.seed})
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
-        log = None
+        stop = faults.StopRequest()
         try:
-            # each rank chose alone (before the process group existed): a rank that saw other files must not
-            # start from another step than the rest
-            choices = set(gather_object([str(self.resume[0]) if self.resume else "none"]))
-            if len(choices) > 1:
-                raise CheckpointError(f"the ranks chose different checkpoints to resume from: {sorted(choices)}")
-            if self.resume is not None:
-                self.load_checkpoint(*self.resume)
-            if self.step >= self.total_steps:
-                if accelerator.is_main_process:
-                    print(f"pipeline train: {self.output_dir} is already at step {self.step} of {self.total_steps}")
-                accelerator.wait_for_everyone()
-                return
-            grid_inputs = self._grid_inputs()
-            loader = training_loader(
-                str(config.data.shards),
-                config.data.split,
-                self.layout,
-                accelerator.process_index,
-                start=self.micro_step,
-                workers=config.data.workers,
-                hflip=config.data.hflip,
-                pin_memory=torch.cuda.is_available(),
-            )
-            log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)  # its clock starts here
-            first_step = self.step
-            sums: dict[str, torch.Tensor] = {}
-            micro_steps_summed = 0
-            for images, labels in loader:
-                metrics = self.train_step(images, labels)
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                micro_steps_summed += 1
-                if not accelerator.sync_gradients:
-                    continue
-                self.images_seen += self.images_per_step
-                log.advance(self.step)
-                if self.step == first_step + 1:
-                    self._record_rank()
-                last = self.step >= self.total_steps
-                if self.step % config.log_every == 0 or last:
-                    log.log(self.step, self.images_seen, self._reduce(sums, micro_steps_summed))
-                    sums, micro_steps_summed = {}, 0
-                if self.step % config.sample_every == 0 or last:
-                    self._draw_grids(grid_inputs)
-                if self.step % config.checkpoint.every == 0 or last:
-                    self.save_checkpoint()
-                if last:
-                    break
-            # Every rank must be done before end_training() destroys the process group: without this
-            # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
-            accelerator.wait_for_everyone()
+            self._resume_and_loop(stop)
         finally:
-            if log is not None:
-                log.close()  # stops the progress bar, the trackers, and the process group
-            else:
-                accelerator.end_training()
+            stop.restore()
+        # only after success: after a failure a peer may be gone, and tearing the process group down would
+        # wait for it (pipeline.train then exits without teardown)
+        accelerator.end_training()
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _resume_and_loop(self, stop: faults.StopRequest) -> None:
+        config, accelerator = self.config, self.accelerator
+        # each rank chose alone (before the process group existed): a rank that saw other files must not
+        # start from another step than the rest
+        choices = set(gather_object([str(self.resume[0]) if self.resume else "none"]))
+        if len(choices) > 1:
+            raise CheckpointError(f"the ranks chose different checkpoints to resume from: {sorted(choices)}")
+        if self.resume is not None:
+            self.load_checkpoint(*self.resume)
+        if self.step >= self.total_steps:
+            if accelerator.is_main_process:
+                print(f"pipeline train: {self.output_dir} is already at step {self.step} of {self.total_steps}")
+            accelerator.wait_for_everyone()
+            return
+        grid_inputs = self._grid_inputs()
+        loader = training_loader(
+            str(config.data.shards),
+            config.data.split,
+            self.layout,
+            accelerator.process_index,
+            start=self.micro_step,
+            workers=config.data.workers,
+            hflip=config.data.hflip,
+            pin_memory=torch.cuda.is_available(),
+        )
+        log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)  # its clock starts here
+        try:
+            self._loop(loader, log, grid_inputs, stop)
+        finally:
+            log.stop()
+        # Every rank must be done before end_training() destroys the process group: without this
+        # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
+        accelerator.wait_for_everyone()
+
+    def _loop(self, loader, log: RunLog, grid_inputs: torch.Tensor, stop: faults.StopRequest) -> None:
+        config, accelerator = self.config, self.accelerator
+        first_step = self.step
+        sums: dict[str, torch.Tensor] = {}
+        micro_steps_summed = 0
+        skipped_before = self.engine.skipped_steps
+        for batch in loader:
+            metrics = self.train_step(batch)
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            micro_steps_summed += bool(metrics)
+            if not accelerator.sync_gradients:
+                continue
+            self.images_seen += self.images_per_step
+            log.advance(self.step)
+            if self.step == first_step + 1:
+                self._record_rank()
+            diverged = self._count_skipped_update(self.engine.skipped_steps > skipped_before)
+            skipped_before = self.engine.skipped_steps
+            last = self.step >= self.total_steps
+            stopping = stop.agreed(accelerator)
+            if self.step % config.log_every == 0 or last or stopping or diverged:
+                log.log(self.step, self.images_seen, self._reduce(sums, micro_steps_summed))
+                sums, micro_steps_summed = {}, 0
+            if diverged:
+                self._stop_diverged()
+            if self.step % config.sample_every == 0 or last:
+                self._draw_grids(grid_inputs)
+            if self.step % config.checkpoint.every == 0 or last or stopping:
+                self.save_checkpoint()
+            if stopping and not last:
+                log.say(f"stopped by SIGTERM after step {self.step}, its checkpoint written: run again to resume")
+            if last or stopping:
+                return
+
+    def train_step(self, batch: MicroBatch) -> dict[str, torch.Tensor]:
         """One micro-batch: forward through the plugin, backward; DeepSpeed steps the optimizer at the
-        accumulation boundary, after which `self.step` has advanced. Returns the detached metrics."""
+        accumulation boundary, after which `self.step` has advanced. Returns the detached metrics (none
+        when every sample of the micro-batch was unreadable)."""
         accelerator = self.accelerator
+        self.bad_samples_here += batch.bad_samples
+        if batch.images is None:
+            size, channels = self.split.image["size"], self.split.image["channels"]
+            images, labels = torch.empty(0, channels, size, size), torch.empty(0, dtype=torch.int64)
+        else:
+            images, labels = batch.images, batch.labels
         images = images.to(accelerator.device, self.dtype, non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(self.engine):
@@ -159,6 +200,29 @@ class Trainer:
         if accelerator.sync_gradients:
             self.step += 1
         return {name: value.detach().float() for name, value in output.metrics.items()}
+
+    def _count_skipped_update(self, skipped: bool) -> bool:
+        """DeepSpeed skipped the update on every rank alike (a non-finite gradient): warn. Returns whether
+        faults.max_skipped_steps_in_a_row have now been skipped in a row."""
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        limit = self.config.faults.max_skipped_steps_in_a_row
+        if skipped and self.skipped_in_a_row < limit and self.accelerator.is_main_process:
+            print(
+                f"pipeline train: warning: step {self.step}: non-finite loss or gradient, the update was skipped on "
+                f"every rank ({self.skipped_in_a_row} in a row; the run stops at {limit})",
+                file=sys.stderr,
+            )
+        return self.skipped_in_a_row >= limit
+
+    def _stop_diverged(self) -> NoReturn:
+        """Stop without a checkpoint of this state: the last one written stays the newest."""
+        latest = checkpoint.checkpoints_root(self.output_dir) / checkpoint.LATEST
+        last_good = latest.resolve().name if latest.exists() else "none yet"
+        raise TrainingStopped(
+            f"step {self.step}: non-finite loss or gradients for {self.skipped_in_a_row} steps in a row (their "
+            f"updates were skipped; faults.max_skipped_steps_in_a_row); the last good checkpoint is {last_good}: "
+            "lower the learning rate and resume from it"
+        )
 
     def _record_rank(self) -> None:
         """ranks/rank-N.json: what this rank holds, to see ZeRO's partitioning (written after the first
@@ -182,19 +246,39 @@ class Trainer:
         (folder / f"rank-{record['rank']}.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def _reduce(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-        names = sorted(sums)
-        means = torch.stack([sums[name] / count for name in names]).to(self.accelerator.device)
-        means = self.accelerator.reduce(means, reduction="mean")
-        metrics = {name: float(value) for name, value in zip(names, means.tolist(), strict=True)}
+        """The plugin's metrics averaged over the micro-batches of every rank since the last log, and the
+        fault counters. A collective."""
+        if self.metric_names is None:  # once: a rank whose micro-batches were all unreadable has no names
+            self.metric_names = sorted(set().union(*gather_object([sorted(sums)])))
+        names = self.metric_names
+        zero = torch.zeros((), device=self.accelerator.device)
+        totals = torch.stack([*(sums.get(name, zero).to(zero.device) for name in names), zero + count])
+        *totals, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+        metrics = {name: total / max(count, 1.0) for name, total in zip(names, totals, strict=True)}
         for group in self.optimizer.param_groups:
             metrics[f"lr/{group['network']}"] = group["lr"]
+        metrics["bad_samples"] = self._count_bad_samples()
+        metrics["skipped_steps"] = self.engine.skipped_steps
         return metrics
+
+    def _count_bad_samples(self) -> int:
+        """All ranks' unreadable samples so far. A collective."""
+        here = torch.tensor([float(self.bad_samples_here)], device=self.accelerator.device)
+        self.bad_samples += int(self.accelerator.reduce(here, reduction="sum").item())
+        self.bad_samples_here = 0
+        return self.bad_samples
 
     def _grid_inputs(self) -> torch.Tensor:
         """The same images for every reconstruction grid of a run: the split's first samples."""
-        dataset = SplitDataset(self.split)
-        count = min(self.config.grid_size, len(dataset))
-        return torch.stack([dataset[index][0] for index in range(count)])
+        dataset, images = SplitDataset(self.split), []
+        for index in range(len(dataset)):
+            with contextlib.suppress(SampleError):  # unreadable ones are reported by the training stream
+                images.append(dataset[index][0])
+            if len(images) == self.config.grid_size:
+                break
+        if not images:
+            raise UserError(f"{self.split.root}: no sample of split {self.split.split!r} is readable")
+        return torch.stack(images)
 
     @torch.no_grad()
     def _average_batch_norm_statistics(self) -> None:
@@ -225,13 +309,31 @@ class Trainer:
         """OUTPUT/checkpoints/step-NNNNNNNN (pipeline/checkpoint.py). Every rank takes part: the full fp32
         weights are gathered collectively, each rank writes its own optimizer partition, rank 0 writes
         the rest and commits. Returns the folder on rank 0."""
-        accelerator, config = self.accelerator, self.config
         self._average_batch_norm_statistics()
         # the weights saved are DeepSpeed's fp32 masters (under bf16 the module holds rounded copies),
         # with the batch norm statistics averaged over ranks
         tensors = {name: full_precision_state(network) for name, network in self.networks.items()}
+        # every rank holds the same full weights: all reach the same verdict without a collective
+        diverged = [name for name, state in tensors.items() if not all(t.isfinite().all() for t in state.values())]
+        if diverged:
+            raise TrainingStopped(
+                f"step {self.step}: the {diverged[0]}'s weights are no longer finite; not saving them (the last good "
+                "checkpoint is left as it was): lower the learning rate and resume from it"
+            )
+        self._count_bad_samples()
         root = checkpoint.checkpoints_root(self.output_dir)
         staging = checkpoint.staging_folder(root, self.step)
+        try:
+            return self._write_checkpoint(tensors, root, staging)
+        except CheckpointError as error:
+            if self.accelerator.is_main_process:  # a full disk: give back what the failed save took
+                shutil.rmtree(staging, ignore_errors=True)
+            previous = root / checkpoint.LATEST
+            kept = f"; {previous.resolve().name} is intact" if previous.exists() else ""
+            raise CheckpointError(f"{error}{kept}") from None
+
+    def _write_checkpoint(self, tensors: dict[str, dict[str, torch.Tensor]], root: Path, staging: Path) -> Path | None:
+        accelerator, config = self.accelerator, self.config
         failure = None
         if accelerator.is_main_process:
             try:
@@ -288,6 +390,7 @@ class Trainer:
             "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
             "zero_stage": engine.zero_optimization_stage(),
             "precision": self.precision,
+            "bad_samples": self.bad_samples,
             "engine": {name: getattr(engine, name) for name in ENGINE_COUNTERS},
             "loss_scaler": loss_scaler_state(engine),
             "ranks": ranks,
@@ -308,6 +411,7 @@ class Trainer:
             failure = f"{folder}: cannot load it on rank {self.accelerator.process_index} ({error})"
         self._all_ranks_succeed(failure)
         self.step, self.images_seen = state["step"], state["images"]
+        self.bad_samples = state.get("bad_samples", 0)
         self.micro_step = resume_micro_step(state["data"], self.layout)
         for name in ENGINE_COUNTERS:
             setattr(self.engine, name, state["engine"][name])

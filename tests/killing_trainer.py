@@ -4,6 +4,11 @@ launcher, every rank, every data worker) at once, as a node failure would.
 KILL_AT=micro_step:N      once rank 0 has run N micro-batches (N not on an accumulation boundary: mid-step)
 KILL_AT=state_write:N     halfway through writing the N-th checkpoint's trainer_state.json
 KILL_AT=disk_full:R       no kill: rank R's disk is full when it writes its part of a checkpoint
+KILL_AT=sigterm:N         rank 0 sends SIGTERM to every process of the run after N micro-batches, as SLURM
+                          does before a preemption
+KILL_AT=rank_1:N          only rank 1 dies (SIGKILL) after N micro-batches; it first writes the time to
+                          the file $KILL_TIME_FILE
+KILL_AT=freeze_1:N        only rank 1 freezes (SIGSTOP: alive, sockets open, silent) after N micro-batches
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from pipeline import checkpoint, train
@@ -35,12 +41,29 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def kill_the_run() -> None:
+def kill_the_run(sent: signal.Signals = signal.SIGKILL) -> None:
     # under accelerate launch the parent is the launcher; a lone `python killing_trainer.py` kills itself
     root = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
     for pid in sorted(descendants(root), key=lambda pid: pid == os.getpid()):  # this process last
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sent)
+
+
+def after_micro_steps(count: int, action) -> None:
+    original_step = Trainer.train_step
+
+    def train_step(self, batch):
+        metrics = original_step(self, batch)
+        if self.micro_step == count:
+            action()
+        return metrics
+
+    Trainer.train_step = train_step
+
+
+def die_alone() -> None:
+    Path(os.environ["KILL_TIME_FILE"]).write_text(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> int:
@@ -53,18 +76,16 @@ def main() -> int:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
 
         checkpoint.write_tensor_files = write_tensor_files
+    if kind == "rank_1" and rank == 1:
+        after_micro_steps(count, die_alone)
+    if kind == "freeze_1" and rank == 1:
+        after_micro_steps(count, lambda: os.kill(os.getpid(), signal.SIGSTOP))
     if rank != 0:
         return train.main()
     if kind == "micro_step":
-        original_step = Trainer.train_step
-
-        def train_step(self, images, labels):
-            metrics = original_step(self, images, labels)
-            if self.micro_step == count:
-                kill_the_run()
-            return metrics
-
-        Trainer.train_step = train_step
+        after_micro_steps(count, kill_the_run)
+    elif kind == "sigterm":
+        after_micro_steps(count, lambda: kill_the_run(signal.SIGTERM))
     elif kind == "state_write":
         original_write = checkpoint.write_durably
         writes = []

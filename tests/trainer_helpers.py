@@ -81,10 +81,11 @@ def write_config(path: Path, shards: Path, output_dir: Path, **overrides) -> Pat
     return path
 
 
-def accelerate_launch(processes: int) -> list[str]:
-    """`accelerate launch` with launch/accelerate/cpu-{1proc,2proc}.yaml, as the README says."""
+def accelerate_launch(processes: int, launcher: str = "accelerate.commands.launch") -> list[str]:
+    """`accelerate launch` with launch/accelerate/cpu-{1proc,2proc}.yaml, as the README says (or, with
+    launcher="pipeline.launch", our launcher that passes SIGTERM on)."""
     accelerate_config = REPO / "launch" / "accelerate" / ("cpu-2proc.yaml" if processes == 2 else "cpu-1proc.yaml")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    command = [sys.executable, "-m", launcher, "--config_file", str(accelerate_config)]
     if processes == 2:
         command += ["--main_process_port", str(free_port())]
     return command
@@ -118,9 +119,21 @@ def weights(output_dir: Path) -> dict[str, dict]:
 KILLING_TRAINER = REPO / "tests" / "killing_trainer.py"
 
 
-def launch_killed(config: Path, kill_at: str, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
+def launch_killed(
+    config: Path,
+    kill_at: str,
+    *overrides: str,
+    processes: int = 2,
+    launcher: str = "accelerate.commands.launch",
+    **env: str,
+) -> subprocess.CompletedProcess:
     """Like `launch`, through tests/killing_trainer.py, which SIGKILLs the whole run at `kill_at`."""
-    command = [*accelerate_launch(processes), str(KILLING_TRAINER), "--config", str(config), *overrides]
+    command = [*accelerate_launch(processes, launcher), str(KILLING_TRAINER), "--config", str(config), *overrides]
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**environment(), "KILL_AT": kill_at}
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**environment(), "KILL_AT": kill_at, **env},
     )

@@ -22,8 +22,8 @@ counts = tuple(shard["count"] for shard in open_split(shards).shards)
 layout = StreamLayout(counts, seed=3, shuffle_shards=2, world_size=world, batch_size=batch)
 loader = training_loader(shards, "train", layout, rank, start=start, workers=workers)
 seen = []
-for _, (images, _labels) in zip(range(steps), loader, strict=False):
-    seen.append([hashlib.sha256(image.numpy().tobytes()).hexdigest()[:16] for image in images])
+for _, batch in zip(range(steps), loader, strict=False):
+    seen.append([hashlib.sha256(image.numpy().tobytes()).hexdigest()[:16] for image in batch.images])
 with open(f"{report}.{rank}", "w") as file:
     json.dump({"steps_per_epoch": layout.steps_per_epoch, "seen": seen}, file)
 dist.destroy_process_group()

@@ -6,6 +6,7 @@ would write) when this folder is on PYTHONPATH.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,9 @@ class LinearAutoencoder:
         self.pixels = image.channels * image.size * image.size
         self.hidden = int(options.get("hidden", 8))
         self.steps_seen = 0
+        # fault injection for the tests: {"steps": [...], "rank": R, "kind": "loss" | "gradient"} makes that
+        # rank's loss (or only its gradient) non-finite at those optimizer steps
+        self.nonfinite = options.get("nonfinite")
 
     def build_networks(self) -> dict[str, nn.Module]:
         return {"encoder": nn.Linear(self.pixels, self.hidden), "decoder": nn.Linear(self.hidden, self.pixels)}
@@ -35,6 +39,9 @@ class LinearAutoencoder:
 
     def training_step(self, networks, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepOutput:
         loss = self.loss(networks, images)
+        fault = self.nonfinite
+        if fault and step in fault["steps"] and int(os.environ.get("RANK", "0")) == fault.get("rank", 0):
+            loss = loss * float("nan") if fault.get("kind", "loss") == "loss" else NaNGradient.apply(loss)
         self.steps_seen += 1
         return StepOutput(loss=loss, metrics={"loss": loss.detach(), "label_mean": labels.float().mean()})
 
@@ -51,3 +58,15 @@ class LinearAutoencoder:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_seen = state["steps_seen"]
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")

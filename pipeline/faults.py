@@ -1,0 +1,61 @@
+"""What the trainer does about faults it can survive: a non-finite update, and SIGTERM.
+
+Non-finite loss or gradient: DeepSpeed's ZeRO optimizer already checks the reduced gradients for
+inf/NaN, agrees on the answer across ranks (an all-reduce) and skips the update on every rank alike,
+but only under fp16 and bf16. `skip_nonfinite_updates` turns that check on for fp32 too, and gives
+ZeRO-0's plain torch optimizer the same behaviour (its gradients are already all-reduced, so every
+rank sees the same inf/NaN). Either way the engine counts the skipped updates in `skipped_steps`.
+
+SIGTERM (what SLURM sends before a preemption or at the time limit, and what the launcher forwards):
+each rank that receives it raises a flag; at every step boundary the ranks take the maximum of their
+flags, so that all of them stop after the same step, write a checkpoint, and exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+from accelerate import Accelerator
+
+
+def skip_nonfinite_updates(engine) -> None:
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "check_grad_overflow"):  # ZeRO-1/2 (DeepSpeedZeroOptimizer)
+        optimizer.check_grad_overflow = True
+    elif not hasattr(optimizer, "overflow"):  # a plain torch optimizer under ZeRO-0 (fp32)
+        guard_plain_optimizer(optimizer)
+
+
+def guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """After step(), DeepSpeed's engine reads `optimizer.overflow` and counts a skipped step when it is set."""
+    step = optimizer.step
+
+    def step_if_finite(*args, **kwargs):
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = not all(torch.isfinite(gradient).all() for gradient in gradients)
+        if not optimizer.overflow:
+            return step(*args, **kwargs)
+        return None
+
+    optimizer.overflow = False
+    optimizer.step = step_if_finite
+
+
+class StopRequest:
+    """SIGTERM raises this rank's flag; `agreed` tells every rank whether any rank's flag is up."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self._receive)
+
+    def _receive(self, signum: int, frame) -> None:
+        self.received = True  # a second SIGTERM (the launcher forwarding it) changes nothing
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """A collective: call on every rank at the same point."""
+        flag = torch.tensor([float(self.received)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
