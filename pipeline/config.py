@@ -54,6 +54,16 @@ class OptimizerConfig(Strict):
         return (self.model_extra or {}).get(name, NetworkOptimizer())
 
 
+class LRScheduleConfig(Strict):
+    """The learning rate over the run, as a factor of every network's optimizer rate (pipeline/lr_schedule.py)."""
+
+    name: Literal["constant", "power_decay"] = "constant"
+    power: float = Field(0.75, gt=0, description="power_decay: the authors' 0.75")
+    final_fraction: float = Field(5e-4, ge=0, le=1, description="the factor reached at the end (authors: 1e-5 / 0.02)")
+    steps: int | None = Field(None, gt=0, description="length of the decay in steps; unset: the run's length")
+    every: int = Field(1, gt=0, description="the rate changes every N steps (authors: 250, one of their epochs)")
+
+
 class DeepSpeedConfig(Strict):
     """zero_stage and offload_optimizer, when set, win over the same settings in `config`;
     unset, they come from `config`, else ZeRO-2 without offload. ZeRO-3 is not offered: the plugins call
@@ -85,6 +95,7 @@ class RunConfig(Strict):
     model: dict[str, Any] = Field(default_factory=dict, description="the plugin's own options")
     data: DataConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; or give max_images")
     max_images: int | None = Field(None, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)

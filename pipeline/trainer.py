@@ -35,6 +35,7 @@ from pipeline import checkpoint, faults, grids, optimizer_state, rng
 from pipeline.config import ConfigError, RunConfig, resolved_yaml
 from pipeline.data import MicroBatch, StreamLayout, data_position, resume_micro_step, training_loader
 from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision
+from pipeline.lr_schedule import lr_factor
 from pipeline.optimizer_state import CheckpointError
 from pipeline.plugin import ModelPlugin
 from pipeline.run_log import RunLog
@@ -68,6 +69,7 @@ class Trainer:
             raise ConfigError("precision fp16 without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2")
         faults.skip_nonfinite_updates(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # lr_schedule scales these
         self.dtype = next(self.networks.parameters()).dtype
         self.layout = StreamLayout(
             counts=tuple(shard["count"] for shard in split.shards),
@@ -191,6 +193,9 @@ class Trainer:
             images, labels = batch.images, batch.labels
         images = images.to(accelerator.device, self.dtype, non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)
+        factor = lr_factor(self.config.lr_schedule, self.step, self.total_steps)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor  # read by the ZeRO step at this step's last micro-batch
         with accelerator.accumulate(self.engine):
             output = self.engine(images, labels, self.step)
             accelerator.backward(output.loss)

@@ -81,8 +81,11 @@ def test_zero_partitions_rmsprop_state_across_ranks(tmp_path: Path, shards: Path
         assert abs(half - whole / 2) <= 0.05 * whole, (halves, whole)
 
 
-def plain_pytorch_weights(shards: Path, steps: int, batch: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """The same SGD updates, computed independently: one process, one batch per step, no DeepSpeed."""
+def plain_pytorch_weights(
+    shards: Path, steps: int, batch: int, seed: int, lr_factors: list[float] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The same SGD updates, computed independently: one process, one batch per step, no DeepSpeed
+    (each step's rates times lr_factors[step] when given)."""
     sys.path.insert(0, str(PLUGIN_FIXTURE))
     from linear_plugin import LinearAutoencoder
 
@@ -99,10 +102,11 @@ def plain_pytorch_weights(shards: Path, steps: int, batch: int, seed: int) -> di
         loss = plugin.loss(networks, images)
         networks.zero_grad()
         loss.backward()
+        factor = lr_factors[step] if lr_factors else 1.0
         with torch.no_grad():
             for name, network in networks.items():
                 for parameter in network.parameters():
-                    parameter -= rates[name] * parameter.grad
+                    parameter -= rates[name] * factor * parameter.grad
     return {
         name: {key: value.detach() for key, value in network.state_dict().items()} for name, network in networks.items()
     }
@@ -130,6 +134,34 @@ def test_accumulation_on_two_ranks_equals_one_big_batch(tmp_path: Path, shards: 
                 torch.testing.assert_close(produced[network][key], value, rtol=1e-5, atol=1e-6)
     initial = plain_pytorch_weights(shards, steps=0, batch=8, seed=7)
     assert not torch.allclose(initial["encoder"]["weight"], expected["encoder"]["weight"])
+
+
+def test_power_decay_applies_the_authors_annealed_rate_at_every_step(tmp_path: Path, shards: Path) -> None:
+    """lr_schedule power_decay against the authors' annealer (deeppy's GammaAnnealer, written out here):
+    the rate DeepSpeed applies at each step, seen in the weights, and the rate logged."""
+    schedule = {"name": "power_decay", "power": 0.75, "final_fraction": 0.1, "every": 2, "steps": 4}
+    out = tmp_path / "run"
+    one_epoch = {
+        "max_steps": 5,
+        "gradient_accumulation_steps": 1,
+        "data": {"shards": str(shards), "batch_size": 8, "workers": 0},
+    }
+    assert_ok(launch(write_config(tmp_path / "run.yaml", shards, out, lr_schedule=schedule, **one_epoch), processes=1))
+
+    def annealer(start: float, stop: float, t: float, t_max: float, gamma: float) -> float:
+        return start - (t / t_max) ** gamma * (start - stop)
+
+    # "epochs" of 2 steps, 2 of them over the decay's 4 steps; the 5th step lies past its end
+    factors = [annealer(1.0, 0.1, min(step // 2, 2), 2, 0.75) for step in range(5)]
+    assert factors[0] == factors[1] == 1.0 and factors[2] == factors[3] < 1.0 and factors[4] == pytest.approx(0.1)
+    assert [record["lr/encoder"] for record in metrics(out)] == pytest.approx([0.05 * f for f in factors])
+    assert [record["lr/decoder"] for record in metrics(out)] == pytest.approx([0.02 * f for f in factors])
+    expected = plain_pytorch_weights(shards, steps=5, batch=8, seed=7, lr_factors=factors)
+    constant, produced = plain_pytorch_weights(shards, steps=5, batch=8, seed=7), weights(out)
+    for network, tensors in expected.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(produced[network][key], value, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(constant["encoder"]["weight"], expected["encoder"]["weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_two_nodes_on_one_machine(tmp_path: Path, shards: Path) -> None:
