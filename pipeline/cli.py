@@ -1,4 +1,5 @@
-"""The `pipeline` command: train model plugins on shards, list the plugins, and use trained models."""
+"""The `pipeline` command: train model plugins on shards, list the plugins, use trained models, evaluate
+them, and plot a run's losses."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from pipeline import checkpoint, model_commands, train
+from pipeline import checkpoint, evaluate, model_commands, plot, train
 from pipeline.plugin import describe, installed_plugins
 from shards import __version__
 from shards.errors import UserError
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     exporting.add_argument("out", type=Path, metavar="OUT")
     exporting.set_defaults(handler=export)
     model_commands.add_commands(commands)
+    evaluate.add_command(commands)
+    plot.add_command(commands)
     return parser
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install the project with its dev and demo extras into it.
+# Create .venv (once) and install the project with its dev, demo and eval extras into it.
 # torch: an importable torch (a cluster's CUDA build, say) is kept; otherwise $TORCH_SPEC is
 # installed, by default the CPU build 2.13.0 (elsewhere set, for example,
 # TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu").
@@ -14,4 +14,4 @@ if ! python -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086  # TORCH_SPEC may hold several words (an index URL)
     python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
-python -m pip install -q -e ".[dev,demo]"
+python -m pip install -q -e ".[dev,demo,eval]"

