@@ -366,10 +366,11 @@ Memory: 2 ranks, ZeRO-2, {args.memory_steps} steps, resident memory of each rank
     }
 
 The VAE-GAN step (`vaegan` plugin, latent 64, FC 1024, micro-batch {BATCH}, 32x32 grayscale, RMSProp):
-the pipeline's routed loss (one backward) against the same update written directly (one forward,
-`torch.autograd.grad` of each network's own loss), one process. GFLOP per image: one step's forward
-and backward as `torch.utils.flop_counter` counts them, for each implementation (the routed step repeats
-some passes); GFLOP/s: that times images/s.
+the pipeline's step (the plugin's `own_gradients` loss, the trainer's one backward, DeepSpeed's ZeRO-2
+update) against the same update written directly in `bench/vaegan_direct.py` (one forward,
+`torch.autograd.grad` of each network's own loss, three torch RMSProps), one process. GFLOP per image:
+one step's forward and backward as `torch.utils.flop_counter` counts them, for each implementation;
+GFLOP/s: that times images/s.
 
 {markdown_table(["what", "images/s", "ratio", "GFLOP/image", "GFLOP/s", "target"], vaegan_rows)}
 

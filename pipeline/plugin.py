@@ -23,11 +23,11 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
 The rules:
 
 - ``StepOutput.loss`` is ONE scalar whose gradient with respect to each network's parameters is
-  exactly that network's own loss gradient. When losses cross networks (a GAN), the plugin routes
-  gradients inside the step: ``detach()`` where a network must not be trained by a term, calls of a
-  network with detached parameters (``torch.func.functional_call``) where gradients must flow
-  through it but not into it, gradient scaling where a network sees a weighted term. The trainer
-  then runs one backward and one optimizer step for all networks (docs/design.md says why).
+  exactly that network's own loss gradient. When losses cross networks (a GAN), build every network's
+  own loss from one forward pass and return ``own_gradients(networks, {"encoder": ..., ...})``: it
+  differentiates each loss with ``torch.autograd.grad`` with respect to its own network only, and
+  returns a loss whose backward hands those gradients over. The trainer then runs one backward and
+  one optimizer step for all networks (docs/design.md says why).
 - Losses are means over the batch, so that a gradient does not depend on the micro-batch size:
   DeepSpeed averages gradients over accumulation steps and ranks.
 - ``metrics`` holds detached scalars to log (each loss term, say); the trainer averages them.
@@ -66,6 +66,41 @@ class ImageInfo:
 class StepOutput:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _GivenGradients(torch.autograd.Function):
+    """A zero whose backward gives each parameter a gradient computed beforehand, times the incoming
+    gradient (DeepSpeed scales the loss: by 1/accumulation steps, and by the fp16 loss scale)."""
+
+    @staticmethod
+    def forward(ctx, gradients: tuple[torch.Tensor, ...], *parameters: torch.Tensor) -> torch.Tensor:
+        ctx.gradients = gradients
+        return parameters[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, incoming: torch.Tensor) -> tuple[None, ...] | tuple[torch.Tensor, ...]:
+        return (None, *(gradient * incoming for gradient in ctx.gradients))
+
+
+def own_gradients(networks: nn.ModuleDict, losses: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The step's loss for networks trained by different losses: each network's gradient is that of its
+    own entry in `losses` (a network absent or None there gets a zero gradient this micro-batch), taken
+    with torch.autograd.grad over the one forward pass that built them all, so shared passes are run
+    once and no loss leaks into another network's parameters."""
+    parameters: list[torch.Tensor] = []
+    gradients: list[torch.Tensor] = []
+    remaining = [name for name in networks if losses.get(name) is not None]
+    for name, network in networks.items():
+        own = [parameter for parameter in network.parameters() if parameter.requires_grad]
+        loss = losses.get(name)
+        if loss is None:
+            found: tuple[torch.Tensor | None, ...] = (None,) * len(own)
+        else:
+            remaining.remove(name)  # the graph is kept until the last loss is differentiated
+            found = torch.autograd.grad(loss, own, retain_graph=bool(remaining), allow_unused=True)
+        parameters += own
+        gradients += [torch.zeros_like(p) if g is None else g for p, g in zip(own, found, strict=True)]
+    return _GivenGradients.apply(tuple(gradients), *parameters)
 
 
 class ModelPlugin(Protocol):

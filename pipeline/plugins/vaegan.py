@@ -6,41 +6,30 @@
 | decoder       | gamma * L_llike + L_gen (= -L_GAN's part)  |
 | discriminator | L_dis (= -L_GAN)                           |
 
-One backward must give each network exactly its own gradient (pipeline/plugin.py), so the step builds one
-routed loss:
+One forward pass of the paper's step builds all three losses; `own_gradients` (pipeline/plugin.py)
+differentiates each with respect to its own network only (torch.autograd.grad) and hands the
+gradients to the trainer's one backward. So no loss can leak into another network, nothing runs twice,
+and gamma weighs L_llike in the decoder's loss directly, with no gradient rescaling at the latent.
 
-    L_prior                                              encoder only (mu, log-variance)
-  + gamma * L_llike(Dis_l(x), Dis_l(Dec(scale_grad(z, 1/gamma))))   discriminator parameters detached:
-                                                         decoder gets gamma x, encoder 1 x the gradient
-  + L_gen(Dis(Dec(z.detach())), Dis(Dec(z_p)))           discriminator parameters detached: decoder only
-  + L_dis(Dis(x), Dis(x_tilde.detach()), Dis(x_p.detach()))          discriminator only
-
-With the authors' equilibrium on, a skipped network's terms get weight 0 (and a skipped decoder is
-called with detached parameters for the content term), so it receives no gradient that step. Its
-optimizer still steps with a zero gradient: RMSProp then leaves the weights (without weight decay) but
-decays its square average.
+With the authors' equilibrium on, a skipped network gets a zero gradient that micro-batch. Its
+optimizer still steps: RMSProp then leaves the weights (without weight decay) but decays its square
+average.
 
 Losses are means over the batch of per-example sums (KL over latent dimensions, L_llike over the Dis_l
 features), so gamma is per example: the authors' 1e-6 on sums over a batch of 64 is 6.4e-5 here.
-The passes that update batch norm statistics are the method's six, in this order: Enc(x), Dec(z_p),
-Dis(x), Dis(x_p) (the equilibrium needs these two first), Dec(z), Dis(x_tilde). Passes that only repeat
-a pass of the method (the decoder on z.detach(), the discriminator with detached
-parameters) run with BatchNorm running statistics frozen, so the statistics move once per pass of the
-paper's step. Needs ZeRO stage 0-2 (parameters must be whole on each rank).
+The passes, each once, in this order (batch norm running statistics move in each): Enc(x), Dec(z_p),
+Dis(x), Dis(x_p), Dec(z), Dis(x_tilde). Needs ZeRO stage 0-2 (parameters must be whole on each rank).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.func import functional_call
 
-from pipeline.plugin import ImageInfo, StepOutput
+from pipeline.plugin import ImageInfo, StepOutput, own_gradients
 from pipeline.plugins.networks import Decoder, Discriminator, Encoder, gaussian_kl, reparameterise
 from pipeline.plugins.vae import GaussianLatentModel
 
@@ -56,46 +45,6 @@ class VAEGANOptions(BaseModel):
     equilibrium: bool = Field(False, description="the authors' balance: skip the stronger side's update")
     equilibrium_target: float = 0.68
     equilibrium_margin: float = 0.35
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` on the way back."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return gradient * ctx.scale, None
-
-
-def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
-    return _ScaleGradient.apply(tensor, scale)
-
-
-@contextlib.contextmanager
-def running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Batch norm still normalises with the batch's statistics, but its running averages stay put."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for norm in norms:
-        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for norm, (momentum, tracked) in zip(norms, saved, strict=True):
-            norm.momentum = momentum
-            norm.num_batches_tracked.copy_(tracked)
-
-
-def without_training(network: nn.Module, *inputs: torch.Tensor, repeat: bool = True):
-    """Call `network` so that gradients reach its inputs but not its parameters. A repeat of a pass
-    already made leaves the batch norm running statistics alone."""
-    detached = {name: parameter.detach() for name, parameter in network.named_parameters()}
-    with running_stats_frozen(network) if repeat else contextlib.nullcontext():
-        return functional_call(network, detached, inputs)
 
 
 class VAEGAN(GaussianLatentModel):
@@ -120,36 +69,33 @@ class VAEGAN(GaussianLatentModel):
 
     def routed_loss(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One loss whose gradient is, for each network, the gradient of its own loss (module docstring)."""
+        losses, metrics = self.own_losses(networks, images)
+        return own_gradients(networks, losses), metrics
+
+    def own_losses(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[dict, dict]:
+        """Each network's own loss (None: not trained this micro-batch), from one forward pass."""
         options = self.options
         encoder, decoder, discriminator = networks["encoder"], networks["decoder"], networks["discriminator"]
         mu, log_variance = encoder(images)
         z = reparameterise(mu, log_variance)
         prior_samples = decoder(torch.randn_like(z))
         real_logit, real_features = discriminator(images)
-        prior_logit, _ = discriminator(prior_samples.detach())
+        prior_logit, _ = discriminator(prior_samples)
+        reconstruction = decoder(z)
+        reconstruction_logit, reconstruction_features = discriminator(reconstruction)
         real_cost, fake_cost = self._real_loss(real_logit), self._fake_loss(prior_logit)
         train_discriminator, train_decoder = self.equilibrium(real_cost, fake_cost)
 
-        if train_decoder:  # decoder trained by gamma * L_llike; the encoder by 1 * L_llike
-            reconstruction = decoder(scale_gradient(z, 1.0 / options.gamma))
-            content_weight = options.gamma
-        else:  # decoder not trained this step; its forward pass still counts for batch norm
-            reconstruction = without_training(decoder, z, repeat=False)
-            content_weight = 1.0
-        _, reconstruction_features = without_training(discriminator, reconstruction)
-        llike = 0.5 * (reconstruction_features - real_features.detach()).pow(2).flatten(1).sum(1).mean()
-
-        fake_logits, generated = [prior_logit], [prior_samples]
-        if options.discriminate_reconstructions:
-            fake_logits.append(discriminator(reconstruction.detach())[0])
-            with running_stats_frozen(decoder):  # the reconstruction again, with no path to the encoder
-                generated.append(decoder(z.detach()))
-        generator = [self._generator_loss(without_training(discriminator, fake)[0]) for fake in generated]
-        gen = sum(generator) / len(generator)
-        dis = 0.5 * real_cost + 0.5 * sum(self._fake_loss(logit) for logit in fake_logits) / len(fake_logits)
         prior = gaussian_kl(mu, log_variance).mean()
-
-        loss = prior + content_weight * llike + train_decoder * gen + train_discriminator * dis
+        llike = 0.5 * (reconstruction_features - real_features).pow(2).flatten(1).sum(1).mean()
+        fake_logits = [prior_logit, reconstruction_logit] if options.discriminate_reconstructions else [prior_logit]
+        gen = sum(self._generator_loss(logit) for logit in fake_logits) / len(fake_logits)
+        dis = 0.5 * real_cost + 0.5 * sum(self._fake_loss(logit) for logit in fake_logits) / len(fake_logits)
+        losses = {
+            "encoder": prior + llike,
+            "decoder": options.gamma * llike + gen if train_decoder else None,
+            "discriminator": dis if train_discriminator else None,
+        }
         metrics = {
             "prior": prior,
             "llike": llike,
@@ -159,7 +105,7 @@ class VAEGAN(GaussianLatentModel):
             "fake_cost": fake_cost,
             "mse": (reconstruction.float() - images.float()).pow(2).mean(),
         }
-        return loss, {name: value.detach() for name, value in metrics.items()}
+        return losses, {name: value.detach() for name, value in metrics.items()}
 
     def _real_loss(self, logit: torch.Tensor) -> torch.Tensor:
         return -torch.log(torch.sigmoid(logit) + self.options.log_eps).mean()
@@ -172,11 +118,11 @@ class VAEGAN(GaussianLatentModel):
             return torch.log(1 - torch.sigmoid(logit) + self.options.log_eps).mean()
         return self._real_loss(logit)
 
-    def equilibrium(self, real_cost: torch.Tensor, fake_cost: torch.Tensor) -> tuple[float, float]:
-        """The authors' balance: (train the discriminator, train the decoder), each 0.0 or 1.0. Decided
-        per micro-batch on each rank; the encoder always trains."""
+    def equilibrium(self, real_cost: torch.Tensor, fake_cost: torch.Tensor) -> tuple[bool, bool]:
+        """The authors' balance: (train the discriminator, train the decoder). Decided per micro-batch on
+        each rank; the encoder always trains."""
         if not self.options.equilibrium:
-            return 1.0, 1.0
+            return True, True
         low = self.options.equilibrium_target - self.options.equilibrium_margin
         high = self.options.equilibrium_target + self.options.equilibrium_margin
         costs = (float(real_cost), float(fake_cost))
@@ -186,7 +132,7 @@ class VAEGAN(GaussianLatentModel):
             train_discriminator = train_decoder = True
         self.skipped["discriminator"] += not train_discriminator
         self.skipped["decoder"] += not train_decoder
-        return float(train_discriminator), float(train_decoder)
+        return train_discriminator, train_decoder
 
     def training_step(
         self, networks: nn.ModuleDict, images: torch.Tensor, labels: torch.Tensor, step: int
