@@ -89,12 +89,22 @@ def skip_shared_memory_allreduce() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def bound_collective_waits(timeout: datetime.timedelta) -> None:
+    """Give every process group this timeout: it bounds how long a rank waits in a collective for a peer
+    that froze or vanished (a lost node closes no socket). accelerate passes it to the default group,
+    but DeepSpeed creates its own groups (the clone of the world group that every ZeRO reduction uses)
+    with torch's default, 30 minutes on gloo: a frozen rank hung the others that long (tested)."""
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    c10d.default_pg_timeout = timeout  # what new_group() takes when no timeout is given
+    c10d.default_pg_nccl_timeout = timeout
+
+
 def make_accelerator(config: RunConfig, precision: str) -> Accelerator:
     single_process_world()
     skip_shared_memory_allreduce()
     ds_config = build_deepspeed_config(config, precision)
-    # the timeout bounds how long a rank waits for a dead or frozen peer (a vanished node closes no socket)
     timeout = datetime.timedelta(minutes=config.faults.collective_timeout_minutes)
+    bound_collective_waits(timeout)
     handlers = [InitProcessGroupKwargs(timeout=timeout, **({} if torch.cuda.is_available() else {"backend": "gloo"}))]
     trackers = "tensorboard" if _tensorboard_available() else None
     accelerator = Accelerator(

@@ -4,7 +4,7 @@
 
 SLURM sends SIGTERM before a preemption or the time limit. Under plain `accelerate launch`, torch's
 elastic agent turns it into an exception: it forwards SIGTERM to the ranks, gives them
-TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default) before SIGKILL, and exits 1 with a traceback even
+30 seconds (its fixed shutdown timeout) before SIGKILL, and exits 1 with a traceback even
 when every rank has checkpointed and exited 0. Here the agent leaves SIGTERM alone; this launcher hands
 it to the ranks (pipeline.train checkpoints after the current step and exits 0) and goes on watching
 them as usual, so the launch exits 0 without any deadline of its own (SLURM's KillWait still applies).

@@ -57,6 +57,19 @@ def test_a_rank_killed_ends_the_job_within_seconds_and_auto_resumes(tmp_path: Pa
     assert_bit_identical(latest(straight), latest(tmp_path / "run"))
 
 
+def test_a_frozen_rank_fails_the_job_after_the_collective_timeout(tmp_path: Path, shards: Path) -> None:
+    """Rank 1 stops mid-step 3 (SIGSTOP: alive, sockets open, silent, as a hung node), so no connection
+    closes: rank 0 gives up in its next collective after faults.collective_timeout_minutes (6 s here) with
+    one line, and the launcher kills the frozen rank and ends the job (launch's 300 s timeout: no hang)."""
+    config = two_rank_config(tmp_path, shards, "run", faults={"collective_timeout_minutes": 0.1})
+    started = time.time()
+    result = launch_killed(config, "freeze_1:5")
+    assert result.returncode != 0
+    assert "pipeline train: error: rank 0 stopped on" in result.stderr, result.stderr[-3000:]
+    assert latest(tmp_path / "run").name == "step-00000002"
+    print(f"frozen rank: job ended {time.time() - started:.0f} s after launch")
+
+
 def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(tmp_path: Path, shards: Path, straight) -> None:
     """SIGTERM to every process of the run (launcher, ranks, data workers), as SLURM sends it, in the middle
     of step 3: both ranks finish step 3, checkpoint it and exit 0, and so does the launcher."""
