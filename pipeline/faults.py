@@ -17,6 +17,7 @@ import signal
 
 import torch
 from accelerate import Accelerator
+from deepspeed.runtime.utils import has_inf_or_nan
 
 
 def skip_nonfinite_updates(engine) -> None:
@@ -33,7 +34,8 @@ def guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
     def step_if_finite(*args, **kwargs):
         gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        optimizer.overflow = not all(torch.isfinite(gradient).all() for gradient in gradients)
+        # DeepSpeed's own test (two reductions a tensor, nothing allocated per element), one sync for all
+        optimizer.overflow = bool(gradients) and bool(torch.stack([has_inf_or_nan(g) for g in gradients]).any())
         if not optimizer.overflow:
             return step(*args, **kwargs)
         return None

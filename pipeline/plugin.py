@@ -79,6 +79,8 @@ class _GivenGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, incoming: torch.Tensor) -> tuple[None, ...] | tuple[torch.Tensor, ...]:
+        if bool(incoming == 1):  # no scaling (one micro-batch a step, no fp16): spare a pass over them all
+            return (None, *ctx.gradients)
         return (None, *(gradient * incoming for gradient in ctx.gradients))
 
 
