@@ -1,7 +1,7 @@
 """Does the VAE-GAN beat the VAE, measured: both plugins trained on the same shards with the same
 budget, then `pipeline evaluate` on the same held-out images.
 
-    python bench/quality.py [--shards DIR] [--steps 250] [--batch-size 64] [--count 500]
+    python bench/quality.py [--shards DIR] [--steps 250] [--batch-size 64] [--count 500] [--seeds 1]
 
 Default data: the demo shards (scripts/demo.sh), 32x32 grayscale Fashion-MNIST. Both runs: one process
 (`python -m pipeline.train`, DeepSpeed ZeRO-2), the demo's model size (latent 32, encoder FC 1024),
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ METRICS = (
 )
 
 
-def run_config(plugin: str, shards: Path, steps: int, batch_size: int) -> dict:
+def run_config(plugin: str, shards: Path, steps: int, batch_size: int, seed: int) -> dict:
     return {
         "plugin": plugin,
         "model": {**MODEL, **PLUGIN_OPTIONS[plugin]},
@@ -51,8 +52,8 @@ def run_config(plugin: str, shards: Path, steps: int, batch_size: int) -> dict:
         "log_every": 10,
         "sample_every": steps,
         "checkpoint": {"every": steps, "keep_last": 1},
-        "output_dir": str(OUT / plugin),
-        "seed": 0,
+        "output_dir": str(OUT / f"{plugin}-seed{seed}"),
+        "seed": seed,
     }
 
 
@@ -66,44 +67,57 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_and_evaluate(plugin: str, args: argparse.Namespace) -> dict:
-    shutil.rmtree(OUT / plugin, ignore_errors=True)
-    config = OUT / f"{plugin}.yaml"
-    config.write_text(yaml.safe_dump(run_config(plugin, args.shards, args.steps, args.batch_size)))
-    print(f"{plugin}: training {args.steps} steps of {args.batch_size}", flush=True)
-    train_seconds = run([sys.executable, "-m", "pipeline.train", "--config", str(config)], OUT / f"{plugin}-train.log")
-    print(f"{plugin}: evaluating on {args.count} held-out images", flush=True)
-    evaluation_json = OUT / f"{plugin}-evaluation.json"
+def train_and_evaluate(plugin: str, seed: int, args: argparse.Namespace) -> dict:
+    """One training run and its evaluation; seed 0's grids and loss curves go to docs/."""
+    name = f"{plugin}-seed{seed}"
+    shutil.rmtree(OUT / name, ignore_errors=True)
+    config = OUT / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(run_config(plugin, args.shards, args.steps, args.batch_size, seed)))
+    print(f"{name}: training {args.steps} steps of {args.batch_size}", flush=True)
+    train_seconds = run([sys.executable, "-m", "pipeline.train", "--config", str(config)], OUT / f"{name}-train.log")
+    print(f"{name}: evaluating on {args.count} held-out images", flush=True)
+    evaluation_json = OUT / f"{name}-evaluation.json"
     pipeline = [sys.executable, "-m", "pipeline.cli"]
-    evaluate = [*pipeline, "evaluate", str(OUT / plugin / "checkpoints" / "latest"), "--shards", str(args.shards)]
+    evaluate = [*pipeline, "evaluate", str(OUT / name / "checkpoints" / "latest"), "--shards", str(args.shards)]
     evaluate += ["--split", "val", "--count", str(args.count), "--json", str(evaluation_json)]
-    evaluate_seconds = run(evaluate, OUT / f"{plugin}-evaluate.log")
-    plot = [*pipeline, "plot", str(OUT / plugin), "--out", str(DOCS / f"quality-{plugin}-loss-curves.png")]
-    run(plot, OUT / f"{plugin}-plot.log")
+    evaluate_seconds = run(evaluate, OUT / f"{name}-evaluate.log")
     result = json.loads(evaluation_json.read_text())
-    for name, path in result["grids"].items():
-        shutil.copyfile(path, DOCS / f"quality-{plugin}-{name}.png")
-    last_logged = json.loads((OUT / plugin / "metrics.jsonl").read_text().splitlines()[-1])
+    if seed == 0:
+        plot = [*pipeline, "plot", str(OUT / name), "--out", str(DOCS / f"quality-{plugin}-loss-curves.png")]
+        run(plot, OUT / f"{name}-plot.log")
+        for kind, path in result["grids"].items():
+            shutil.copyfile(path, DOCS / f"quality-{plugin}-{kind}.png")
+    last_logged = json.loads((OUT / name / "metrics.jsonl").read_text().splitlines()[-1])
     return {**result, "train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds, "last_logged": last_logged}
 
 
-def quality_rows(results: dict[str, dict]) -> list[list[str]]:
+def summary(values: list[float], digits: int) -> str:
+    """One seed: the value; several: mean ± std (sample std), then every seed's value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    each = ", ".join(f"{value:.{digits}f}" for value in values)
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({each})"
+
+
+def quality_rows(results: dict[str, list[dict]]) -> list[list[str]]:
+    """Per metric: each plugin over its seeds, and the lower mean."""
     rows = []
     for label, section, key, digits in METRICS:
-        values = {plugin: results[plugin][section][key] for plugin in PLUGINS}
-        rows.append([label, *(f"{values[plugin]:.{digits}f}" for plugin in PLUGINS), min(values, key=values.get)])
+        values = {plugin: [run[section][key] for run in results[plugin]] for plugin in PLUGINS}
+        means = {plugin: statistics.mean(values[plugin]) for plugin in PLUGINS}
+        rows.append([label, *(summary(values[plugin], digits) for plugin in PLUGINS), min(means, key=means.get)])
     return rows
 
 
-def training_rows(results: dict[str, dict]) -> list[list[str]]:
-    def logged(key: str, digits: int) -> list[str]:
-        return [f"{results[plugin]['last_logged'][key]:.{digits}f}" for plugin in PLUGINS]
+def training_rows(results: dict[str, list[dict]]) -> list[list[str]]:
+    def over_seeds(value, digits: int) -> list[str]:
+        return [summary([value(run) for run in results[plugin]], digits) for plugin in PLUGINS]
 
     return [
-        ["pixel MSE on its training batch, last logged step", *logged("mse", 4)],
-        ["training images/s, last logged interval", *logged("images_per_s", 1)],
-        ["training time (s, process start to end)", *(f"{results[plugin]['train_seconds']:.0f}" for plugin in PLUGINS)],
-        ["evaluation time (s)", *(f"{results[plugin]['evaluate_seconds']:.0f}" for plugin in PLUGINS)],
+        ["pixel MSE on its training batch, last logged step", *over_seeds(lambda run: run["last_logged"]["mse"], 4)],
+        ["training images/s, last logged interval", *over_seeds(lambda run: run["last_logged"]["images_per_s"], 1)],
+        ["training time (s, process start to end)", *over_seeds(lambda run: run["train_seconds"], 0)],
+        ["evaluation time (s)", *over_seeds(lambda run: run["evaluate_seconds"], 0)],
     ]
 
 
@@ -121,18 +135,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--count", type=int, default=500, help="held-out images, reconstructions and samples each")
+    parser.add_argument("--seeds", type=int, default=1, help="training runs per plugin, seeds 0..N-1 (default 1)")
     args = parser.parse_args()
     if not (args.shards / "manifest.json").exists():
         raise SystemExit(f"no shards at {args.shards}: run scripts/demo.sh first, or pass --shards")
     OUT.mkdir(parents=True, exist_ok=True)
-    results = {plugin: train_and_evaluate(plugin, args) for plugin in PLUGINS}
-    protocol = results["vaegan"]["protocol"]
+    seeds = range(args.seeds)
+    results = {plugin: [train_and_evaluate(plugin, seed, args) for seed in seeds] for plugin in PLUGINS}
+    protocol = results["vaegan"][0]["protocol"]
+    seeds_text = "seed 0" if args.seeds == 1 else f"seeds 0 to {args.seeds - 1}: one training run each"
     images = args.steps * args.batch_size
     body = f"""## VAE against VAE-GAN (`bench/quality.py`)
 
 {machine()}. Both plugins trained on the demo shards ({args.shards.name}: 32x32 grayscale Fashion-MNIST)
 with the same budget: {args.steps} steps of {args.batch_size} images ({images:,} images, one process, DeepSpeed
-ZeRO-2, seed 0, the same data order), the demo's model size (latent 32, encoder FC 1024), RMSProp at
+ZeRO-2, {seeds_text}, the same data order for a seed), the demo's model size (latent 32, encoder FC 1024), RMSProp at
 the plugins' (the authors') settings; the VAE-GAN with the non-saturating decoder loss, like the demo.
 Then `pipeline evaluate CHECKPOINT --shards ... --split val --count {args.count}` on each final checkpoint.
 
@@ -142,6 +159,8 @@ Real images: {protocol["images"]}; {protocol["sample_count"]} samples (seed {pro
 {protocol["reconstruction_count"]} reconstructions. KID: {protocol["kid"]}, subset size
 {protocol["kid_subset_size"]}, {protocol["kid_subsets"]} subset(s). FID and KID from {args.count} images are
 biased upwards against the usual 10k-50k: compare rows of this table with each other, not with published FIDs.
+With several seeds a cell is the mean ± the standard deviation over seeds, then each seed's value; the grids
+and loss curves are seed 0's.
 
 {markdown_table(["metric (lower is better)", *PLUGINS, "lower"], quality_rows(results))}
 
