@@ -34,7 +34,13 @@ from safetensors.torch import load_file
 from pipeline import checkpoint, faults, grids, optimizer_state, rng
 from pipeline.config import ConfigError, RunConfig, resolved_yaml
 from pipeline.data import MicroBatch, StreamLayout, data_position, resume_micro_step, training_loader
-from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision
+from pipeline.engine import (
+    TrainingModule,
+    build_optimizer,
+    make_accelerator,
+    resolve_precision,
+    skip_single_rank_allreduce,
+)
 from pipeline.lr_schedule import lr_factor
 from pipeline.optimizer_state import CheckpointError
 from pipeline.plugin import ModelPlugin
@@ -68,6 +74,7 @@ class Trainer:
         if not optimizer_state.supported(self.engine):
             raise ConfigError("precision fp16 without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2")
         faults.skip_nonfinite_updates(self.engine)
+        skip_single_rank_allreduce(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # lr_schedule scales these
         self.dtype = next(self.networks.parameters()).dtype

@@ -113,7 +113,8 @@ def plain_pytorch_weights(
 
 
 def test_accumulation_on_two_ranks_equals_one_big_batch(tmp_path: Path, shards: Path) -> None:
-    """k=2 micro-batches of b=2 on N=2 ranks under ZeRO-2 == one step on a batch of 8 == plain PyTorch."""
+    """k=2 micro-batches of b=2 on N=2 ranks under ZeRO-2 == one step on a batch of 8 == plain PyTorch ==
+    k=4 micro-batches of 2 on one rank under ZeRO-0 (whose engine skips the gradient all-reduce there)."""
     split_out = tmp_path / "split"
     config = write_config(tmp_path / "split.yaml", shards, split_out, max_steps=3)
     assert_ok(launch(config))
@@ -127,8 +128,18 @@ def test_accumulation_on_two_ranks_equals_one_big_batch(tmp_path: Path, shards: 
         data={"shards": str(shards), "batch_size": 8, "workers": 0},
     )
     assert_ok(launch(config, processes=1))
+    one_rank_out = tmp_path / "one-rank"
+    config = write_config(
+        tmp_path / "one-rank.yaml",
+        shards,
+        one_rank_out,
+        max_steps=3,
+        gradient_accumulation_steps=4,
+        deepspeed={"zero_stage": 0},
+    )
+    assert_ok(launch(config, processes=1))
     expected = plain_pytorch_weights(shards, steps=3, batch=8, seed=7)
-    for produced in (weights(split_out), weights(whole_out)):
+    for produced in (weights(split_out), weights(whole_out), weights(one_rank_out)):
         for network, tensors in expected.items():
             for key, value in tensors.items():
                 torch.testing.assert_close(produced[network][key], value, rtol=1e-5, atol=1e-6)
