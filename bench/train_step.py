@@ -189,11 +189,8 @@ def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
 
     split = open_split(shards)
     image = ImageInfo(split.image["size"], split.image["channels"])
-    model = {"latent_size": 64, "fc_size": 1024}
     data = {"shards": str(shards), "batch_size": batch, "workers": 1}
-    config = RunConfig.model_validate(
-        run_config(shards, OUT / f"vaegan-{batch}", 10**6, plugin="vaegan", model=model, data=data)
-    )
+    config = RunConfig.model_validate(run_config(shards, OUT / f"vaegan-{batch}", 10**6, plugin="vaegan", data=data))
     shutil.rmtree(config.output_dir, ignore_errors=True)
     warmup, batches = 3, memory_batches(shards, steps + 3, batch)
     plugin = VAEGAN(config.model, image)
@@ -201,21 +198,22 @@ def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
     trainer = Trainer(config, plugin, split, plugin.build_networks())
     torch.manual_seed(0)
     direct = DirectVAEGAN(torch.nn.ModuleDict(plugin.build_networks()), plugin.options.gamma)
+    latent = plugin.options.latent_size
     best = {"bare": 0.0, "memory": 0.0}
     for _ in range(rounds):
         for index, (images, _) in enumerate(batches):
             if index == warmup:
                 start = time.perf_counter()
-            direct.step(images, 64)
+            direct.step(images, latent)
         best["bare"] = max(best["bare"], steps * batch / (time.perf_counter() - start))
         best["memory"] = max(best["memory"], pipeline_from_memory(trainer, batches, warmup))
     networks = torch.nn.ModuleDict(plugin.build_networks())
     with FlopCounterMode(display=False) as counter:
         loss, _ = plugin.routed_loss(networks, batches[0][0])
         loss.backward()
-    best["routed_gflop"] = counter.get_total_flops() / batch / 1e9
+    best["pipeline_gflop"] = counter.get_total_flops() / batch / 1e9
     with FlopCounterMode(display=False) as counter:
-        direct.step(batches[0][0], 64)
+        direct.step(batches[0][0], latent)
     best["direct_gflop"] = counter.get_total_flops() / batch / 1e9
     return best
 
@@ -345,8 +343,8 @@ def main() -> None:
                 f"pipeline vaegan step, DeepSpeed ZeRO-2, fed from memory, micro-batch {batch}",
                 f"{vaegan['memory']:.1f}",
                 f"{vaegan['memory'] / vaegan['bare']:.2f}",
-                f"{vaegan['routed_gflop']:.2f}",
-                f"{vaegan['routed_gflop'] * vaegan['memory']:.1f}",
+                f"{vaegan['pipeline_gflop']:.2f}",
+                f"{vaegan['pipeline_gflop'] * vaegan['memory']:.1f}",
                 ">= 0.90",
             ],
         ]
