@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +50,71 @@ def image_folder(tmp_path: Path) -> Path:
     return source
 
 
+TAG = "PIPELINE_TESTS_PROCESS_TAG"
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Every live process started under `tag`, found by its environment: torch's launcher starts each
+    rank in a session of its own, and an orphaned data worker is re-parented to init, but every process
+    inherits the environment it was started with."""
+    wanted = f"{TAG}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    return found
+
+
+def kill_tagged(tag: str) -> None:
+    for _ in range(100):  # a process may fork while they are being killed
+        pids = tagged_processes(tag)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def started(command: list[str], **options) -> Iterator[subprocess.Popen]:
+    """subprocess.Popen for the tests: when the block ends, normally or not, every process the command
+    started (ranks, data workers, whatever escaped its process group) is killed, so that nothing
+    outlives the test."""
+    tag = uuid.uuid4().hex
+    environment = {**options.pop("env", os.environ), TAG: tag}
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment, **{"cwd": REPO, **options})
+    process.tag = tag
+    try:
+        yield process
+    finally:
+        kill_tagged(tag)
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def run_process(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) that kills everything the command started when it
+    ends or times out: a hang fails one test and leaves no process behind."""
+    with started(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tagged(process.tag)
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_shards(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`shards` as a real process, the way users run it."""
-    return subprocess.run(
-        [sys.executable, "-m", "shards", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "120"},
-    )
+    return run_process([sys.executable, "-m", "shards", *map(str, args)], timeout, env={**os.environ, "COLUMNS": "120"})
 
 
 def read_manifest(out: Path) -> dict:

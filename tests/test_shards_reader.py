@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_shards, write_images
+from conftest import REPO, run_process, run_shards, write_images
+from trainer_helpers import free_port
 
 from shards.reader import open_split, webdataset
 
@@ -33,16 +33,14 @@ def test_two_ranks_with_two_workers_each_read_every_sample_once(tmp_path: Path) 
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(free_port()),
         str(REPO / "tests" / "helpers" / "read_split_on_rank.py"),
         str(out),
         "train",
         "2",
         str(report),
     ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    result = run_process(command, 180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     per_rank = [[tuple(item) for item in json.loads(Path(f"{report}.{rank}").read_text())] for rank in (0, 1)]
     assert all(per_rank), "a rank read nothing"

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, folder_bytes, run_shards, write_images
+from conftest import REPO, folder_bytes, run_shards, started, write_images
 
 SHARD_SIZE = 4
 IMAGES = 480
@@ -38,24 +36,20 @@ def journaled_shards(out: Path) -> int:
         return -1
 
 
-@pytest.mark.parametrize("kill_after_shards", [0, 1, 10, 40])
-def test_sigkill_then_rerun_gives_the_uninterrupted_output(tmp_path: Path, corpus, kill_after_shards: int) -> None:
+@pytest.mark.parametrize("kill_after_samples", [1, 6, 41, 162])  # in shards 0, 1, 10 and 40 of 4 samples
+def test_sigkill_then_rerun_gives_the_uninterrupted_output(tmp_path: Path, corpus, kill_after_samples: int) -> None:
     source, options, reference = corpus
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "shards", "build", str(source), str(out), *options]
-    process = subprocess.Popen(
-        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 60
-    while journaled_shards(out) < kill_after_shards and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
-    assert journaled_shards(out) >= kill_after_shards
+    command = [sys.executable, str(REPO / "tests" / "helpers" / "killed_build.py"), "build", str(source), str(out)]
+    environment = {**os.environ, "KILL_AFTER_SAMPLES": str(kill_after_samples)}
+    with started([*command, *options], env=environment, start_new_session=True) as process:
+        assert process.wait(timeout=120) == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    # the samples go to two writers (train and val), each finishing a shard every SHARD_SIZE of its own
+    assert kill_after_samples // SHARD_SIZE - 1 <= journaled_shards(out) <= kill_after_samples // SHARD_SIZE
 
     rerun = run_shards("build", source, out, *options)
     assert rerun.returncode == 0, rerun.stderr
-    if kill_after_shards:
+    if kill_after_samples >= 2 * SHARD_SIZE:
         assert "resuming" in rerun.stderr
     assert folder_bytes(out) == reference

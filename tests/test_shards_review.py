@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_manifest, run_shards, synthetic_pixels, write_images
+from conftest import REPO, read_manifest, run_process, run_shards, started, synthetic_pixels, write_images
 from PIL import Image
 
 from shards.manifest import ManifestError
@@ -112,7 +112,7 @@ def test_running_out_of_space_is_one_line(tmp_path: Path, image_folder: Path) ->
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
-    result = subprocess.run(
+    result = run_process(
         [
             sys.executable,
             "-m",
@@ -125,11 +125,8 @@ def test_running_out_of_space_is_one_line(tmp_path: Path, image_folder: Path) ->
             "--workers",
             "0",
         ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+        120,
         preexec_fn=small_files,
-        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "cannot write to" in result.stderr.strip().splitlines()[-1]
@@ -145,23 +142,19 @@ def children_of(pid: int) -> list[int]:
 def test_workers_die_with_a_killed_build(tmp_path: Path) -> None:
     source = tmp_path / "src"
     write_images(source, 400, size=(300, 300))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shards", "build", str(source), str(tmp_path / "out"), "--workers", "2"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while len(children_of(process.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    workers = children_of(process.pid)
-    assert workers, "no worker started"
-    process.kill()  # the main process only, as the OOM killer would
-    process.wait()
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
-        assert time.monotonic() < deadline, "workers outlived the build"
-        time.sleep(0.1)
+    command = [sys.executable, "-m", "shards", "build", str(source), str(tmp_path / "out"), "--workers", "2"]
+    with started(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        deadline = time.monotonic() + 60
+        while len(children_of(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = children_of(process.pid)
+        assert workers, "no worker started"
+        process.kill()  # the main process only, as the OOM killer would
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived the build"
+            time.sleep(0.1)
 
 
 def _state(pid: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import REPO
+from conftest import REPO, run_process
 from trainer_helpers import (
     PLUGIN_FIXTURE,
     build_small_shards,
@@ -178,12 +178,9 @@ def test_power_decay_applies_the_authors_annealed_rate_at_every_step(tmp_path: P
 def test_two_nodes_on_one_machine(tmp_path: Path, shards: Path) -> None:
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", shards, out, max_steps=2)
-    result = subprocess.run(
+    result = run_process(
         ["bash", str(REPO / "launch" / "local-2node.sh"), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+        300,
         env={
             **environment(),
             "MASTER_PORT": str(free_port()),
@@ -243,13 +240,7 @@ def test_plugins_are_found_through_entry_points() -> None:
     assert_ok(listed)
     assert "linear_plugin:LinearAutoencoder" in listed.stdout + listed.stderr
     assert "pipeline.plugins.vae:VAE" in listed.stdout + listed.stderr
-    bare = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "plugins"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "160"},
-    )
+    bare = run_process([sys.executable, "-m", "pipeline.cli", "plugins"], 120, env={**os.environ, "COLUMNS": "160"})
     assert "linear_plugin" not in bare.stdout + bare.stderr
 
 

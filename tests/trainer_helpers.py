@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import REPO, run_shards, write_images
+from conftest import REPO, run_process, run_shards, write_images
 from safetensors.torch import load_file
 
 PLUGIN_FIXTURE = REPO / "tests" / "plugin_fixture"
@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 def environment() -> dict[str, str]:
-    paths = [str(PLUGIN_FIXTURE), os.environ.get("PYTHONPATH", "")]
+    # the checkout under test first, also for scripts run by path (whose own folder comes first on sys.path)
+    paths = [str(REPO), str(PLUGIN_FIXTURE), os.environ.get("PYTHONPATH", "")]
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in paths if p),
@@ -93,13 +94,11 @@ def accelerate_launch(processes: int, launcher: str = "accelerate.commands.launc
 
 def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     command = [*accelerate_launch(processes), "-m", "pipeline.train", "--config", str(config), *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=environment())
+    return run_process(command, timeout, env=environment())
 
 
 def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=environment()
-    )
+    return run_process([sys.executable, *args], timeout, env=environment())
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -129,11 +128,4 @@ def launch_killed(
 ) -> subprocess.CompletedProcess:
     """Like `launch`, through tests/killing_trainer.py, which SIGKILLs the whole run at `kill_at`."""
     command = [*accelerate_launch(processes, launcher), str(KILLING_TRAINER), "--config", str(config), *overrides]
-    return subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**environment(), "KILL_AT": kill_at, **env},
-    )
+    return run_process(command, 300, env={**environment(), "KILL_AT": kill_at, **env})
