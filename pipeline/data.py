@@ -15,10 +15,7 @@ micro-batch and counted; the first one of each shard is reported on stderr by th
 
 from __future__ import annotations
 
-import atexit
 import hashlib
-import multiprocessing
-import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
+from pipeline.data_workers import guard_worker
 from shards.random_access import SampleError, SplitDataset
 from shards.reader import open_split
 
@@ -180,22 +178,6 @@ def collate(samples: list[tuple[torch.Tensor, int] | None]) -> MicroBatch:
     return MicroBatch(images, labels, bad)
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """Data workers leave SIGTERM (which SLURM sends to every process of a job) to their rank, which
-    checkpoints before it exits: a worker dying of it would fail the rank's next batch instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
-def kill_workers_at_exit() -> None:
-    """At interpreter exit multiprocessing ends daemonic children (DataLoader workers still held by a
-    loader with persistent workers) with SIGTERM and waits for them: ours ignore SIGTERM, so that wait
-    would never end. They hold nothing worth keeping: kill them first."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-
-
 def training_loader(
     shards: str,
     split: str,
@@ -211,7 +193,7 @@ def training_loader(
         dataset,
         batch_sampler=RankBatches(layout, rank, start),
         collate_fn=collate,
-        worker_init_fn=ignore_sigterm,
+        worker_init_fn=guard_worker,  # SIGTERM from SLURM left to the rank; dies with the rank
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,

@@ -13,10 +13,10 @@ KILL_AT=freeze_1:N        only rank 1 freezes (SIGSTOP: alive, sockets open, sil
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,11 +42,12 @@ def descendants(root: int) -> list[int]:
 
 
 def kill_the_run(sent: signal.Signals = signal.SIGKILL) -> None:
+    """Sent by another process, /bin/kill, as by SLURM or a node failure: data workers end on a SIGTERM
+    from their own rank (pipeline/data_workers.py), not on one from elsewhere."""
     # under accelerate launch the parent is the launcher; a lone `python killing_trainer.py` kills itself
     root = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
-    for pid in sorted(descendants(root), key=lambda pid: pid == os.getpid()):  # this process last
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sent)
+    pids = sorted(descendants(root), key=lambda pid: pid == os.getpid())  # this process last
+    subprocess.run(["kill", f"-{sent.name.removeprefix('SIG')}", *map(str, pids)], stderr=subprocess.DEVNULL)
 
 
 def after_micro_steps(count: int, action) -> None:

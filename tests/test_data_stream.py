@@ -23,7 +23,7 @@ def shards(tmp_path_factory) -> Path:
     return build_small_shards(tmp_path_factory.mktemp("stream"))  # 40 samples, shards of 7,7,7,7,7,5
 
 
-def stream(shards: Path, report: Path, start: int, steps: int) -> list[dict]:
+def stream(shards: Path, report: Path, start: int, steps: int, timeout: float = 300) -> list[dict]:
     command = [
         "-m",
         "torch.distributed.run",
@@ -39,7 +39,7 @@ def stream(shards: Path, report: Path, start: int, steps: int) -> list[dict]:
         str(steps),
         str(report),
     ]
-    result = run_python(*command)
+    result = run_python(*command, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(Path(f"{report}.{rank}").read_text()) for rank in (0, 1)]
 
