@@ -127,16 +127,16 @@ def commit(staging: Path, state: dict[str, Any], hashed: dict[str, str]) -> Path
     if (staging / OPTIMIZER_FOLDER).is_dir():
         sync_folder(staging / OPTIMIZER_FOLDER)
     final = root / folder_name(state["step"])
+    replaced = root / f".{final.name}.replaced"
     if final.exists():  # a run resumed from an older checkpoint re-reaches this step: the new one wins
         (root / LATEST).unlink(missing_ok=True)  # never left pointing at a folder that is briefly absent
-        replaced = root / f".{final.name}.replaced"
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
-        os.replace(staging, final)
-        shutil.rmtree(replaced)
-    else:
-        os.replace(staging, final)
+    os.replace(staging, final)
     sync_folder(root)
+    # only once the new folder's name is durable: deleted earlier, a power cut could leave the old name
+    # on the old folder's deleted files
+    shutil.rmtree(replaced, ignore_errors=True)
     temporary_link = root / f".{LATEST}.tmp"
     temporary_link.unlink(missing_ok=True)
     temporary_link.symlink_to(final.name)
@@ -171,6 +171,8 @@ def prune(root: Path, keep_last: int, current: Path, protected: Path | None) -> 
     doomed = [path for path in older if path.resolve() not in keep]
     for path in doomed:  # renamed first: a kill halfway through deleting leaves no broken step-N folder
         os.replace(path, root / f".{path.name}.deleting")
+    if doomed:
+        sync_folder(root)  # the renames durable before the deletions
     for pattern in (".step-*.partial", ".step-*.replaced", ".step-*.deleting"):
         for path in root.glob(pattern):
             shutil.rmtree(path)
