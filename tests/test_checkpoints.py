@@ -156,8 +156,13 @@ def test_a_finished_run_resumes_to_nothing_and_extends_with_max_steps(tmp_path: 
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_resume_is_exact_under_the_other_zero_stages(tmp_path: Path, shards: Path, zero_stage: int) -> None:
     """ZeRO-1 keeps sliced masters like ZeRO-2; without ZeRO (fp32) DeepSpeed's optimizer is the torch
-    optimizer itself, holding whole parameters. Both resume exactly (one process here)."""
-    settings = {"deepspeed": {"zero_stage": zero_stage}, "optimizer": {"name": "rmsprop", "lr": 0.01}}
+    optimizer itself, holding whole parameters. Both resume exactly (one process here), input noise
+    included: the plugin draws it from torch's global RNG, which the checkpoint must restore."""
+    settings = {
+        "deepspeed": {"zero_stage": zero_stage},
+        "optimizer": {"name": "rmsprop", "lr": 0.01},
+        "model": {"hidden": 4, "noise": 0.1},
+    }
     straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", max_steps=4, **settings)
     assert_ok(run_python("-m", "pipeline.train", "--config", str(straight)))
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=4, **settings)

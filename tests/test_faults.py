@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import run_process
 from test_checkpoints import all_tensors, assert_bit_identical, assert_ok, checkpoint_steps, latest, one_error_line
 from trainer_helpers import build_small_shards, environment, launch, launch_killed, metrics, run_python, write_config
 
@@ -23,11 +23,14 @@ def shards(tmp_path_factory) -> Path:
 
 
 def two_rank_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
-    """2 ranks x 2 micro-batches of 2 under ZeRO-2, a data worker per rank, a checkpoint every 2 steps."""
+    """2 ranks x 2 micro-batches of 2 under ZeRO-2, a data worker per rank, a checkpoint every 2 steps, and
+    input noise drawn from each rank's RNG, so that a resume matches the run that never stopped only if it
+    restores every rank's RNG. A `model` override adds to the noise instead of replacing it."""
     settings = {
         "data": {"shards": str(shards), "batch_size": 2, "workers": 1},
         "max_steps": 6,
         "checkpoint": {"every": 2},
+        "model": {"hidden": 4, "noise": 0.1, **overrides.pop("model", {})},
     }
     return write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, **{**settings, **overrides})
 
@@ -220,7 +223,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, 
         f"cp -a {mount}/run {kept}; exit $status"
     )
     command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=environment())
+    result = run_process(command, 300, env=environment())
     assert result.returncode != 99, f"cannot mount a tmpfs here: {result.stderr}"
     line = one_error_line(result)
     assert "step 4" in line and "No space left on device" in line and "step-00000002 is intact" in line

@@ -26,6 +26,9 @@ class LinearAutoencoder:
         # fault injection for the tests: {"steps": [...], "rank": R, "kind": "loss" | "gradient"} makes that
         # rank's loss (or only its gradient) non-finite at those optimizer steps
         self.nonfinite = options.get("nonfinite")
+        # input noise, drawn from torch's global RNG as real plugins draw theirs (reparameterisation): with
+        # it on, a resume that does not restore each rank's RNG no longer matches a run that never stopped
+        self.noise = float(options.get("noise", 0.0))
 
     def build_networks(self) -> dict[str, nn.Module]:
         return {"encoder": nn.Linear(self.pixels, self.hidden), "decoder": nn.Linear(self.hidden, self.pixels)}
@@ -38,6 +41,8 @@ class LinearAutoencoder:
         return (networks["decoder"](networks["encoder"](flat)) - flat).pow(2).mean()
 
     def training_step(self, networks, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepOutput:
+        if self.noise:  # off by default: no draw at all, so runs without it consume no random numbers
+            images = images + self.noise * torch.randn_like(images)
         loss = self.loss(networks, images)
         fault = self.nonfinite
         if fault and step in fault["steps"] and int(os.environ.get("RANK", "0")) == fault.get("rank", 0):
