@@ -15,9 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property-based (fuzz) tests: a bounded, seeded budget by default, so that CI is reproducible and short;
+# `pytest --hypothesis-profile fuzz` for a long search with fresh random examples.
+settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("fuzz", max_examples=5000, deadline=None, print_blob=True)
+settings.load_profile("ci")
 
 
 def synthetic_pixels(index: int, width: int, height: int, channels: int = 3) -> np.ndarray:
