@@ -31,7 +31,9 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.optimizer_state import CheckpointError
+from pipeline.checkpoint_state import TrainerState, WeightsConfig
+from pipeline.optimizer_state import CheckpointError, check_coverage, read_partitions
+from shards.errors import check_structure, parse_json
 from shards.shard_writer import sync_folder
 
 FORMAT_VERSION = 1
@@ -39,6 +41,7 @@ CHUNK_BYTES = 64 * 2**20
 # every file's checksum: sha256 over the concatenated sha256 digests of its 64 MiB chunks
 CHECKSUM = {"algorithm": "sha256-of-chunk-sha256s", "chunk_bytes": CHUNK_BYTES}
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
 LATEST = "latest"
 OPTIMIZER_FOLDER = "optimizer"
 NAME = re.compile(r"step-(\d{8,})")
@@ -180,24 +183,44 @@ def prune(root: Path, keep_last: int, current: Path, protected: Path | None) -> 
     return removed
 
 
-def validate(folder: Path) -> dict[str, Any]:
-    """trainer_state.json of a complete, untampered checkpoint; else CheckpointError naming the file."""
+def read_state(folder: Path) -> dict[str, Any]:
+    """trainer_state.json, its structure checked (pipeline/checkpoint_state.py); not yet the files it lists."""
     state_path = folder / STATE_FILE
     try:
-        state = json.loads(state_path.read_text())
+        data = state_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{state_path}: missing (an incomplete checkpoint)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{state_path}: unreadable ({error})") from None
-    required = {"files": dict, "step": int, "images": int, "data": dict, "engine": dict, "ranks": list}
-    if (
-        not isinstance(state, dict)
-        or state.get("format_version") != FORMAT_VERSION
-        or not all(isinstance(state.get(key), kind) for key, kind in required.items())
-    ):
-        raise CheckpointError(f"{state_path}: not a trainer state of format {FORMAT_VERSION}")
-    if state.get("checksum") != CHECKSUM:
-        raise CheckpointError(f"{state_path}: unknown checksum {state.get('checksum')!r} (expected {CHECKSUM})")
+    except OSError as error:
+        raise CheckpointError(f"{state_path}: unreadable ({error.strerror or error})") from None
+    state = parse_json(data, state_path, "checkpoint", CheckpointError)
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if type(version) is int and version != FORMAT_VERSION:
+        raise CheckpointError(f"{state_path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    check_structure(TrainerState, state, state_path, "checkpoint", CheckpointError)
+    if state["checksum"] != CHECKSUM:
+        raise CheckpointError(f"{state_path}: unknown checksum {state['checksum']!r} (expected {CHECKSUM})")
+    return state
+
+
+def read_weights_config(folder: Path) -> dict[str, Any]:
+    """config.json of a checkpoint or an export (plugin, its options, image size and channels), checked."""
+    path = folder / CONFIG_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
+    config = parse_json(data, path, "checkpoint", CheckpointError)
+    check_structure(WeightsConfig, config, path, "checkpoint", CheckpointError)
+    return config
+
+
+def validate(folder: Path) -> dict[str, Any]:
+    """trainer_state.json of a complete, untampered checkpoint; else CheckpointError naming the file."""
+    state = read_state(folder)
+    listed = set(state["files"])
+    for path in sorted((folder / OPTIMIZER_FOLDER).glob("rank-*.safetensors")):  # what a resume loads
+        if f"{OPTIMIZER_FOLDER}/{path.name}" not in listed:
+            raise CheckpointError(f"{path}: not listed in {STATE_FILE} (not part of this checkpoint)")
     paths = [folder / relative for relative in state["files"]]
     for path in paths:
         if not path.is_file():
@@ -239,7 +262,8 @@ def check_plugin(folder: Path, state: dict, plugin: str) -> None:
 
 
 def check_shapes(folder: Path, plugin: str, networks: dict) -> None:
-    """One clear line when the checkpoint's tensors do not fit these networks."""
+    """One clear line when the checkpoint's tensors, or its optimizer partitions, do not fit these networks
+    (only their headers are read)."""
     for name, network in networks.items():
         path = folder / f"{name}.safetensors"
         expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
@@ -254,18 +278,29 @@ def check_shapes(folder: Path, plugin: str, networks: dict) -> None:
                     f"{path}: {key} is {saved.get(key, 'missing')} in the checkpoint, "
                     f"{expected.get(key, 'absent')} in this {plugin} {name}"
                 )
+    check_coverage(read_partitions(folder / OPTIMIZER_FOLDER), networks)
 
 
 def export(checkpoint: Path, out: Path) -> list[Path]:
     """A weights folder (each network's safetensors + config.json), checked against trainer_state.json."""
     state = validate(checkpoint)
-    names = [name for name in state["files"] if "/" not in name]
-    out.mkdir(parents=True, exist_ok=True)
+    if CONFIG_FILE not in state["files"]:
+        raise CheckpointError(f"{checkpoint / STATE_FILE}: not a valid checkpoint: files: {CONFIG_FILE} is not listed")
+    config = read_weights_config(checkpoint)
+    if config["plugin"] != state["plugin"]:
+        raise CheckpointError(
+            f"{checkpoint / CONFIG_FILE}: not a valid checkpoint: plugin {config['plugin']!r}, "
+            f"{STATE_FILE} says {state['plugin']!r}"
+        )
     written = []
-    for name in names:
-        target = out / name
-        temporary = out / f".{name}.tmp"
-        shutil.copyfile(checkpoint / name, temporary)
-        os.replace(temporary, target)
-        written.append(target)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in [name for name in state["files"] if "/" not in name]:
+            target = out / name
+            temporary = out / f".{name}.tmp"
+            shutil.copyfile(checkpoint / name, temporary)
+            os.replace(temporary, target)
+            written.append(target)
+    except OSError as error:
+        raise CheckpointError(f"cannot write {error.filename or out}: {error.strerror or error}") from None
     return written

@@ -27,11 +27,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from safetensors import SafetensorError, safe_open
 
-from shards.errors import UserError
+from shards.errors import UserError, check_structure, parse_json
+from shards.manifest import Count, Record
 
 MASTER = "master"
 
@@ -136,22 +139,89 @@ class SavedPartition:
     path: Path
     slices: dict[str, tuple[int, int]]
     steps: list[float | None]
+    world_size: int
     state_keys: set[str]
 
 
+class PartitionIndex(Record):
+    """The "partition" metadata of a saved partition (module docstring)."""
+
+    slices: dict[
+        Annotated[str, Field(min_length=1, max_length=1000)], Annotated[list[Count], Field(min_length=2, max_length=2)]
+    ]
+    steps: list[Annotated[float, Field(ge=0, allow_inf_nan=False)] | None]
+    world_size: Annotated[int, Field(gt=0, lt=2**31)]
+
+
 def read_partition_index(path: Path) -> SavedPartition:
-    """A saved partition's header (no tensor data is read)."""
+    """A saved partition's header (no tensor data is read), checked: its index, and for every slice a
+    master and each optimizer state of exactly its number of elements."""
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
-            keys = list(file.keys())
-        index = json.loads(metadata["partition"])
-        slices = {name: (int(start), int(numel)) for name, (start, numel) in index["slices"].items()}
-        steps = index["steps"]
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (OSError, SafetensorError) as error:
         raise CheckpointError(f"{path}: not a readable optimizer partition ({error})") from None
-    state_keys = {key.split("/", 1)[0] for key in keys} - {MASTER}
-    return SavedPartition(path, slices, steps, state_keys)
+    if not isinstance(metadata.get("partition"), str):
+        raise CheckpointError(f"{path}: not a valid checkpoint: no partition index in its metadata")
+    where = f"{path} (partition index)"
+    index = parse_json(metadata["partition"].encode(), where, "checkpoint", CheckpointError)
+    check_structure(PartitionIndex, index, where, "checkpoint", CheckpointError)
+    slices = {name: (start, numel) for name, (start, numel) in index["slices"].items()}
+    state_keys = {key.split("/", 1)[0] for key in shapes} - {MASTER}
+    for name, (_, numel) in slices.items():
+        for key in [MASTER, *sorted(state_keys)]:
+            if shapes.get(f"{key}/{name}") != [numel]:
+                found = shapes.get(f"{key}/{name}", "missing")
+                raise CheckpointError(
+                    f"{path}: not a valid checkpoint: {f'{key}/{name}'[:200]!r} is {found}, its slice holds {numel}"
+                )
+    return SavedPartition(path, slices, index["steps"], index["world_size"], state_keys)
+
+
+def read_partitions(folder: Path) -> list[SavedPartition]:
+    """Every saved partition's header (`read_partition_index`), checked against each other: one file per
+    rank that wrote them, the same optimizer state keys and step counts in each."""
+    saved = [read_partition_index(path) for path in sorted(folder.glob("rank-*.safetensors"))]
+    if not saved:
+        raise CheckpointError(f"{folder}: no optimizer partitions (rank-*.safetensors)")
+    first = saved[0]
+    if [partition.path.name for partition in saved] != [partition_file(rank) for rank in range(first.world_size)]:
+        raise CheckpointError(f"{folder}: holds {len(saved)} optimizer partitions, written by {first.world_size} ranks")
+    for partition in saved[1:]:
+        if (partition.state_keys, partition.steps, partition.world_size) != (
+            first.state_keys,
+            first.steps,
+            first.world_size,
+        ):
+            raise CheckpointError(
+                f"{partition.path}: not a valid checkpoint: its optimizer state keys or step counts differ from "
+                f"{first.path.name}'s"
+            )
+    return saved
+
+
+def _tiles(pieces: list[tuple[int, int]], numel: int) -> bool:
+    """Whether the (start, count) pieces, empty ones aside, cover [0, numel) with no gap and no overlap."""
+    covered = 0
+    for start, count in sorted(piece for piece in pieces if piece[1]):
+        if start != covered:
+            return False
+        covered += count
+    return covered == numel
+
+
+def check_coverage(saved: list[SavedPartition], networks: dict[str, torch.nn.Module]) -> None:
+    """The saved slices of every parameter of these networks tile it exactly, as `load_partitions` needs
+    (checked at start-up, before a process group exists)."""
+    for network_name, network in networks.items():
+        for key, param in network.named_parameters():
+            name = f"{network_name}.{key}"
+            if not _tiles([partition.slices[name] for partition in saved if name in partition.slices], param.numel()):
+                raise CheckpointError(
+                    f"{saved[0].path.parent}: not a valid checkpoint: its optimizer partitions do not hold exactly "
+                    f"the {param.numel()} elements of {name}"
+                )
 
 
 def _create_state(engine, state_keys: set[str], steps: list[float | None]) -> None:
@@ -172,9 +242,7 @@ def _create_state(engine, state_keys: set[str], steps: list[float | None]) -> No
 def load_partitions(engine, networks: torch.nn.ModuleDict, folder: Path) -> None:
     """Fill this rank's slices (masters and optimizer state) from a checkpoint's partitions, whatever
     the number of ranks that wrote them. The module's own weights are loaded separately."""
-    saved = [read_partition_index(path) for path in sorted(folder.glob("rank-*.safetensors"))]
-    if not saved:
-        raise CheckpointError(f"{folder}: no optimizer partitions (rank-*.safetensors)")
+    saved = read_partitions(folder)
     state_keys, steps = saved[0].state_keys, saved[0].steps
     groups = len(engine.basic_optimizer.param_groups)
     if len(steps) != groups:

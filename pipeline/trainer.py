@@ -417,6 +417,7 @@ class Trainer:
             for name, network in self.networks.items():
                 network.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
             optimizer_state.load_partitions(self.engine, self.networks, folder / checkpoint.OPTIMIZER_FOLDER)
+            self._restore_rank_state(folder, state)
         except UserError as error:  # each rank reads its own slices: a failure may be one rank's alone
             failure = str(error)
         except (OSError, SafetensorError, RuntimeError) as error:
@@ -431,12 +432,22 @@ class Trainer:
         if scaler is not None and state.get("precision") == self.precision:
             for name, value in (state.get("loss_scaler") or {}).items():
                 setattr(scaler, name, value)
-        rank = self.accelerator.process_index
-        if rank < len(state["ranks"]):  # ranks the saved run did not have start their own streams
-            rng.restore(state["ranks"][rank]["rng"])
-            self.plugin.load_state_dict(state["ranks"][rank]["plugin"])
         if self.accelerator.is_main_process:
             RunLog.drop_records_after(self.output_dir, self.step)
+
+    def _restore_rank_state(self, folder: Path, state: dict[str, Any]) -> None:
+        """This rank's RNG and plugin state; ranks the saved run did not have start their own streams."""
+        rank = self.accelerator.process_index
+        if rank >= len(state["ranks"]):
+            return
+        rng.restore(state["ranks"][rank]["rng"])  # its structure was checked when the checkpoint was read
+        try:
+            self.plugin.load_state_dict(state["ranks"][rank]["plugin"])
+        except (KeyError, TypeError, ValueError) as error:  # the plugin's own format, unknown to the trainer
+            raise CheckpointError(
+                f"{folder / checkpoint.STATE_FILE}: not a valid checkpoint: rank {rank}'s plugin state does not "
+                f"fit the {self.config.plugin} plugin ({type(error).__name__}: {error})"
+            ) from None
 
 
 # DeepSpeed's own progress counters (they drive its schedulers and its fp16 loss scaling)

@@ -13,17 +13,15 @@ and the position, and the other samples stay readable.
 from __future__ import annotations
 
 import bisect
-import contextlib
-import json
 import os
-import tarfile
 from itertools import accumulate
 from pathlib import Path
 
 import torch
 
+from shards import tar_index
 from shards.errors import UserError
-from shards.reader import NO_LABEL, ShardSplit, image_to_tensor
+from shards.reader import BadSample, ShardSplit, decode_sample
 
 
 class SampleError(UserError):
@@ -35,27 +33,32 @@ class SampleError(UserError):
 
 
 class ShardFile:
-    """One shard, read by sample position. Opens its file lazily, once per process (DataLoader
-    workers fork or spawn after construction and must not share a file offset)."""
+    """One shard, read by sample position: each sample's members named `extensions`. Opens its file
+    lazily, once per process (DataLoader workers fork or spawn after construction and must not share a
+    file offset)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._members: list[dict[str, tuple[int, int]]] | None = None
+    def __init__(self, path: Path, extensions: tuple[str, ...]) -> None:
+        self.path, self.extensions = path, extensions
+        self._members: list[dict[str, tar_index.Member]] | None = None
+        self._damage = ""  # why the listing ended early, if it did
         self._file = None
         self._pid = -1
 
-    def _index(self) -> list[dict[str, tuple[int, int]]]:
-        members: list[dict[str, tuple[int, int]]] = []
-        last_key = None
-        # tarfile ends the listing quietly at a truncation or an overwritten header (and raises only when
-        # the very first header is cut): what comes before stays readable, what is missing fails in read()
-        with contextlib.suppress(tarfile.ReadError, EOFError), tarfile.open(self.path, "r:") as tar:
-            for info in tar:
-                key, _, extension = info.name.partition(".")
-                if key != last_key:
-                    members.append({})
-                    last_key = key
-                members[-1][extension] = (info.offset_data, info.size)
+    def _open(self):
+        if self._pid != os.getpid():
+            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the life of the process
+            self._pid = os.getpid()
+        return self._file
+
+    def _index(self) -> list[dict[str, tar_index.Member]]:
+        """The members of each sample, from the tar headers. A truncation or a damaged header ends the
+        listing: what comes before stays readable, what is missing fails in read()."""
+        members = []
+        try:
+            for _, sample in tar_index.samples(self._open()):
+                members.append(sample)
+        except tar_index.DamagedTar as error:
+            self._damage = str(error)
         return members
 
     def __len__(self) -> int:
@@ -64,20 +67,22 @@ class ShardFile:
         return len(self._members)
 
     def read(self, position: int) -> dict[str, bytes]:
-        if self._members is None:
-            self._members = self._index()
-        if position >= len(self._members):
-            raise SampleError(self.path, position, f"the shard ends after {len(self._members)} samples (truncated?)")
-        if self._pid != os.getpid():
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the life of the process
-            self._pid = os.getpid()
-        sample = {}
-        for extension, (offset, size) in self._members[position].items():
-            self._file.seek(offset)
-            sample[extension] = self._file.read(size)
-            if len(sample[extension]) != size:
-                raise SampleError(self.path, position, f"its .{extension} is cut short (the shard is truncated)")
-        return sample
+        count = len(self)
+        if position >= count:
+            why = self._damage or "truncated?"
+            raise SampleError(self.path, position, f"the shard ends after {count} samples ({why})")
+        members = self._members[position]
+        missing = [f".{extension}" for extension in self.extensions if extension not in members]
+        if missing and self._damage and position == count - 1:
+            held = ", ".join(f".{extension}" for extension in members)
+            raise SampleError(self.path, position, f"the shard ends after its {held} ({self._damage})")
+        if missing:
+            raise SampleError(self.path, position, f"it has no {' or '.join(missing)}")
+        file = self._open()
+        try:
+            return {extension: tar_index.read(file, members[extension]) for extension in self.extensions}
+        except tar_index.DamagedTar as error:
+            raise SampleError(self.path, position, str(error)) from None
 
 
 class SplitDataset(torch.utils.data.Dataset):
@@ -85,7 +90,8 @@ class SplitDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: ShardSplit) -> None:
         self.split = split
-        self.shards = [ShardFile(split.root / shard["name"]) for shard in split.shards]
+        extensions = ("json", split.image["format"])
+        self.shards = [ShardFile(split.root / shard["name"], extensions) for shard in split.shards]
         self.counts = [shard["count"] for shard in split.shards]
         self.starts = [0, *accumulate(self.counts)]
 
@@ -98,13 +104,13 @@ class SplitDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         shard, position = self.locate(index)
+        source = self.shards[shard]
         try:
-            sample = self.shards[shard].read(position)
-            meta = json.loads(sample["json"])
-            image = image_to_tensor(sample[self.split.image["format"]], self.split.image["mode"])
+            return decode_sample(source.read(position), self.split.image)
         except SampleError:
             raise
+        except BadSample as error:
+            reason = str(error)
         except Exception as error:  # decoding damaged bytes raises anything from OSError to SyntaxError
             reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-            raise SampleError(self.shards[shard].path, position, reason) from None
-        return image, meta.get("label", NO_LABEL)
+        raise SampleError(source.path, position, reason)

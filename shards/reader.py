@@ -58,9 +58,16 @@ def open_split(out: str | Path, split: str = "train") -> ShardSplit:
     return ShardSplit(root, split, shards, manifest["image"], tuple(labels) if labels else None)
 
 
-def image_to_tensor(data: bytes, mode: str) -> torch.Tensor:
-    """Encoded image bytes to a float CHW tensor in [-1, 1]."""
+class BadSample(ValueError):
+    """A sample whose members are missing, or whose image or metadata is not what the manifest says."""
+
+
+def image_to_tensor(data: bytes, mode: str, size: int | None = None) -> torch.Tensor:
+    """Encoded image bytes to a float CHW tensor in [-1, 1]. With `size`, an image of any other size is
+    refused from its header, before its pixels are decoded (a damaged header must not size an allocation)."""
     with Image.open(io.BytesIO(data), formats=SHARD_FORMATS) as image:
+        if size is not None and image.size != (size, size):
+            raise BadSample(f"its image is {image.size[0]}x{image.size[1]}, the manifest says {size}x{size}")
         pixels = np.asarray(image.convert(mode))
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
@@ -74,9 +81,19 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def decode_sample(sample: dict, image_format: str, mode: str) -> tuple[torch.Tensor, int]:
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    return image_to_tensor(sample[image_format], mode), int(meta.get("label", NO_LABEL))
+def decode_sample(sample: dict[str, bytes], image: dict) -> tuple[torch.Tensor, int]:
+    """(image, label) of one sample's members; BadSample when they are not what the manifest says."""
+    missing = [f".{extension}" for extension in ("json", image["format"]) if extension not in sample]
+    if missing:
+        raise BadSample(f"it has no {' or '.join(missing)}")
+    try:
+        meta = json.loads(sample["json"])
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise BadSample(f"its .json does not parse ({error})") from None
+    label = meta.get("label", NO_LABEL) if isinstance(meta, dict) else None
+    if type(label) is not int or label < NO_LABEL:
+        raise BadSample(f"its .json is not an object with an integer label >= {NO_LABEL}")
+    return image_to_tensor(sample[image["format"]], image["mode"], image["size"]), label
 
 
 def webdataset(
@@ -100,5 +117,4 @@ def webdataset(
         handler=handler,
         empty_check=False,
     )
-    decode = functools.partial(decode_sample, image_format=split.image["format"], mode=split.image["mode"])
-    return dataset.map(decode, handler=handler)
+    return dataset.map(functools.partial(decode_sample, image=split.image), handler=handler)

@@ -1,16 +1,21 @@
-"""`shards verify`: every shard's sha256 against the manifest, and every sample decoded."""
+"""`shards verify`: every shard's sha256 against the manifest, every tar header checked (shards/tar_index.py),
+and every sample decoded."""
 
 from __future__ import annotations
 
 import hashlib
-import tarfile
+import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
+from shards import tar_index
 from shards.manifest import SPLITS, read_manifest
 from shards.parallel import ordered_map
 from shards.progress import progress_bar
-from shards.samples import decode_image, decode_meta, iter_samples
+from shards.samples import SHARD_FORMATS
 
 HASH_BLOCK = 1 << 20
 
@@ -32,10 +37,10 @@ def check_shard(path: Path, record: dict, image: dict) -> list[str]:
         problems.append("sha256 does not match the manifest")
     count = 0
     try:
-        for key, members in iter_samples(path):
-            count += 1
+        for key, members in tar_index.read_samples(path):
             problems += _check_sample(key, members, image)
-    except (tarfile.TarError, EOFError, OSError) as error:
+            count += 1
+    except (tar_index.DamagedTar, OSError) as error:
         problems.append(f"unreadable tar after {count} samples ({error or type(error).__name__})")
     if count != record["count"]:
         problems.append(f"holds {count} samples, the manifest says {record['count']}")
@@ -45,14 +50,22 @@ def check_shard(path: Path, record: dict, image: dict) -> list[str]:
 def _check_sample(key: str, members: dict[str, bytes], image: dict) -> list[str]:
     if image["format"] not in members or "json" not in members:
         return [f"sample {key}: missing .{image['format']} or .json"]
+    expected = (image["mode"], (image["size"], image["size"]))
     try:
-        decoded = decode_image(members[image["format"]])
-        decode_meta(members["json"])
+        # opened lazily: its header is checked before a damaged one can size the decoded pixels
+        with Image.open(io.BytesIO(members[image["format"]]), formats=SHARD_FORMATS) as decoded:
+            found = (decoded.mode, decoded.size)
+            if found == expected:
+                decoded.load()
+        meta = json.loads(members["json"].decode("utf-8"))
     except Exception as error:  # any decoder failure is a finding to report, not a crash
         return [f"sample {key}: does not decode ({error})"]
-    if decoded.size != (image["size"], image["size"]) or decoded.mode != image["mode"]:
-        found = f"{decoded.mode} {decoded.size[0]}x{decoded.size[1]}"
-        return [f"sample {key}: is {found}, expected {image['mode']} {image['size']}x{image['size']}"]
+    if found != expected:
+        mode, (width, height) = found
+        return [f"sample {key}: is {mode} {width}x{height}, expected {image['mode']} {image['size']}x{image['size']}"]
+    label = meta.get("label", -1) if isinstance(meta, dict) else None
+    if type(label) is not int or label < -1:
+        return [f"sample {key}: its .json is not an object with an integer label >= -1"]
     return []
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from pipeline import checkpoint
+from pipeline import checkpoint, rng
 from pipeline.optimizer_state import CheckpointError, partition_file
 
 PREVIOUS, STEP = 2, 4
@@ -162,9 +162,17 @@ def trainer_state(step: int, version: int) -> dict:
         "plugin": "vae",
         "step": step,
         "images": 8 * step,
-        "data": {},
-        "engine": {},
-        "ranks": [{"rng": {}, "plugin": {}}],
+        "data": {
+            "micro_step": step,
+            "epoch": 0,
+            "sample_in_epoch": 0,
+            "global_batch": 8,
+            "samples": 80,
+            "seed": 0,
+            "shuffle_shards": 1,
+        },
+        "engine": dict.fromkeys(("global_steps", "global_samples", "micro_steps", "skipped_steps"), 0),
+        "ranks": [{"rng": rng.capture(), "plugin": {}}],  # a state a resume could use (checkpoint_state.py)
         "version": version,  # which save wrote it
     }
 
