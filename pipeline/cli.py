@@ -1,5 +1,6 @@
 """The `pipeline` command: train model plugins on shards, list the plugins, use trained models, evaluate
-them, and plot a run's losses."""
+them, and plot a run's losses. Results go to stdout; progress and errors to stderr (a usage mistake is
+one line and exit status 2, as for `shards`: shards/cli.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import checkpoint, evaluate, model_commands, plot, train
 from pipeline.plugin import describe, installed_plugins
 from shards import __version__
+from shards.cli import ArgumentParser, check_output_folder, one_line, output, report_error
 from shards.errors import UserError
-from shards.progress import console
 
 
 def list_plugins(args: argparse.Namespace) -> int:
@@ -21,19 +23,24 @@ def list_plugins(args: argparse.Namespace) -> int:
     for column in ("name", "class", "description"):
         table.add_column(column)
     for name, point in sorted(installed_plugins().items()):
-        table.add_row(name, point.value, describe(point))
-    console.print(table)
+        table.add_row(escape(name), escape(point.value), escape(describe(point)))  # third-party text: no markup
+    output.print(table)
     return 0
 
 
 def export(args: argparse.Namespace) -> int:
-    written = checkpoint.export(args.checkpoint, args.out)
-    console.print(f"exported {len(written)} files to {args.out}: {', '.join(path.name for path in written)}")
+    check_output_folder(args.out)
+    try:
+        written = checkpoint.export(args.checkpoint, args.out)
+    except OSError as error:  # checked before the work; a full disk remains possible
+        raise UserError(f"cannot export to {args.out}: {error.strerror or error}") from None
+    names = ", ".join(path.name for path in written)
+    print(f"exported {len(written)} files to {one_line(str(args.out))}: {one_line(names)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    parser = ArgumentParser(prog="pipeline", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     training = commands.add_parser(
@@ -66,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as error:
-        print(f"pipeline {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(f"pipeline {args.command}", error)
 
 
 if __name__ == "__main__":

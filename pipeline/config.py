@@ -1,21 +1,91 @@
 """The run configuration: one YAML file plus `key.sub=value` overrides, validated once at start-up,
 before any process group or DeepSpeed engine exists. Unknown keys are errors (typos must not be
-silently ignored); every bad value is reported on its own line."""
+silently ignored); every bad value is reported, all on one line.
+
+Every number has a type and a range. Booleans are not numbers: pydantic's lax mode would read
+`batch_size: true` as 1, so whole numbers are strict (`Integer`) and neither they nor `Number` take a
+boolean; `Flag` takes only true/false. `Number` still reads text such as `1e-4`, which YAML 1.1 (PyYAML)
+leaves a string.
+"""
 
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic import Strict as StrictMode
 
-from shards.errors import UserError
+from shards.cli import one_line
+from shards.errors import UserError, describe_error, shown
+
+COUNT_MAX = 2**53  # steps, images, intervals: exact as a float and in any JSON reader
+GRID_MAX = 4096  # images in one grid, as the model commands allow
+NAME_MAX = 255  # bytes in one file name on Linux file systems
 
 
 class ConfigError(UserError):
     pass
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number")
+    return value
+
+
+def _path_text(value: Any) -> Any:
+    """A path that can name a file: not empty, no NUL byte, no name longer than the file system allows."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("an empty path")
+        if "\0" in value:
+            raise ValueError("a path cannot hold a NUL byte")
+        if any(len(os.fsencode(part)) > NAME_MAX for part in Path(value).parts):
+            raise ValueError(f"a name in the path is longer than {NAME_MAX} bytes")
+    return value
+
+
+def _json_value(value: Any, where: tuple = ()) -> None:
+    """A value a JSON file can hold as it is (`model` options go into each checkpoint's config.json)."""
+    place = ".".join(map(str, where)) + ": " if where else ""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{place}the key {key!r} is not text")
+            _json_value(item, (*where, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _json_value(item, (*where, index))
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{place}{value} is not a finite number")
+    elif not isinstance(value, str | int | float | bool | type(None)):
+        raise ValueError(f"{place}a {type(value).__name__} is not a JSON value")
+
+
+Integer = Annotated[int, BeforeValidator(_not_a_boolean), StrictMode()]  # not 16.0, "16" or true
+Number = Annotated[float, BeforeValidator(_not_a_boolean), Field(allow_inf_nan=False)]  # 3, 0.5, "1e-4"
+Flag = StrictBool
+FilePath = Annotated[Path, BeforeValidator(_path_text)]
 
 
 class Strict(BaseModel):
@@ -23,17 +93,17 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    shards: Path
+    shards: FilePath
     split: Literal["train", "val"] = "train"
-    batch_size: int = Field(16, gt=0, description="per-device micro-batch size")
-    workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
-    shuffle_shards: int = Field(8, gt=0, description="shards mixed together by the per-epoch shuffle")
-    hflip: bool = Field(False, description="random horizontal flip (the paper's CelebA augmentation)")
+    batch_size: Integer = Field(16, gt=0, le=2**16, description="per-device micro-batch size")
+    workers: Integer = Field(2, ge=0, le=256, description="DataLoader worker processes per rank")
+    shuffle_shards: Integer = Field(8, gt=0, le=2**20, description="shards mixed together by the per-epoch shuffle")
+    hflip: Flag = Field(False, description="random horizontal flip (the paper's CelebA augmentation)")
 
 
 class NetworkOptimizer(Strict):
-    lr: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
+    lr: Number | None = Field(None, gt=0)
+    weight_decay: Number | None = Field(None, ge=0)
 
 
 class OptimizerConfig(Strict):
@@ -43,12 +113,12 @@ class OptimizerConfig(Strict):
     model_config = ConfigDict(extra="allow")
     __pydantic_extra__: dict[str, NetworkOptimizer] = Field(init=False)  # optimizer.<network>: {lr, ...}
     name: Literal["rmsprop", "adam", "adamw", "sgd"] | None = None
-    lr: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
+    lr: Number | None = Field(None, gt=0)
+    weight_decay: Number | None = Field(None, ge=0)
     # unset: the plugin's value, else torch's default (RMSProp decay: the authors' 0.9 is the vaegan default)
-    alpha: float | None = Field(None, gt=0, lt=1)
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] | None = None
-    eps: float | None = Field(None, gt=0)
+    alpha: Number | None = Field(None, gt=0, lt=1)
+    betas: tuple[Annotated[Number, Field(ge=0, lt=1)], Annotated[Number, Field(ge=0, lt=1)]] | None = None
+    eps: Number | None = Field(None, gt=0)
 
     def for_network(self, name: str) -> NetworkOptimizer:
         return (self.model_extra or {}).get(name, NetworkOptimizer())
@@ -58,10 +128,14 @@ class LRScheduleConfig(Strict):
     """The learning rate over the run, as a factor of every network's optimizer rate (pipeline/lr_schedule.py)."""
 
     name: Literal["constant", "power_decay"] = "constant"
-    power: float = Field(0.75, gt=0, description="power_decay: the authors' 0.75")
-    final_fraction: float = Field(5e-4, ge=0, le=1, description="the factor reached at the end (authors: 1e-5 / 0.02)")
-    steps: int | None = Field(None, gt=0, description="length of the decay in steps; unset: the run's length")
-    every: int = Field(1, gt=0, description="the rate changes every N steps (authors: 250, one of their epochs)")
+    power: Number = Field(0.75, gt=0, description="power_decay: the authors' 0.75")
+    final_fraction: Number = Field(5e-4, ge=0, le=1, description="the factor reached at the end (authors: 1e-5 / 0.02)")
+    steps: Integer | None = Field(
+        None, gt=0, le=COUNT_MAX, description="length of the decay in steps; unset: the run's length"
+    )
+    every: Integer = Field(
+        1, gt=0, le=COUNT_MAX, description="the rate changes every N steps (authors: 250, one of their epochs)"
+    )
 
 
 class DeepSpeedConfig(Strict):
@@ -69,24 +143,30 @@ class DeepSpeedConfig(Strict):
     unset, they come from `config`, else ZeRO-2 without offload. ZeRO-3 is not offered: the plugins call
     networks with whole parameters (the VAE-GAN's detached-parameter passes) and the trainer saves them."""
 
-    zero_stage: Literal[0, 1, 2] | None = None
+    zero_stage: Annotated[Literal[0, 1, 2], BeforeValidator(_whole_number)] | None = None
     offload_optimizer: Literal["none", "cpu"] | None = None
-    config: Path | None = Field(None, description="a DeepSpeed JSON (launch/deepspeed/*.json) to start from")
+    config: FilePath | None = Field(None, description="a DeepSpeed JSON (launch/deepspeed/*.json) to start from")
 
 
 class CheckpointConfig(Strict):
-    every: int = Field(500, gt=0, description="optimizer steps between checkpoints")
-    keep_last: int = Field(3, gt=0)
+    every: Integer = Field(500, gt=0, le=COUNT_MAX, description="optimizer steps between checkpoints")
+    keep_last: Integer = Field(3, gt=0, le=COUNT_MAX)
 
 
 class FaultsConfig(Strict):
     """What the run does when things go wrong (README, "Faults")."""
 
-    max_skipped_steps_in_a_row: int = Field(
-        20, gt=0, description="updates skipped for a non-finite loss or gradient, in a row, before the run stops"
+    max_skipped_steps_in_a_row: Integer = Field(
+        20,
+        gt=0,
+        le=COUNT_MAX,
+        description="updates skipped for a non-finite loss or gradient, in a row, before the run stops",
     )
-    collective_timeout_minutes: float = Field(
-        30, gt=0, description="a rank waiting this long for the others in a collective fails the run (no hang)"
+    collective_timeout_minutes: Number = Field(
+        30,
+        gt=0,
+        le=7 * 24 * 60,
+        description="a rank waiting this long for the others in a collective fails the run (no hang); at most a week",
     )
 
 
@@ -96,24 +176,37 @@ class RunConfig(Strict):
     data: DataConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; or give max_images")
-    max_images: int | None = Field(None, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_steps: Integer | None = Field(None, gt=0, le=COUNT_MAX, description="optimizer steps; or give max_images")
+    max_images: Integer | None = Field(None, gt=0, le=COUNT_MAX)
+    gradient_accumulation_steps: Integer = Field(1, gt=0, le=2**16)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    log_every: int = Field(10, gt=0)
-    sample_every: int = Field(200, gt=0)
-    grid_size: int = Field(64, gt=0, description="images in each sample/reconstruction grid")
+    log_every: Integer = Field(10, gt=0, le=COUNT_MAX)
+    sample_every: Integer = Field(200, gt=0, le=COUNT_MAX)
+    grid_size: Integer = Field(64, gt=0, le=GRID_MAX, description="images in each sample/reconstruction grid")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
-    output_dir: Path
+    output_dir: FilePath
     resume: str = Field("auto", description="auto | none | PATH to a checkpoint folder")
-    seed: int = Field(0, ge=0, lt=2**31)
+    seed: Integer = Field(0, ge=0, lt=2**31)
+
+    @field_validator("model")
+    @classmethod
+    def json_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _json_value(value)  # each checkpoint's config.json keeps them
+        return value
 
     @field_validator("resume")
     @classmethod
     def resume_target(cls, value: str) -> str:
-        if value not in ("auto", "none") and not Path(value).is_dir():
+        if value in ("auto", "none"):
+            return value
+        try:
+            _path_text(value)
+            is_folder = Path(value).is_dir()
+        except OSError:
+            is_folder = False
+        if not is_folder:
             raise ValueError(f"must be auto, none or a checkpoint folder; {value} is not a folder")
         return value
 
@@ -131,7 +224,7 @@ def apply_override(tree: dict, assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} is not key=value (example: data.batch_size=32)")
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = text
     parts = key.strip().split(".")
     node = tree
@@ -154,35 +247,92 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _describe(error: dict) -> str:
-    location = ".".join(str(part) for part in error["loc"])
+    """A finding on its own line; an unknown key with the nearest known one, a missing one as required."""
+    location = ".".join(shown(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(location, _known_keys(RunConfig), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         return f"{location}: unknown key{hint}"
     if error["type"] == "missing":
         return f"{location}: required"
-    given = error.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"{location or 'config'}: {error['msg']}{shown}"
+    return describe_error(error) if location else f"config: {describe_error(error)}"
+
+
+CONFIG_MAX_BYTES = 2**20
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"YAML error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return "YAML error: " + " ".join(str(error).split())
+
+
+def read_config_tree(path: Path) -> dict:
+    """The config file as a mapping, or ConfigError saying in one line why it is not a valid config."""
+    try:
+        with open(path, "rb") as file:  # not read_bytes: `--config /dev/zero` must not fill the memory
+            data = file.read(CONFIG_MAX_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: not a valid config: larger than {CONFIG_MAX_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a valid config: byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8 "
+            "(save the file as UTF-8)"
+        ) from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not a valid config: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a valid config: nested too deeply") from None
+    if tree is None:  # an empty file: every required key is then reported
+        tree = {}
+    if not isinstance(tree, dict):
+        kind = type(tree).__name__
+        raise ConfigError(f"{path}: not a valid config: the top level must be a mapping of keys, not a {kind}")
+    return tree
+
+
+def check_deepspeed_file(config: RunConfig) -> None:
+    """deepspeed.config, read and merged as the engine will, now rather than once ranks exist."""
+    from pipeline.deepspeed_config import build_deepspeed_config  # imports torch: only when there is a file
+
+    try:
+        build_deepspeed_config(config, "fp32")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"deepspeed.config: {config.deepspeed.config} is not UTF-8 (byte {error.start})") from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    path = Path(path)
+    """The validated config, or ConfigError: one line, whatever the file holds (keys with line breaks...)."""
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except OSError as error:
-        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        return _load_config(Path(path), overrides)
+    except ConfigError as error:
+        raise ConfigError(one_line(str(error))) from None
+
+
+def _load_config(path: Path, overrides: list[str]) -> RunConfig:
+    tree = read_config_tree(path)
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
-        return RunConfig.model_validate(tree)
+        config = RunConfig.model_validate(tree)
     except ValidationError as error:
         lines = [_describe(item) for item in error.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+        raise ConfigError(f"{path}: not a valid config: " + "; ".join(lines)) from None
+    except RecursionError:  # a YAML alias that refers to itself
+        raise ConfigError(f"{path}: not a valid config: a value refers to itself or is nested too deeply") from None
+    if config.deepspeed.config is not None:
+        try:
+            check_deepspeed_file(config)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: not a valid config: {error}") from None
+    return config
 
 
 def resolved_yaml(config: RunConfig) -> str:

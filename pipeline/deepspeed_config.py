@@ -31,15 +31,21 @@ def load_user_config(config: RunConfig) -> dict[str, Any]:
         return {}
     try:
         user = json.loads(config.deepspeed.config.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"deepspeed.config: cannot read {config.deepspeed.config}: {error}") from None
     if not isinstance(user, dict):
         raise ConfigError(f"deepspeed.config: {config.deepspeed.config} must hold a JSON object")
     for owned in ("optimizer", "scheduler"):
         if owned in user:
             raise ConfigError(f"deepspeed.config: remove {owned!r}: the run config and the plugin set it")
-    if not isinstance(user.get("zero_optimization", {}), dict):
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, dict):
         raise ConfigError("deepspeed.config: zero_optimization must be an object")
+    for section in ("offload_optimizer", "offload_param"):
+        if not isinstance(zero.get(section, {}), dict):
+            raise ConfigError(f"deepspeed.config: zero_optimization.{section} must be an object")
+    if type(zero.get("stage", DEFAULT_ZERO_STAGE)) is not int:  # not true, "2" or 2.0
+        raise ConfigError(f"deepspeed.config: zero_optimization.stage must be 0, 1 or 2 (got {zero['stage']!r})")
     return user
 
 

@@ -16,6 +16,7 @@ folder PARENT/NAME (an export): never inside the weights folder, whose files are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -26,17 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import grids
-from pipeline.checkpoint import STATE_FILE
+from pipeline.checkpoint import STATE_FILE, read_state
 from pipeline.feature_distances import KernelDistance, frechet_distance, kernel_distance
 from pipeline.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
-from pipeline.model_commands import load_model
+from pipeline.model_commands import check_output_beside, load_model, read_description
+from pipeline.optimizer_state import CheckpointError
 from pipeline.plugin import ModelPlugin
+from shards.cli import bounded, one_line, output, seed
 from shards.errors import UserError
-from shards.progress import console as progress_console
 from shards.progress import progress_bar
 from shards.random_access import SplitDataset
 from shards.reader import open_split
@@ -141,14 +143,12 @@ def set_distances(
 def weights_description(weights: Path) -> dict:
     """What was evaluated: the weights folder, its plugin and options, and its step when it is a checkpoint."""
     folder = weights.resolve()
-    config = json.loads((folder / "config.json").read_text())  # load_model has read it already
+    description = read_description(folder)
     step = None
     if (folder / STATE_FILE).is_file():
-        try:
-            step = json.loads((folder / STATE_FILE).read_text()).get("step")
-        except (OSError, ValueError, AttributeError):
-            step = None  # the step is only a label here; the weights themselves loaded
-    return {"weights": str(folder), "plugin": config["plugin"], "model": config.get("model", {}), "step": step}
+        with contextlib.suppress(CheckpointError):  # the step is only a label here; the weights loaded
+            step = read_state(folder)["step"]
+    return {"weights": str(folder), "plugin": description["plugin"], "model": description["model"], "step": step}
 
 
 def protocol(args: argparse.Namespace, extractor: FeatureExtractor, kid_subset_size: int, kid_subsets: int) -> dict:
@@ -175,10 +175,13 @@ def protocol(args: argparse.Namespace, extractor: FeatureExtractor, kid_subset_s
 
 def evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    json_path = args.json or default_json_path(args.weights, args.split)
+    grid_paths = {name: json_path.with_name(f"{json_path.stem}-{name}.png") for name in ("samples", "reconstructions")}
+    for path in (json_path, *grid_paths.values()):
+        check_output_beside(path, args.weights)
     plugin, networks = load_model(args.weights)
     dataset = held_out_images(args.shards, args.split, args.count)
     extractor = load_extractor(args.extractor, args.resolution)
-    json_path = args.json or default_json_path(args.weights, args.split)
     with progress_bar("images") as progress:
         reconstructing = progress.add_task("images + reconstructions", total=2 * args.count)
         sampling = progress.add_task("samples", total=args.count)
@@ -191,7 +194,6 @@ def evaluate(args: argparse.Namespace) -> int:
     images = reconstructed.image_features
     sample_distances, kid = set_distances(images, sampled.features, args)
     reconstruction_distances, _ = set_distances(images, reconstructed.reconstruction_features, args)
-    grid_paths = {name: json_path.with_name(f"{json_path.stem}-{name}.png") for name in ("samples", "reconstructions")}
     result = {
         **weights_description(args.weights),
         "shards": str(args.shards.resolve()),
@@ -206,11 +208,15 @@ def evaluate(args: argparse.Namespace) -> int:
         "grids": {name: str(path) for name, path in grid_paths.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_json(json_path, result)
-    grids.save(sampled.grid, grid_paths["samples"])
-    grids.save(reconstructed.grid, grid_paths["reconstructions"])
+    try:
+        write_json(json_path, result)
+        grids.save(sampled.grid, grid_paths["samples"])
+        grids.save(reconstructed.grid, grid_paths["reconstructions"])
+    except OSError as error:  # checked before the work; a full disk remains possible
+        raise UserError(f"cannot write {error.filename or json_path}: {error.strerror or error}") from None
     print_report(result)
-    progress_console.print(f"wrote {json_path}, {grid_paths['samples'].name}, {grid_paths['reconstructions'].name}")
+    names = f"{json_path}, {grid_paths['samples'].name}, {grid_paths['reconstructions'].name}"
+    print(f"wrote {one_line(names)}")
     return 0
 
 
@@ -223,7 +229,8 @@ def write_json(path: Path, result: dict) -> None:
 
 def print_report(result: dict) -> None:
     step = f", step {result['step']}" if result["step"] is not None else ""
-    table = Table(title=f"{result['plugin']}{step}: {result['weights']}", caption="lower is better in every row")
+    title = escape(f"{result['plugin']}{step}: {result['weights']}")  # a path is never markup
+    table = Table(title=title, caption="lower is better in every row")
     for column, justify in (("metric", "left"), ("compares", "left"), ("value", "right")):
         table.add_column(column, justify=justify)
     samples, reconstructions = result["samples"], result["reconstructions"]
@@ -241,24 +248,24 @@ def print_report(result: dict) -> None:
         ("feature distance", "each image vs its reconstruction", f"{reconstructions['feature_distance']:.3f}"),
     ):
         table.add_row(name, compares, value)
-    details = Table(title=f"protocol: {result['shards']}, split {result['split']}")
+    details = Table(title=escape(f"protocol: {result['shards']}, split {result['split']}"))
     details.add_column("setting")
     details.add_column("value", overflow="fold")
     for key, value in result["protocol"].items():
-        details.add_row(key, str(value))
-    output = Console()  # stdout: the report is the command's output; progress went to stderr
-    output.print(table)
+        details.add_row(key, escape(str(value)))
+    output.print(table)  # stdout: the report is the command's result; progress went to stderr
     output.print(details)
 
 
-def at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
-        return value
-
-    return parse
+def extractor_file(text: str) -> Path:
+    """--extractor: torch.jit.load takes only a file name that is UTF-8 (else a TypeError from its C++)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{one_line(text)}: a name that is not UTF-8, which torch cannot open"
+        ) from None
+    return Path(text)
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -272,26 +279,31 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--shards", type=Path, required=True, help="a shards folder holding the held-out images")
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument(
-        "--count", type=at_least(2), default=500, help="images, reconstructions and samples each (default 500)"
+        "--count",
+        type=bounded(int, 2, 10**7),
+        default=500,
+        help="images, reconstructions and samples each (default 500)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="prior samples and KID subsets (default 0)")
-    parser.add_argument("--batch-size", type=at_least(1), default=25, help="images per extractor call (default 25)")
+    parser.add_argument("--seed", type=seed, default=0, help="prior samples and KID subsets (default 0)")
+    parser.add_argument(
+        "--batch-size", type=bounded(int, 1, 4096), default=25, help="images per extractor call (default 25)"
+    )
     parser.add_argument(
         "--extractor",
-        type=Path,
+        type=extractor_file,
         metavar="FILE",
         help="a TorchScript feature extractor, N x 3 x R x R in, N x D out (default: the shipped FID Inception)",
     )
     parser.add_argument(
         "--resolution",
-        type=at_least(1),
+        type=bounded(int, 1, 2048),
         default=INCEPTION_RESOLUTION,
         help=f"side the images are resized to for the extractor (default {INCEPTION_RESOLUTION})",
     )
-    parser.add_argument("--kid-subsets", type=at_least(1), default=100, help="KID subsets (default 100)")
+    parser.add_argument("--kid-subsets", type=bounded(int, 1, 10**6), default=100, help="KID subsets (default 100)")
     parser.add_argument(
         "--kid-subset-size",
-        type=at_least(2),
+        type=bounded(int, 2, 10**7),
         default=1000,
         help="features per KID subset, at most --count (default 1000)",
     )

@@ -2,47 +2,59 @@
 a PNG grid, from a weights folder: a checkpoint (OUTPUT/checkpoints/latest) or what `pipeline export`
 wrote from one (<network>.safetensors and config.json).
 
-Loading uses safetensors only; nothing is unpickled.
+Loading uses safetensors only; nothing is unpickled. Every argument is checked before the model is
+loaded, the output path included.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline import grids
+from pipeline import checkpoint, grids
 from pipeline.plugin import ImageInfo, PluginError, load_plugin_class
+from shards.cli import MAX_GRID, bounded, check_output_file, one_line, seed
 from shards.errors import UserError
 from shards.random_access import SplitDataset
 from shards.reader import open_split
 
 
+def read_description(folder: Path) -> dict[str, Any]:
+    """config.json of a weights folder, checked whole (pipeline/checkpoint.py `read_weights_config`)."""
+    try:
+        found = (folder / checkpoint.CONFIG_FILE).is_file()  # not a FIFO either: reading one would wait for ever
+    except OSError:  # a name too long, say
+        found = False
+    if not found:
+        raise UserError(f"{folder}: not a weights folder (no {checkpoint.CONFIG_FILE}; give a checkpoint or an export)")
+    return checkpoint.read_weights_config(folder)
+
+
 def load_model(folder: Path):
     """(plugin, networks in eval mode) from a weights folder."""
-    description_path = folder / "config.json"
+    description = read_description(folder)
+    name, image = description["plugin"], description["image"]
     try:
-        description = json.loads(description_path.read_text())
-        plugin_name, image = description["plugin"], description["image"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{description_path}: not a weights folder's config.json ({error})") from None
-    plugin = load_plugin_class(plugin_name)(description.get("model", {}), ImageInfo(image["size"], image["channels"]))
+        plugin = load_plugin_class(name)(description["model"], ImageInfo(image["size"], image["channels"]))
+    except (ValueError, TypeError) as error:  # a plugin rejecting its options (or the image) its own way
+        raise PluginError(f"{folder / checkpoint.CONFIG_FILE}: {name}: {error}") from None
     networks = torch.nn.ModuleDict(plugin.build_networks())
-    for name, network in networks.items():
-        path = folder / f"{name}.safetensors"
+    for network_name, network in networks.items():
+        path = folder / f"{network_name}.safetensors"
         try:
             state = load_file(str(path))
         except (OSError, SafetensorError) as error:
-            raise UserError(f"{path}: cannot read the {plugin_name} {name}'s weights ({error})") from None
+            raise UserError(f"{path}: cannot read the {name} {network_name}'s weights ({error})") from None
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as error:
             first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-            raise UserError(f"{path}: does not fit the {plugin_name} {name} of config.json ({first})") from None
+            raise UserError(f"{path}: does not fit the {name} {network_name} of config.json ({first})") from None
     return plugin, networks.eval()
 
 
@@ -61,6 +73,26 @@ def first_images(shards: Path, split: str, count: int, label: int | None = None,
     return torch.stack(images)
 
 
+def check_output_beside(path: Path, weights: Path) -> None:
+    """Before any work: `path` can be written, and not into the weights folder (a PNG there could replace
+    its config.json or a network's weights)."""
+    check_output_file(path)
+    try:
+        inside = path.resolve().parent == weights.resolve()
+    except (OSError, RuntimeError) as error:  # a loop of symbolic links
+        raise UserError(f"cannot write {path}: {error}") from None
+    if inside:
+        raise UserError(f"{path} is inside the weights folder {weights}; write it somewhere else")
+
+
+def save_grid(image, path: Path) -> None:
+    try:
+        grids.save(image, path)
+    except OSError as error:  # checked before the work; a full disk remains possible
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    print(f"wrote {one_line(str(path))}")
+
+
 def _codec(plugin, command: str):
     if not (hasattr(plugin, "encode") and hasattr(plugin, "decode")):
         raise PluginError(f"{command}: this plugin has no encode/decode (see pipeline/plugin.py)")
@@ -69,23 +101,26 @@ def _codec(plugin, command: str):
 
 @torch.no_grad()
 def sample(args: argparse.Namespace) -> int:
+    check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
     images = plugin.sample(networks, args.count, torch.Generator().manual_seed(args.seed))
-    grids.save(grids.grid(images), args.out)
+    save_grid(grids.grid(images), args.out)
     return 0
 
 
 @torch.no_grad()
 def reconstruct(args: argparse.Namespace) -> int:
+    check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
     inputs = first_images(args.shards, args.split, args.count)
-    grids.save(grids.pairs_grid(inputs, plugin.reconstruct(networks, inputs)), args.out)
+    save_grid(grids.pairs_grid(inputs, plugin.reconstruct(networks, inputs)), args.out)
     return 0
 
 
 @torch.no_grad()
 def interpolate(args: argparse.Namespace) -> int:
     """Each row: image A's code to image B's, in `steps` equal steps (both ends included)."""
+    check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
     encode, decode = _codec(plugin, "interpolate")
     images = first_images(args.shards, args.split, 2 * args.rows)
@@ -97,7 +132,7 @@ def interpolate(args: argparse.Namespace) -> int:
     rows = [
         decode(networks, torch.stack([(1 - w) * a + w * b for w in weights])) for a, b in zip(starts, ends, strict=True)
     ]
-    grids.save(grids.grid(torch.cat(rows), columns=args.steps), args.out)
+    save_grid(grids.grid(torch.cat(rows), columns=args.steps), args.out)
     return 0
 
 
@@ -105,6 +140,7 @@ def interpolate(args: argparse.Namespace) -> int:
 def attribute_vector(args: argparse.Namespace) -> int:
     """The paper's visual attribute vector: mean code with the label minus mean code without, added to
     images without it. Columns: input, its reconstruction, reconstruction + vector."""
+    check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
     encode, decode = _codec(plugin, "attribute-vector")
     labels = open_split(args.shards, args.split).labels or ()
@@ -117,7 +153,7 @@ def attribute_vector(args: argparse.Namespace) -> int:
     tests = first_images(args.shards, args.test_split, args.count, exclude=index)
     codes = encode(networks, tests)
     columns = [tests, decode(networks, codes), decode(networks, codes + args.scale * vector)]
-    grids.save(grids.grid(torch.stack(columns, dim=1).flatten(0, 1), columns=3), args.out)
+    save_grid(grids.grid(torch.stack(columns, dim=1).flatten(0, 1), columns=3), args.out)
     return 0
 
 
@@ -127,30 +163,35 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument(
             "weights", type=Path, metavar="WEIGHTS", help="a checkpoint (OUTPUT/checkpoints/latest) or an export"
         )
-        parser.add_argument("out", type=Path, metavar="OUT.png")
+        parser.add_argument("out", type=Path, metavar="OUT.png", help="the PNG to write (missing folders are made)")
         if data:
             parser.add_argument("--shards", type=Path, required=True, help="a shards folder to take images from")
             parser.add_argument("--split", default="val", choices=("train", "val"))
         parser.set_defaults(handler=handler)
         return parser
 
-    command("sample", sample, "a grid of samples from the prior", data=False).add_argument(
-        "--count", type=int, default=64
-    )
-    commands.choices["sample"].add_argument("--seed", type=int, default=0)
-    command("reconstruct", reconstruct, "inputs beside their reconstructions").add_argument(
-        "--count", type=int, default=32
-    )
+    images = bounded(int, 1, MAX_GRID)
+    parser = command("sample", sample, "a grid of samples from the prior", data=False)
+    parser.add_argument("--count", type=images, default=64, help=f"samples, 1 to {MAX_GRID} (default 64)")
+    parser.add_argument("--seed", type=seed, default=0, help="the prior noise (default 0)")
+    parser = command("reconstruct", reconstruct, "inputs beside their reconstructions")
+    parser.add_argument("--count", type=images, default=32, help=f"inputs, 1 to {MAX_GRID} (default 32)")
     parser = command("interpolate", interpolate, "decoded interpolations between pairs of images' codes")
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rows", type=bounded(int, 1, 256), default=8, help="pairs of images (default 8)")
+    parser.add_argument(
+        "--steps", type=bounded(int, 2, 256), default=8, help="images a row, both ends included (default 8)"
+    )
     parser = command(
         "attribute-vector",
         attribute_vector,
         "add a label's attribute vector (mean code with it minus without) to images' codes",
     )
     parser.add_argument("--label", required=True, help="a label name of the shards (`shards inspect`)")
-    parser.add_argument("--samples", type=int, default=500, help="images with / without the label to average")
+    parser.add_argument(
+        "--samples", type=bounded(int, 1, 10**6), default=500, help="images with / without the label to average"
+    )
     parser.add_argument("--test-split", default="val", choices=("train", "val"))
-    parser.add_argument("--count", type=int, default=8, help="test images (rows)")
-    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--count", type=images, default=8, help="test images (rows)")
+    parser.add_argument(
+        "--scale", type=bounded(float, -1000.0, 1000.0), default=1.0, help="times the vector (default 1)"
+    )

@@ -1,9 +1,11 @@
-"""What a run leaves behind as it goes: metrics.jsonl (one JSON object per logged step), the
-accelerate trackers (TensorBoard when installed), and rank 0's progress bar."""
+"""What a run leaves behind as it goes: metrics.jsonl (one JSON object per logged step, strict JSON: a
+non-finite value, a NaN or infinite loss, is written as null), the accelerate trackers (TensorBoard when
+installed), and rank 0's progress bar."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -36,7 +38,7 @@ class RunLog:
         if not self.main:
             return
         with open(self.metrics_path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(json_line(record) + "\n")
         losses = " ".join(f"{key} {value:.4g}" for key, value in list(metrics.items())[:4])
         self.progress.update(self.task, losses=losses)
         if not console.is_terminal:  # a log file (SLURM, CI) gets no live bar: give it a line per log step
@@ -64,6 +66,14 @@ class RunLog:
     def stop(self) -> None:
         if self.progress:
             self.progress.stop()
+
+
+def json_line(record: dict) -> str:
+    """Strict JSON, which any parser reads: Python's json would write NaN and Infinity, which are not JSON."""
+    finite = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()
+    }
+    return json.dumps(finite, allow_nan=False)
 
 
 def _logged_step(line: str) -> float:

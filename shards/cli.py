@@ -1,43 +1,167 @@
-"""The `shards` command: build, inspect and verify webdataset shards of images."""
+"""The `shards` command: build, inspect and verify webdataset shards of images.
+
+Both command lines (`shards`, `pipeline`) follow the conventions defined here: a usage mistake ends with
+one line on stderr and exit status 2 (`ArgumentParser`, `report_error`); every number has a type and a
+range (`bounded`); every output path is checked before the work (`check_output_file`,
+`check_output_folder`); a command's result goes to stdout (`output`), progress and errors to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import re
 import sys
 import tarfile
+import tempfile
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import NoReturn
+
+from rich.console import Console
 
 from shards import __version__
 from shards.errors import UserError
 from shards.imageops import CROPS, FORMATS, MODES, PIL_DEFAULT_MAX_PIXELS, ImageSpec
-from shards.progress import console
 
 BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+MAX_SHARD_BYTES = 2**50
+MAX_WORKERS = 4096
+MAX_GRID = 4096  # images in one contact sheet or grid
+SEEDS = (0, 2**31 - 1)  # the run config's range: every seed of both command lines
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+NAME_MARGIN = 16  # bytes a writer may add to a file name for its temporary file (x.png -> x.tmp.png)
+LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
+
+# A command's result (tables, what it wrote) goes here, so that it can be piped; progress bars,
+# warnings and errors go to stderr (`shards.progress.console`).
+output = Console()
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: line breaks escaped, undecodable file-name bytes as \\xNN."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(repr(char)[1:-1] if char in LINE_BREAKS else char for char in text)
+
+
+def report_error(command: str, error: UserError) -> int:
+    print(f"{command}: error: {one_line(str(error))}", file=sys.stderr)
+    return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are one line on stderr (`PROG: error: ...`, the usage is in --help)
+    and exit status 2. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]):
+        # `--count=--`: argparse drops the "--" and hands the option an empty list instead of one value
+        # (found by tests/test_bad_arguments.py: `reconstruct --count=--` read every image)
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            raise argparse.ArgumentError(action, "expected one argument, not '--'")
+        return super()._get_values(action, arg_strings)
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
+
+
+def bounded(kind: type, low: float, high: float | None = None):
+    """An argparse type: an int (`kind=int`) or a finite float in [low, high]."""
+    noun = "a whole number" if kind is int else "a number"
+    allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text: str):
+        refusal = argparse.ArgumentTypeError(f"must be {noun} {allowed}, not {_quoted(text)}")
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise refusal from None
+        if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+            raise refusal
+        return value
+
+    return parse
+
+
+def seed(text: str) -> int:
+    return bounded(int, *SEEDS)(text)
 
 
 def byte_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
     if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500000, 200MB, 1GiB)")
-    size = int(float(match.group(1)) * BYTE_UNITS[match.group(2) or ""])
-    if size < 1:
-        raise argparse.ArgumentTypeError("a shard needs at least 1 byte")
+        raise argparse.ArgumentTypeError(f"not a size: {_quoted(text)} (examples: 500000, 200MB, 1GiB)")
+    try:
+        size = int(Decimal(match.group(1)) * BYTE_UNITS[match.group(2) or ""])
+    except (InvalidOperation, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {_quoted(text)} (examples: 500000, 200MB, 1GiB)") from None
+    if not 1 <= size <= MAX_SHARD_BYTES:
+        raise argparse.ArgumentTypeError(f"must be from 1 byte to 1PiB, not {_quoted(text)}")
     return size
 
 
-def bounded(kind: type, low: float, high: float | None = None):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high if high is not None else 'inf'}]")
-        return value
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
-    return parse
+
+def _check_creatable(target: Path, folder: Path) -> None:
+    """`folder` exists and takes new files, or can be created (its nearest existing ancestor does)."""
+    existing = _first_existing(folder)
+    if not existing.is_dir():
+        raise UserError(f"cannot write {target}: {existing} is not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # O_TMPFILE where it can: nothing ever appears
+    except OSError as error:
+        raise UserError(f"cannot write {target}: {existing} is not writable ({error.strerror or error})") from None
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except OSError:
+        name_max = 255
+    parts = target.relative_to(existing).parts
+    for index, part in enumerate(parts):
+        margin = NAME_MARGIN if index == len(parts) - 1 else 0  # the file's own name: room for a temporary one
+        if len(os.fsencode(part)) + margin > name_max:
+            raise UserError(f"cannot write {target}: the name {part[:40]!r}... is too long")
+
+
+def check_output_file(path: Path) -> None:
+    """Before any work: `path` can be written as a file; folders missing above it are created later."""
+    try:
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; give a file name")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} exists and is not a regular file")
+        _check_creatable(path, path.parent)
+    except OSError as error:  # a name too long, a loop of links, ...
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def check_output_folder(path: Path) -> None:
+    """Before any work: `path` is a folder that takes new files, or one that can be created."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path} exists and is not a folder")
+        _check_creatable(path, path)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def grid_file(text: str) -> Path:
+    """An argparse type: an image file to write, named for its format."""
+    path = Path(text)
+    if path.suffix.lower() not in GRID_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{_quoted(text)} is not a file name ending in {', '.join(GRID_SUFFIXES)}")
+    return path
 
 
 def default_workers() -> int:
@@ -45,7 +169,7 @@ def default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shards", description=__doc__)
+    parser = ArgumentParser(prog="shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"shards {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -81,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="folder: label = first sub-folder under SRC (a list file's 2nd column is always read)",
     )
-    build.add_argument("--shard-size", type=bounded(int, 1), default=1000, help="samples per shard (default 1000)")
+    build.add_argument(
+        "--shard-size", type=bounded(int, 1, 10**9), default=1000, help="samples per shard (default 1000)"
+    )
     build.add_argument(
         "--shard-bytes", type=byte_size, default=None, help="also cap each shard's file size, e.g. 200MB"
     )
@@ -91,16 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.05,
         help="share of images in the val split, chosen by a hash of each key (default 0.05)",
     )
-    build.add_argument("--seed", type=int, default=0, help="order of samples across shards (default 0)")
+    build.add_argument("--seed", type=seed, default=0, help="order of samples across shards (default 0)")
     build.add_argument(
         "--workers",
-        type=bounded(int, 0),
+        type=bounded(int, 0, MAX_WORKERS),
         default=default_workers(),
         help="decode/resize processes; 0 = in this process (default: all cores)",
     )
     build.add_argument(
         "--max-pixels",
-        type=bounded(int, 1),
+        type=bounded(int, 1, 2**40),
         default=PIL_DEFAULT_MAX_PIXELS,
         help="skip images with more pixels than this as decompression bombs",
     )
@@ -112,20 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a summary table of OUT; with --grid, save a contact sheet of samples.",
     )
     inspect.add_argument("out", type=Path, metavar="OUT")
-    inspect.add_argument("--grid", type=Path, metavar="FILE.png", help="write a contact sheet of samples here")
+    inspect.add_argument(
+        "--grid", type=grid_file, metavar="FILE.png", help="write a contact sheet of samples here (.png, .jpg, .webp)"
+    )
     inspect.add_argument("--split", choices=("train", "val"), default="train")
     inspect.add_argument(
-        "--count", type=bounded(int, 1, 4096), default=64, help="samples in the contact sheet (default 64)"
+        "--count", type=bounded(int, 1, MAX_GRID), default=64, help="samples in the contact sheet (default 64)"
     )
 
     verify = commands.add_parser(
         "verify",
         help="check every shard's sha256 and decode every sample",
         description="Exit 0 when every shard matches the manifest and every sample decodes; "
-        "otherwise exit 1 and name each bad shard.",
+        "otherwise exit 1 and name each bad shard (one `BAD` line each on stdout).",
     )
     verify.add_argument("out", type=Path, metavar="OUT")
-    verify.add_argument("--workers", type=bounded(int, 0), default=default_workers())
+    verify.add_argument("--workers", type=bounded(int, 0, MAX_WORKERS), default=default_workers())
 
     demo = commands.add_parser(
         "demo-images",
@@ -135,8 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dest", type=Path, metavar="DEST")
     demo.add_argument("--source", choices=("fashion-mnist", "digits"), default="fashion-mnist")
-    demo.add_argument("--limit", type=bounded(int, 1), default=None, help="write only the first N images")
+    demo.add_argument("--limit", type=bounded(int, 1, 10**9), default=None, help="write only the first N images")
     return parser
+
+
+def check_build_out(out: Path, options, overwrite: bool) -> None:
+    """OUT as it is now, before SRC is even listed: a folder (or creatable), and not another build's
+    shards unless --overwrite (so that a refused build leaves nothing behind)."""
+    from shards.manifest import MANIFEST_NAME, read_manifest
+
+    check_output_folder(out)
+    if overwrite or not (out / MANIFEST_NAME).exists():
+        return
+    if read_manifest(out)["options"] != options.as_dict():
+        raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -161,12 +301,20 @@ def run_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         labels=args.labels,
     )
-    manifest = build(args.src, args.out, options, workers=args.workers, overwrite=args.overwrite)
-    console.print(summary_table(manifest))
+    check_build_out(args.out, options, args.overwrite)
+    missing = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]
+    try:
+        manifest = build(args.src, args.out, options, workers=args.workers, overwrite=args.overwrite)
+    except UserError:
+        for folder in missing:  # a refused build (no usable image, say) leaves no empty OUT behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    output.print(summary_table(manifest))
     skipped = skipped_table(manifest)
     if skipped:
-        console.print(skipped)
-    console.print(f"wrote {args.out / 'manifest.json'}")
+        output.print(skipped)
+    print(f"wrote {one_line(str(args.out / 'manifest.json'))}")
     return 0
 
 
@@ -175,22 +323,25 @@ def run_inspect(args: argparse.Namespace) -> int:
     from shards.report import contact_sheet, skipped_table, summary_table
 
     manifest = read_manifest(args.out)
-    console.print(summary_table(manifest))
-    skipped = skipped_table(manifest)
-    if skipped:
-        console.print(skipped)
     if args.grid:
+        check_output_file(args.grid)
         if not manifest["splits"][args.split]["count"]:
             raise UserError(f"split {args.split!r} is empty: nothing to draw")
+    output.print(summary_table(manifest))
+    skipped = skipped_table(manifest)
+    if skipped:
+        output.print(skipped)
+    if args.grid:
         try:
             sheet = contact_sheet(args.out, manifest, args.split, args.count)
         except (OSError, tarfile.TarError, EOFError) as error:
             raise UserError(f"cannot read the shards of {args.out} ({error}); run `shards verify`") from None
         try:
+            args.grid.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(args.grid)
         except (OSError, ValueError) as error:
-            raise UserError(f"cannot write {args.grid}: {error} (give a .png path)") from None
-        console.print(f"wrote {args.grid}")
+            raise UserError(f"cannot write {args.grid}: {error}") from None
+        print(f"wrote {one_line(str(args.grid))}")
     return 0
 
 
@@ -198,20 +349,21 @@ def run_verify(args: argparse.Namespace) -> int:
     from shards.verify import verify
 
     bad = verify(args.out, args.workers)
-    for name, problems in bad:
-        print(f"BAD {name}: {'; '.join(problems)}", file=sys.stderr)
+    for name, problems in bad:  # the findings are the result: stdout, like `sha256sum --check`
+        print(f"BAD {name}: {one_line('; '.join(problems))}")
     if bad:
-        print(f"{len(bad)} bad shard(s) in {args.out}", file=sys.stderr)
+        print(f"shards verify: {len(bad)} bad shard(s) in {one_line(str(args.out))}", file=sys.stderr)
         return 1
-    console.print(f"all shards in {args.out} match the manifest and decode")
+    print(f"all shards in {one_line(str(args.out))} match the manifest and decode")
     return 0
 
 
 def run_demo_images(args: argparse.Namespace) -> int:
     from shards.demo_images import write_demo_images
 
+    check_output_folder(args.dest)
     count = write_demo_images(args.dest, args.source, args.limit)
-    console.print(f"{count:,} {args.source} images in {args.dest}")
+    print(f"{count:,} {args.source} images in {one_line(str(args.dest))}")
     return 0
 
 
@@ -223,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
-        print(f"shards {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(f"shards {args.command}", error)
     except KeyboardInterrupt:
         print(f"shards {args.command}: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130

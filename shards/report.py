@@ -7,10 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 from PIL import Image
+from rich.markup import escape
 from rich.table import Table
 
 from shards.manifest import SPLITS
-from shards.samples import decode_image, iter_samples
+from shards.samples import decode_image
+from shards.tar_index import DamagedTar, read_samples
 
 GRID_PADDING = 2
 
@@ -39,7 +41,7 @@ def skipped_table(manifest: dict) -> Table | None:
     table.add_column("reason")
     table.add_column("count", justify="right")
     for reason, count in reasons.most_common():
-        table.add_row(reason, str(count))
+        table.add_row(escape(reason), str(count))  # reasons quote file names and errors: never markup
     return table
 
 
@@ -48,8 +50,13 @@ def contact_sheet(out: Path, manifest: dict, split: str, count: int) -> Image.Im
     size, image_format = manifest["image"]["size"], manifest["image"]["format"]
     tiles = []
     for shard in manifest["splits"][split]["shards"]:
-        for _, members in iter_samples(out / shard["name"]):
-            tiles.append(decode_image(members[image_format]))
+        for key, members in read_samples(out / shard["name"]):
+            if image_format not in members:
+                raise DamagedTar(f"{shard['name']}: sample {key} has no .{image_format}")
+            tile = decode_image(members[image_format])
+            if tile.size != (size, size):  # the sheet is sized by the manifest: tiles must fit it
+                raise DamagedTar(f"{shard['name']}: sample {key} is {tile.size[0]}x{tile.size[1]}, not {size}x{size}")
+            tiles.append(tile)
             if len(tiles) == count:
                 break
         if len(tiles) == count:

@@ -133,7 +133,7 @@ def test_user_mistakes_end_with_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_shards("build", tmp_path / "nowhere", tmp_path / "out"), "SRC does not exist")
     write_images(tmp_path / "src", 2)
     (tmp_path / "a-file").write_text("x")
-    assert_one_line_error(run_shards("build", tmp_path / "src", tmp_path / "a-file" / "out"), "OUT is not writable")
+    assert_one_line_error(run_shards("build", tmp_path / "src", tmp_path / "a-file" / "out"), "a-file is not a folder")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.png").write_bytes(b"")
     (tmp_path / "junk" / "b.jpg").write_bytes(b"nope")
@@ -161,12 +161,12 @@ def test_verify_names_a_shard_with_a_flipped_byte_and_a_truncated_one(tmp_path: 
     truncated.write_bytes(truncated.read_bytes()[:5000])
     result = run_shards("verify", out)
     assert result.returncode == 1
-    bad_lines = [line for line in result.stderr.splitlines() if line.startswith("BAD ")]
+    bad_lines = [line for line in result.stdout.splitlines() if line.startswith("BAD ")]
     assert len(bad_lines) == 2
     assert bad_lines[0].startswith("BAD train-000000.tar: sha256 does not match")
     assert bad_lines[1].startswith("BAD train-000001.tar: sha256 does not match")
     assert "unreadable tar" in bad_lines[1] or "holds" in bad_lines[1]
-    assert intact.name not in result.stderr
+    assert intact.name not in result.stdout + result.stderr
 
 
 def test_inspect_prints_a_summary_and_draws_a_contact_sheet(tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_inspect_prints_a_summary_and_draws_a_contact_sheet(tmp_path: Path) -> N
     assert run_shards("build", tmp_path / "src", out, "--size", "16", "--val-fraction", "0").returncode == 0
     result = run_shards("inspect", out, "--grid", tmp_path / "sheet.png", "--count", "9")
     assert result.returncode == 0, result.stderr
-    assert "train" in result.stderr and "12" in result.stderr
+    assert "train" in result.stdout and "12" in result.stdout
     sheet = np.asarray(Image.open(tmp_path / "sheet.png"))
     assert sheet.shape == (3 * 18 + 2, 3 * 18 + 2, 3)
     manifest = read_manifest(out)

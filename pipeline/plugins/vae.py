@@ -8,22 +8,26 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from pipeline.config import Integer, Number
 from pipeline.plugin import ImageInfo, PluginError, StepOutput
 from pipeline.plugins.networks import Decoder, Encoder, check_size, gaussian_kl, reparameterise
+from shards.errors import describe_error
 
 
 class VAEOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    latent_size: int = Field(128, gt=0)
-    fc_size: int = Field(2048, gt=0, description="encoder's fully connected layer: 2048 in the paper, 1024 in the code")
-    pixel_sigma: float = Field(0.1, gt=0, description="std of the Gaussian likelihood, in [-1, 1] pixel units")
+    latent_size: Integer = Field(128, gt=0, le=4096)
+    fc_size: Integer = Field(
+        2048, gt=0, le=65536, description="encoder's fully connected layer: 2048 in the paper, 1024 in the code"
+    )
+    pixel_sigma: Number = Field(0.1, gt=0, description="std of the Gaussian likelihood, in [-1, 1] pixel units")
 
 
 def parse_options(model: type[BaseModel], options: dict[str, Any], plugin: str) -> Any:
     try:
         return model.model_validate(options)
     except ValidationError as error:
-        problems = "; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(f"model.{describe_error(item)}" for item in error.errors())
         raise PluginError(f"{plugin}: {problems}") from None
 
 

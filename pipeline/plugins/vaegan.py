@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from pipeline.config import Flag, Integer, Number
 from pipeline.plugin import ImageInfo, StepOutput, own_gradients
 from pipeline.plugins.networks import Decoder, Discriminator, Encoder, gaussian_kl, reparameterise
 from pipeline.plugins.vae import GaussianLatentModel
@@ -36,15 +37,17 @@ from pipeline.plugins.vae import GaussianLatentModel
 
 class VAEGANOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    latent_size: int = Field(128, gt=0)
-    fc_size: int = Field(2048, gt=0, description="encoder FC: 2048 in the paper, 1024 in the authors' code")
-    gamma: float = Field(6.4e-5, gt=0, description="weight of L_llike in the decoder's loss, per example")
-    discriminate_reconstructions: bool = Field(True, description="the paper's third GAN term (authors' code: off)")
+    latent_size: Integer = Field(128, gt=0, le=4096)
+    fc_size: Integer = Field(
+        2048, gt=0, le=65536, description="encoder FC: 2048 in the paper, 1024 in the authors' code"
+    )
+    gamma: Number = Field(6.4e-5, gt=0, description="weight of L_llike in the decoder's loss, per example")
+    discriminate_reconstructions: Flag = Field(True, description="the paper's third GAN term (authors' code: off)")
     generator_loss: Literal["saturating", "non_saturating"] = "saturating"
-    log_eps: float = Field(1e-3, ge=0, description="added inside the GAN logs, as the authors")
-    equilibrium: bool = Field(False, description="the authors' balance: skip the stronger side's update")
-    equilibrium_target: float = 0.68
-    equilibrium_margin: float = 0.35
+    log_eps: Number = Field(1e-3, ge=0, description="added inside the GAN logs, as the authors")
+    equilibrium: Flag = Field(False, description="the authors' balance: skip the stronger side's update")
+    equilibrium_target: Number = 0.68
+    equilibrium_margin: Number = 0.35
 
 
 class VAEGAN(GaussianLatentModel):
