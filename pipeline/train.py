@@ -8,7 +8,10 @@ pipeline train --config FILE [...]                  # the same
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -19,8 +22,12 @@ import torch
 
 from pipeline.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.data_workers import die_with_parent
 from pipeline.engine import resolve_precision
+from pipeline.launch import LAUNCHER_PID
 from pipeline.plugin import ImageInfo, PluginError, load_plugin_class
+from pipeline.run_lock import RunLock, wait_for_first_rank
+from shards.cli import ArgumentParser, one_line
 from shards.errors import UserError
 from shards.reader import ShardSplit, open_split
 
@@ -45,21 +52,29 @@ def check_one_global_batch(config: RunConfig, split: ShardSplit) -> None:
         )
 
 
-def prepare_output_dir(output_dir: Path, resuming: bool, resume: str) -> None:
-    if (output_dir / "metrics.jsonl").exists() and not resuming:
-        if resume == "none":
-            raise ConfigError(
-                f"output_dir: {output_dir} already holds a run (metrics.jsonl) and resume=none; "
-                "choose another output_dir, or resume=auto to continue it"
-            )
-        warn(f"{output_dir} holds a run without a usable checkpoint: starting it again from step 0")
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+def prepare_output_dir(output_dir: Path, resuming: bool, resume: str, lock: RunLock | None) -> None:
+    """lock: the run folder's lock on the first process, which alone creates and changes the folder
+    before training starts; None on the others, which only check that they could write there."""
+    holds_a_run = (output_dir / "metrics.jsonl").exists() and not resuming
+    if holds_a_run and resume == "none":
+        raise ConfigError(
+            f"output_dir: {output_dir} already holds a run (metrics.jsonl) and resume=none; "
+            "choose another output_dir, or resume=auto to continue it"
+        )
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        if lock is None:
+            folder = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return
+        lock.take()
         with tempfile.NamedTemporaryFile(dir=output_dir):
             pass
     except OSError as error:
         raise ConfigError(f"output_dir: cannot write to {output_dir}: {error.strerror or error}") from None
+    if holds_a_run:
+        warn(f"{output_dir} holds a run without a usable checkpoint: starting it again from step 0")
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def warn(message: str) -> None:
@@ -92,9 +107,14 @@ def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit):
 
 
 def run(args: argparse.Namespace) -> int:
+    die_with_launcher()
     try:
         # Everything a user can get wrong is checked first, before a process group or engine exists.
         config = load_config(args.config, args.overrides)
+        # one process holds the run folder, from before anything reads it to the run's end (run_lock.py)
+        lock = RunLock(config.output_dir, warn) if int(os.environ.get("RANK", "0")) == 0 else None
+        if lock is not None:
+            lock.take_if_present()
         plugin_class = load_plugin_class(config.plugin)
         split = open_split(config.data.shards, config.data.split)
         resume = find_checkpoint(config, split)
@@ -107,16 +127,21 @@ def run(args: argparse.Namespace) -> int:
         if resume is not None:
             check_shapes(resume[0], config.plugin, networks)
         # last: a rejected config leaves no folder behind
-        prepare_output_dir(config.output_dir, resume is not None, config.resume)
+        prepare_output_dir(config.output_dir, resume is not None, config.resume, lock)
+        if lock is None:
+            wait_for_first_rank(config.output_dir, config.faults.collective_timeout_minutes * 60)
         from pipeline.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
 
         Trainer(config, plugin, split, networks, resume).train()
     except UserError as error:
-        print(f"pipeline train: error: {error}", file=sys.stderr)
+        say_once(f"pipeline train: error: {one_line(str(error))}")
         return leave_without_finalization(2) if torch.distributed.is_initialized() else 2
     except Exception as error:
         if not torch.distributed.is_initialized():
             raise
+        # The launcher, which saw the same peer die, stops this rank with SIGTERM meanwhile; the trainer's
+        # SIGTERM handler is gone by now, and dying of it would lose the line that says why
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # a fault (another rank died: "Connection reset by peer") or a bug: the traceback for the latter,
         # then one line, then out at once (waiting for a dead peer in the teardown would hang)
         traceback.print_exc()
@@ -131,6 +156,44 @@ def run(args: argparse.Namespace) -> int:
     leave_without_finalization(0)
 
 
+def say_once(line: str) -> None:
+    """Every rank checks the same config, so under a launcher each local rank finds the same error: the
+    first to say a line says it, the others stay quiet. They agree through a file named after the line,
+    created exclusively in the folder torch's launcher makes for this attempt's ranks (each rank's
+    TORCHELASTIC_ERROR_FILE is FOLDER/<local rank>/error.json). A different line (a rank-specific fault)
+    is still said."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # "" when the launcher keeps no logs
+    if error_file:
+        said = Path(error_file).parent.parent / f"said-{hashlib.sha256(line.encode()).hexdigest()[:16]}"
+        try:
+            os.close(os.open(said, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
+
+
+def die_with_launcher() -> None:
+    """A rank started by a launcher (LOCAL_RANK set) is SIGKILLed when its launcher dies, as its data
+    workers are when it dies. torch's launcher starts each rank in a session of its own, so killing the
+    launcher's process group (Ctrl-C aside: a `kill -9`, the OOM killer) used to leave the ranks training
+    on, and a relaunch then ran beside them in the same folder. SIGKILL rather than SIGTERM: a launcher
+    that had a chance to stop its ranks did (it forwards SIGTERM, and SIGINT stops them); one that died
+    without could not have, and a rank left to checkpoint alone may wait in a collective for a peer that
+    is gone until the collective timeout, holding the run folder. Nothing is lost that a checkpoint
+    holds: commits are atomic. A rank run by hand is left alone: its parent is a shell (nohup)."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    # torch's launcher starts the ranks from its main thread, which lives as long as the launcher:
+    # the signal comes when that thread ends. pipeline.launch says who it is, so that a rank started
+    # by a launcher that died before the signal was armed knows it too.
+    launcher = int(os.environ.get(LAUNCHER_PID) or os.getppid())
+    die_with_parent()
+    if os.getppid() != launcher:
+        os._exit(1)
+
+
 def leave_without_finalization(status: int) -> NoReturn:
     """Exit at once, skipping the interpreter's teardown. DeepSpeed keeps references to gloo process
     groups after they are destroyed, so their C++ objects die during interpreter finalization; in about
@@ -143,7 +206,7 @@ def leave_without_finalization(status: int) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pipeline.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
