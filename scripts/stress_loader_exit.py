@@ -34,7 +34,7 @@ def main() -> int:
                 hangs += 1
             except AssertionError as error:
                 failures += 1
-                print(f"run {run}: failed: {str(error)[-500:]}", file=sys.stderr)
+                print(f"run {run}: failed: {error}", file=sys.stderr)
             if run % 10 == 0 or run == args.runs:
                 elapsed = time.monotonic() - started
                 print(f"{run} runs, {hangs} hung, {failures} failed, {elapsed:.0f} s", flush=True)

@@ -144,10 +144,10 @@ def threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("generator_loss", ["saturating", "non_saturating"])
-def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path, generator_loss: str) -> None:
+def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path) -> None:
     """accelerate launch, 2 ranks, ZeRO-2, 2 micro-batches each: one SGD step at lr 1e6 applies
-    -lr x the mean of 4 micro-batch gradients; each network's must be its own loss's, averaged.
+    -lr x the mean of 4 micro-batch gradients; each network's must be its own loss's, averaged. (The
+    authors' saturating decoder loss; the other differs only inside the loss, checked in float64 above.)
 
     The reference is exact (float64). The trainer computes in float32, and at initialisation this model
     is ill-conditioned (batch norm with the authors' eps 1e-6 over 8 samples): its float32 gradient is off
@@ -164,6 +164,7 @@ def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path, gen
 
     shards = build_small_shards(tmp_path / "data", images=40, size=32)
     # gamma 0.05: L_llike a visible share of the decoder's gradient, so that losing it is seen
+    generator_loss = "saturating"
     model = {"latent_size": 8, "fc_size": 32, "generator_loss": generator_loss, "gamma": 0.05}
     # lr: the step dwarfs the weights, so (before - after) / lr loses no digits
     lr, seed, ranks, micro_steps, batch = 1e6, 7, 2, 2, 8
