@@ -23,6 +23,6 @@ shards build "$images" "$shards" --labels folder --mode L --size 32
 shards verify "$shards"
 shards inspect "$shards" --grid "$shards-contact-sheet.png"
 rm -rf runs/demo  # a fresh run each time (a run folder in use is refused)
-accelerate launch --config_file launch/accelerate/cpu-2proc.yaml -m pipeline.train \
+python -m pipeline.launch --config_file launch/accelerate/cpu-2proc.yaml -m pipeline.train \
     --config launch/configs/demo.yaml data.shards="$shards" output_dir=runs/demo
 echo "demo: grids in runs/demo/samples/, metrics in runs/demo/metrics.jsonl, checkpoints in runs/demo/checkpoints/ (latest: the final weights)"
