@@ -1,6 +1,7 @@
 """A user error under the launchers (README, "Faults"): every rank finds it, one line says it. Real 2-rank
 launches: `python -m pipeline.launch` (what launch/*.sh and launch/slurm.sbatch run) shows that line and
-nothing else, exit 2; plain `accelerate launch` shows it once too, then its own report of the failure."""
+nothing else, exit 2; plain `accelerate launch` shows it once too, then its own report of the failure.
+A user error after the process group exists (a full disk): tests/test_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_process
-from test_checkpoints import checkpoint_steps
-from trainer_helpers import accelerate_launch, build_small_shards, environment, launch_killed, write_config
+from trainer_helpers import accelerate_launch, build_small_shards, environment, write_config
 
 ERROR = "pipeline train: error: "
 
@@ -32,15 +32,3 @@ def test_a_config_error_is_said_once(tmp_path: Path, shards: Path, launcher: str
     else:  # accelerate's own report follows: its traceback, torch's ChildFailedError (README, "Faults")
         assert result.returncode == 1
     assert not (tmp_path / "run").exists()
-
-
-def test_a_user_error_in_the_middle_of_a_run_is_said_once_under_pipeline_launch(tmp_path: Path, shards: Path) -> None:
-    """Rank 1's disk is full at the first checkpoint: both ranks stop with the same line, after their
-    process group exists (tests/killing_trainer.py, disk_full), and the launch exits 2 with no traceback."""
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
-    result = launch_killed(config, "disk_full:1", launcher="pipeline.launch")
-    assert result.returncode == 2, result.stderr[-3000:]
-    said = [line for line in result.stderr.splitlines() if ERROR in line]
-    assert len(said) == 1 and "rank 1 cannot write its part" in said[0], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
-    assert checkpoint_steps(tmp_path / "run") == []
