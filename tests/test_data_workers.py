@@ -80,7 +80,7 @@ def test_workers_die_with_their_rank(tmp_path: Path, shards: Path) -> None:
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("repetition", range(3))
+@pytest.mark.parametrize("repetition", range(2))
 def test_two_ranks_reading_the_stream_exit_every_time(tmp_path: Path, shards: Path, repetition: int) -> None:
     """The helper that once hung at exit (tests/helpers/stream_on_rank.py), a few times in a row; the
     200-run stress is scripts/stress_loader_exit.py."""
