@@ -133,4 +133,5 @@ class WeightsConfig(Record):
 
     plugin: Name
     model: dict[str, Any] = Field(default_factory=dict)
+    options_recorded: bool = False  # model holds every option, defaults included (pipeline/plugin.py)
     image: ImageRecord

@@ -36,7 +36,7 @@ from pipeline.feature_distances import KernelDistance, frechet_distance, kernel_
 from pipeline.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
 from pipeline.model_commands import check_output_beside, load_model, read_description
 from pipeline.optimizer_state import CheckpointError
-from pipeline.plugin import ModelPlugin
+from pipeline.plugin import ModelPlugin, load_plugin_class, options_of_folder
 from shards.cli import bounded, one_line, output, seed
 from shards.errors import UserError
 from shards.progress import progress_bar
@@ -148,7 +148,8 @@ def weights_description(weights: Path) -> dict:
     if (folder / STATE_FILE).is_file():
         with contextlib.suppress(CheckpointError):  # the step is only a label here; the weights loaded
             step = read_state(folder)["step"]
-    return {"weights": str(folder), "plugin": description["plugin"], "model": description["model"], "step": step}
+    options = options_of_folder(load_plugin_class(description["plugin"]), description)
+    return {"weights": str(folder), "plugin": description["plugin"], "model": options, "step": step}
 
 
 def protocol(args: argparse.Namespace, extractor: FeatureExtractor, kid_subset_size: int, kid_subsets: int) -> dict:

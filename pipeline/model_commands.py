@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, grids
-from pipeline.plugin import ImageInfo, PluginError, load_plugin_class
+from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, options_of_folder
 from shards.cli import MAX_GRID, bounded, check_output_file, one_line, seed
 from shards.errors import UserError
 from shards.random_access import SplitDataset
@@ -40,7 +40,8 @@ def load_model(folder: Path):
     description = read_description(folder)
     name, image = description["plugin"], description["image"]
     try:
-        plugin = load_plugin_class(name)(description["model"], ImageInfo(image["size"], image["channels"]))
+        plugin_class = load_plugin_class(name)
+        plugin = plugin_class(options_of_folder(plugin_class, description), ImageInfo(image["size"], image["channels"]))
     except (ValueError, TypeError) as error:  # a plugin rejecting its options (or the image) its own way
         raise PluginError(f"{folder / checkpoint.CONFIG_FILE}: {name}: {error}") from None
     networks = torch.nn.ModuleDict(plugin.build_networks())

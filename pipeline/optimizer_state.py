@@ -141,6 +141,7 @@ class SavedPartition:
     steps: list[float | None]
     world_size: int
     state_keys: set[str]
+    without_state: set[str]  # slices of networks that had not stepped yet (pipeline/network_skip.py)
 
 
 class PartitionIndex(Record):
@@ -169,14 +170,16 @@ def read_partition_index(path: Path) -> SavedPartition:
     check_structure(PartitionIndex, index, where, "checkpoint", CheckpointError)
     slices = {name: (start, numel) for name, (start, numel) in index["slices"].items()}
     state_keys = {key.split("/", 1)[0] for key in shapes} - {MASTER}
+    # a network that has sat out every step so far has no optimizer state yet: its slices hold none
+    without_state = {name for name in slices if not any(f"{key}/{name}" in shapes for key in state_keys)}
     for name, (_, numel) in slices.items():
-        for key in [MASTER, *sorted(state_keys)]:
+        for key in [MASTER, *sorted(state_keys if name not in without_state else ())]:
             if shapes.get(f"{key}/{name}") != [numel]:
                 found = shapes.get(f"{key}/{name}", "missing")
                 raise CheckpointError(
                     f"{path}: not a valid checkpoint: {f'{key}/{name}'[:200]!r} is {found}, its slice holds {numel}"
                 )
-    return SavedPartition(path, slices, index["steps"], index["world_size"], state_keys)
+    return SavedPartition(path, slices, index["steps"], index["world_size"], state_keys, without_state)
 
 
 def read_partitions(folder: Path) -> list[SavedPartition]:
@@ -224,12 +227,18 @@ def check_coverage(saved: list[SavedPartition], networks: dict[str, torch.nn.Mod
                 )
 
 
-def _create_state(engine, state_keys: set[str], steps: list[float | None]) -> None:
+def _create_state(engine, saved_partitions: list[SavedPartition]) -> None:
     """A fresh engine has no optimizer state until its first step: create it, with the saved keys and
-    step counts, through the optimizer's own load_state_dict."""
+    step counts, through the optimizer's own load_state_dict (for the networks that had state)."""
+    state_keys, steps = saved_partitions[0].state_keys, saved_partitions[0].steps
+    stateless = {name for partition in saved_partitions for name in partition.without_state}
+    stateful = {name for partition in saved_partitions for name in partition.slices} - stateless
     optimizer = engine.basic_optimizer
     saved = optimizer.state_dict()
     for group_index, group in enumerate(saved["param_groups"]):
+        network = optimizer.param_groups[group_index]["network"]
+        if state_keys and not any(name.startswith(f"{network}.") for name in stateful):
+            continue  # it never stepped: left without state, as it was saved
         for param_id, param in zip(group["params"], optimizer.param_groups[group_index]["params"], strict=True):
             state = {key: torch.zeros_like(param, dtype=torch.float32) for key in sorted(state_keys)}
             if steps[group_index] is not None:
@@ -243,11 +252,11 @@ def load_partitions(engine, networks: torch.nn.ModuleDict, folder: Path) -> None
     """Fill this rank's slices (masters and optimizer state) from a checkpoint's partitions, whatever
     the number of ranks that wrote them. The module's own weights are loaded separately."""
     saved = read_partitions(folder)
-    state_keys, steps = saved[0].state_keys, saved[0].steps
+    steps = saved[0].steps
     groups = len(engine.basic_optimizer.param_groups)
     if len(steps) != groups:
         raise CheckpointError(f"{saved[0].path}: {len(steps)} optimizer param groups, this model has {groups}")
-    _create_state(engine, state_keys, steps)
+    _create_state(engine, saved)
     handles = {}
     try:
         for piece in local_slices(engine, networks):

@@ -19,6 +19,11 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
     # with every checkpoint: plugin.state_dict() / plugin.load_state_dict(state)  (JSON-able)
     # optional, for `pipeline interpolate` and `pipeline attribute-vector` (eval mode, no_grad):
     plugin.encode(networks, images) -> codes (N x D)      plugin.decode(networks, codes) -> images
+    # optional, for a decision that needs the whole global batch of a step (the VAE-GAN's equilibrium):
+    # at each step's last micro-batch, after its forward and before its backward (and the optimizer step),
+    plugin.networks_to_skip(totals) -> {"discriminator", ...}
+    # optional: the options as validated, defaults included (what a weights folder's config.json records)
+    plugin.resolved_options() -> dict          # else options_class(**options).model_dump(), or the options
 
 The rules:
 
@@ -31,6 +36,16 @@ The rules:
 - Losses are means over the batch, so that a gradient does not depend on the micro-batch size:
   DeepSpeed averages gradients over accumulation steps and ranks.
 - ``metrics`` holds detached scalars to log (each loss term, say); the trainer averages them.
+- ``step_totals`` holds detached scalar SUMS (a cost summed over images, and the count of images, say).
+  The trainer adds each up over every micro-batch of every rank in the optimizer step, and at the step's
+  last micro-batch hands the global totals, as floats and identical on every rank, to
+  ``networks_to_skip``. The networks it names take no optimizer step at all this step: their weights and
+  their optimizer state stay exactly as they were (the optimizer skips parameters without a gradient;
+  under fp16 an overflow check and gradient clipping still see their gradients). So a decision made from
+  the global batch is the same on every rank, whatever the number of ranks and micro-batches.
+- A plugin class may name ``defaults_before_recording``: the option defaults that weights folders written
+  before config.json recorded every option (no "options_recorded" key) were trained with; loading such a
+  folder fills them in for options it does not name.
 - Images are float tensors, N x C x H x W in [-1, 1], on the networks' device; labels are int64,
   -1 where the data set has none.
 - A plugin never imports accelerate or DeepSpeed, never moves anything between devices, and never
@@ -66,6 +81,7 @@ class ImageInfo:
 class StepOutput:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_totals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _GivenGradients(torch.autograd.Function):
@@ -123,6 +139,25 @@ class ModelPlugin(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def resolved_options(plugin: ModelPlugin, options: dict[str, Any]) -> dict[str, Any]:
+    """The plugin's options as validated, defaults included: what a weights folder records, so that its
+    meaning does not change when a default does."""
+    if hasattr(plugin, "resolved_options"):
+        return plugin.resolved_options()
+    parsed = getattr(plugin, "options", None)
+    if hasattr(parsed, "model_dump"):
+        return parsed.model_dump(mode="json")
+    return dict(options)
+
+
+def options_of_folder(plugin_class: type, description: dict[str, Any]) -> dict[str, Any]:
+    """The options a weights folder's model was trained with (config.json's description): recorded whole
+    since "options_recorded"; before that, the options it names over the defaults of that time."""
+    if description.get("options_recorded"):
+        return description["model"]
+    return {**getattr(plugin_class, "defaults_before_recording", {}), **description["model"]}
 
 
 def installed_plugins() -> dict[str, EntryPoint]:

@@ -42,8 +42,9 @@ from pipeline.engine import (
     skip_single_rank_allreduce,
 )
 from pipeline.lr_schedule import lr_factor
+from pipeline.network_skip import NetworkSkip
 from pipeline.optimizer_state import CheckpointError
-from pipeline.plugin import ModelPlugin
+from pipeline.plugin import ModelPlugin, resolved_options
 from pipeline.run_log import RunLog
 from shards.errors import UserError
 from shards.random_access import SampleError, SplitDataset
@@ -76,6 +77,9 @@ class Trainer:
         faults.skip_nonfinite_updates(self.engine)
         skip_single_rank_allreduce(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
+        self.network_skip = NetworkSkip(self.engine.basic_optimizer)
+        self.step_totals: dict[str, torch.Tensor] = {}  # the plugin's step_totals, this rank, this step
+        self.step_total_names: list[str] | None = None
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # lr_schedule scales these
         self.dtype = next(self.networks.parameters()).dtype
         self.layout = StreamLayout(
@@ -205,6 +209,10 @@ class Trainer:
             group["lr"] = base_lr * factor  # read by the ZeRO step at this step's last micro-batch
         with accelerator.accumulate(self.engine):
             output = self.engine(images, labels, self.step)
+            for name, value in output.step_totals.items():
+                self.step_totals[name] = self.step_totals.get(name, 0.0) + value.detach().double()
+            if accelerator.sync_gradients:  # this micro-batch's backward ends with the optimizer step
+                self.network_skip.networks = self._networks_to_skip()
             accelerator.backward(output.loss)
             self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped
             self.optimizer.zero_grad()
@@ -212,6 +220,24 @@ class Trainer:
         if accelerator.sync_gradients:
             self.step += 1
         return {name: value.detach().float() for name, value in output.metrics.items()}
+
+    def _networks_to_skip(self) -> set[str]:
+        """The plugin's decision from its step_totals summed over the whole global batch of this step:
+        the same on every rank. A collective when the plugin keeps totals."""
+        here, self.step_totals = self.step_totals, {}
+        if self.step_total_names is None:  # once: a rank whose micro-batches were all unreadable has none
+            self.step_total_names = sorted(set().union(*gather_object([sorted(here)])))
+        if not self.step_total_names or not hasattr(self.plugin, "networks_to_skip"):
+            return set()
+        device = self.accelerator.device
+        sums = torch.stack(
+            [torch.as_tensor(here.get(name, 0.0), dtype=torch.float64, device=device) for name in self.step_total_names]
+        )
+        totals = dict(zip(self.step_total_names, self.accelerator.reduce(sums, reduction="sum").tolist(), strict=True))
+        skip = set(self.plugin.networks_to_skip(totals))
+        if not skip <= set(self.networks):
+            raise UserError(f"plugin {self.config.plugin}: networks_to_skip named {sorted(skip)}: not all are networks")
+        return skip
 
     def _count_skipped_update(self, skipped: bool) -> bool:
         """DeepSpeed skipped the update on every rank alike (a non-finite gradient): warn. Returns whether
@@ -371,7 +397,12 @@ class Trainer:
         final, failure = None, None
         if accelerator.is_main_process:
             try:
-                description = {"plugin": config.plugin, "model": config.model, "image": self.split.image}
+                description = {
+                    "plugin": config.plugin,
+                    "model": resolved_options(self.plugin, config.model),
+                    "options_recorded": True,  # every option, defaults included (pipeline/plugin.py)
+                    "image": self.split.image,
+                }
                 checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
                 hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}
                 final = checkpoint.commit(staging, self._trainer_state(ranks), hashed)

@@ -16,7 +16,13 @@ from pipeline.plugins.networks import gaussian_kl
 from pipeline.plugins.vaegan import VAEGAN
 
 EPS = 1e-3
-GAMMA = 6.4e-5
+W = 1e-6  # the authors' recon_vs_gan_weight (celeba_aegan.py)
+
+
+def authors_gamma(recon_gan: bool) -> float:
+    """PAPER.md: with batch means and the GAN term a mean over every generated image, the authors'
+    weighting is w / ((1 - w) x the number of generated sets)."""
+    return W / ((1 - W) * (2 if recon_gan else 1))
 
 
 def small_vaegan(**options) -> tuple[VAEGAN, torch.nn.ModuleDict]:
@@ -44,27 +50,49 @@ LEAKS = {  # misroutings, each a plausible bug: the real-path test shows it woul
 }
 
 
-def own_losses(
-    networks, images, noise, prior_noise, recon_gan: bool, saturating: bool, leak: str = "", gamma: float = GAMMA
-) -> dict:
-    """Each network's loss, as PAPER.md states it, from one plain forward pass (or with one of LEAKS)."""
-    mu, log_variance = networks["encoder"](images)
-    z = mu + noise * (0.5 * log_variance).exp()
+def passes(networks, images, z, prior_noise, recon_gan: bool, batches: str):
+    """(reconstruction, real features, reconstruction features, real logits, generated images' logits),
+    as PAPER.md describes each way of batching the discriminator."""
+    encoder_free_z = z.detach()
+    if batches == "joint":  # the authors': concatenated batches
+        reconstruction = networks["decoder"](z)
+        features = networks["discriminator"].features(torch.cat([reconstruction, images]))
+        recon_features, real_features = features[: len(images)], features[len(images) :]
+        codes = torch.cat([encoder_free_z, prior_noise]) if recon_gan else prior_noise
+        logits, _ = networks["discriminator"](torch.cat([images, networks["decoder"](codes)]))
+        return reconstruction, real_features, recon_features, logits[: len(images)], logits[len(images) :]
     reconstruction, prior_samples = networks["decoder"](z), networks["decoder"](prior_noise)
     real_logit, real_features = networks["discriminator"](images)
     recon_logit, recon_features = networks["discriminator"](reconstruction)
     prior_logit, _ = networks["discriminator"](prior_samples)
+    fakes = torch.cat([prior_logit, recon_logit]) if recon_gan else prior_logit
+    return reconstruction, real_features, recon_features, real_logit, fakes
+
+
+def own_losses(
+    networks,
+    images,
+    noise,
+    prior_noise,
+    recon_gan: bool,
+    saturating: bool,
+    leak: str = "",
+    gamma: float | None = None,
+    batches: str = "joint",
+) -> dict:
+    """Each network's loss, as PAPER.md states it, from one plain forward pass (or with one of LEAKS)."""
+    mu, log_variance = networks["encoder"](images)
+    z = mu + noise * (0.5 * log_variance).exp()
+    _, real_features, recon_features, real_logit, fake_logit = passes(
+        networks, images, z, prior_noise, recon_gan, batches
+    )
     d = torch.sigmoid
     llike = 0.5 * (recon_features - real_features).pow(2).flatten(1).sum(1).mean()
-    fakes = [prior_logit, recon_logit] if recon_gan else [prior_logit]
-    fake_loss = sum(-torch.log(1 - d(logit) + EPS).mean() for logit in fakes) / len(fakes)
-    if saturating:
-        generator = sum(torch.log(1 - d(logit) + EPS).mean() for logit in fakes) / len(fakes)
-    else:
-        generator = sum(-torch.log(d(logit) + EPS).mean() for logit in fakes) / len(fakes)
+    fake_loss = -torch.log(1 - d(fake_logit) + EPS).mean()  # over every generated image
+    generator = -fake_loss if saturating else -torch.log(d(fake_logit) + EPS).mean()
     losses = {
         "encoder": gaussian_kl(mu, log_variance).mean() + llike,
-        "decoder": gamma * llike + generator,
+        "decoder": (authors_gamma(recon_gan) if gamma is None else gamma) * llike + generator,
         "discriminator": 0.5 * -torch.log(d(real_logit) + EPS).mean() + 0.5 * fake_loss,
     }
     if leak == "llike_trains_the_discriminator":
@@ -76,18 +104,23 @@ def own_losses(
     return losses
 
 
+@pytest.mark.parametrize("batches", ["joint", "separate"])
 @pytest.mark.parametrize("generator_loss", ["saturating", "non_saturating"])
 @pytest.mark.parametrize("recon_gan", [True, False])
-def test_one_backward_gives_each_network_its_own_gradient(generator_loss: str, recon_gan: bool) -> None:
-    plugin, networks = small_vaegan(generator_loss=generator_loss, discriminate_reconstructions=recon_gan)
+def test_one_backward_gives_each_network_its_own_gradient(generator_loss: str, recon_gan: bool, batches: str) -> None:
+    plugin, networks = small_vaegan(
+        generator_loss=generator_loss, discriminate_reconstructions=recon_gan, discriminator_batches=batches
+    )
+    assert plugin.options.gamma == pytest.approx(authors_gamma(recon_gan), rel=1e-12)
     reference = copy.deepcopy(networks)
     images = batch()
     torch.manual_seed(1)
-    loss, _ = plugin.routed_loss(networks, images)
+    loss, _, _ = plugin.routed_loss(networks, images)
     loss.backward()
     noise, prior_noise = draws()
 
-    losses = own_losses(reference, images, noise, prior_noise, recon_gan, generator_loss == "saturating")
+    saturating = generator_loss == "saturating"
+    losses = own_losses(reference, images, noise, prior_noise, recon_gan, saturating, batches=batches)
     for name, own_loss in losses.items():
         expected = torch.autograd.grad(own_loss, list(reference[name].parameters()), retain_graph=True)
         for parameter, wanted in zip(networks[name].parameters(), expected, strict=True):
@@ -97,37 +130,82 @@ def test_one_backward_gives_each_network_its_own_gradient(generator_loss: str, r
     assert all(p.grad.abs().sum() > 0 for name in losses for p in networks[name].parameters() if p.dim() > 1)
 
 
-def test_batch_norm_statistics_move_once_per_pass_of_the_method() -> None:
-    plugin, networks = small_vaegan()
+def test_joint_batches_change_the_discriminators_gradient() -> None:
+    """The two batchings are different models (PAPER.md), not two spellings of one."""
+    gradients = {}
+    for batches in ("joint", "separate"):
+        plugin, networks = small_vaegan(discriminator_batches=batches)
+        torch.manual_seed(1)
+        plugin.routed_loss(networks, batch())[0].backward()
+        gradients[batches] = torch.cat([p.grad.flatten() for p in networks["discriminator"].parameters()])
+    cosine = torch.nn.functional.cosine_similarity(gradients["joint"], gradients["separate"], dim=0)
+    assert cosine < 0.9, float(cosine)
+
+
+def statistics(networks) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.clone()
+        for name, network in networks.items()
+        for key, value in network.state_dict().items()
+        if "running" in key or "num_batches" in key
+    }
+
+
+@pytest.mark.parametrize("batches", ["joint", "separate"])
+def test_batch_norm_statistics_move_as_in_the_authors_passes(batches: str) -> None:
+    plugin, networks = small_vaegan(discriminator_batches=batches)
     reference = copy.deepcopy(networks)
     images = batch()
     torch.manual_seed(1)
     plugin.routed_loss(networks, images)
     noise, prior_noise = draws()
-    with torch.no_grad():  # the paper's six passes, each once, in the plugin's documented order
+    with torch.no_grad():
         mu, log_variance = reference["encoder"](images)
-        prior_samples = reference["decoder"](prior_noise)
-        reference["discriminator"](images)
-        reference["discriminator"](prior_samples)
-        reconstruction = reference["decoder"](mu + noise * (0.5 * log_variance).exp())
-        reference["discriminator"](reconstruction)
-    for name in networks:
-        for (key, value), wanted in zip(
-            networks[name].state_dict().items(), reference[name].state_dict().values(), strict=True
-        ):
-            if "running" in key or "num_batches" in key:
-                torch.testing.assert_close(value, wanted, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+        z = mu + noise * (0.5 * log_variance).exp()
+        if batches == "joint":
+            # model/aegan.py: the statistics of the decoder and discriminator used at test time move in
+            # Dec(z) and Dis([x, generated]) alone; Dis_l([x~, x]) and Dec([z, z_p]) run through the
+            # shared-weight copies (discriminator_recon, decoder_neggrad)
+            reconstruction = reference["decoder"](z)
+            generated = copy.deepcopy(reference["decoder"])(torch.cat([z, prior_noise]))
+            reference["discriminator"](torch.cat([images, generated]))
+        else:  # the six passes, each once, in the plugin's documented order
+            prior_samples = reference["decoder"](prior_noise)
+            reference["discriminator"](images)
+            reference["discriminator"](prior_samples)
+            reconstruction = reference["decoder"](z)
+            reference["discriminator"](reconstruction)
+    moved, wanted = statistics(networks), statistics(reference)
+    for key, value in wanted.items():
+        torch.testing.assert_close(moved[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_equilibrium_skips_the_stronger_side() -> None:
+def test_equilibrium_decides_from_the_global_costs() -> None:
     plugin, _ = small_vaegan(equilibrium=True)
-    # discriminator far too good (real cost tiny): skip its update
-    assert plugin.equilibrium(torch.tensor(0.1), torch.tensor(0.5)) == (0.0, 1.0)
-    # discriminator far too bad (a cost above 1.03): skip the decoder's
-    assert plugin.equilibrium(torch.tensor(1.5), torch.tensor(0.7)) == (1.0, 0.0)
-    # both would be skipped: update both
-    assert plugin.equilibrium(torch.tensor(0.1), torch.tensor(1.5)) == (1.0, 1.0)
+
+    def totals(real: float, fake: float) -> dict[str, float]:  # 8 real and 16 generated images
+        return {"real_cost": 8 * real, "real_images": 8.0, "fake_cost": 16 * fake, "fake_images": 16.0}
+
+    # discriminator far too good (real cost tiny): it sits out
+    assert plugin.networks_to_skip(totals(0.1, 0.5)) == {"discriminator"}
+    # discriminator far too bad (a cost above 0.68 + 0.35): the decoder sits out
+    assert plugin.networks_to_skip(totals(1.5, 0.7)) == {"decoder"}
+    # both would sit out: both step
+    assert plugin.networks_to_skip(totals(0.1, 1.5)) == set()
+    assert plugin.networks_to_skip(totals(0.7, 0.7)) == set()
     assert plugin.state_dict() == {"skipped": {"discriminator": 1, "decoder": 1}}
+    # equilibrium off: no totals kept, nothing skipped
+    plugin, networks = small_vaegan()
+    assert plugin.routed_loss(networks, batch())[2] == {}
+
+
+def test_equilibrium_totals_are_sums_over_every_image_seen() -> None:
+    plugin, networks = small_vaegan(equilibrium=True)
+    torch.manual_seed(1)
+    _, metrics, totals = plugin.routed_loss(networks, batch())
+    assert (totals["real_images"], totals["fake_images"]) == (6, 12)  # prior samples and reconstructions
+    torch.testing.assert_close(float(totals["real_cost"] / 6), float(metrics["real_cost"]))
+    torch.testing.assert_close(float(totals["fake_cost"] / 12), float(metrics["fake_cost"]))
 
 
 def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:

@@ -8,7 +8,9 @@ its convolutions at 8x8.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -106,8 +108,28 @@ class Discriminator(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.to_features(self.first(images))
+        features = self.features(images)
         return self.head(self.after_features(features)).squeeze(1), features
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Dis_l alone: the layers up to L_llike's features (the authors' `discriminator_recon`)."""
+        return self.to_features(self.first(images))
+
+
+@contextlib.contextmanager
+def running_statistics_frozen(module: nn.Module) -> Iterator[None]:
+    """Passes in train mode (batch statistics) that leave the batch norm running statistics and counters
+    as they were: the authors' shared-weight copies of a network (`decoder_neggrad`,
+    `discriminator_recon` in model/aegan.py) carry running statistics of their own, which nothing uses."""
+    norms = [layer for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+    tracking = [layer.track_running_stats for layer in norms]
+    for layer in norms:
+        layer.track_running_stats = False  # batch statistics, and no update (torch's BatchNorm forward)
+    try:
+        yield
+    finally:
+        for layer, tracked in zip(norms, tracking, strict=True):
+            layer.track_running_stats = tracked
 
 
 def check_size(size: int) -> None:

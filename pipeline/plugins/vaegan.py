@@ -1,24 +1,49 @@
 """The VAE-GAN of Larsen et al. (2016): encoder, decoder and discriminator, each trained by its own loss.
 
-| network       | minimises                                  |
-|---------------|--------------------------------------------|
-| encoder       | L_prior + L_llike                          |
-| decoder       | gamma * L_llike + L_gen (= -L_GAN's part)  |
-| discriminator | L_dis (= -L_GAN)                           |
+| network       | minimises                                                         |
+|---------------|-------------------------------------------------------------------|
+| encoder       | L_prior + L_llike                                                 |
+| decoder       | gamma * L_llike + mean over generated images of log(1 - Dis(.))  |
+| discriminator | 0.5 * mean over real of -log Dis(x) + 0.5 * mean over generated of -log(1 - Dis(.)) |
 
-One forward pass of the paper's step builds all three losses; `own_gradients` (pipeline/plugin.py)
-differentiates each with respect to its own network only (torch.autograd.grad) and hands the
-gradients to the trainer's one backward. So no loss can leak into another network, nothing runs twice,
-and gamma weighs L_llike in the decoder's loss directly, with no gradient rescaling at the latent.
+(the decoder's GAN term as written is the authors' saturating loss; `generator_loss: non_saturating`
+uses -log Dis(.) instead. eps 1e-3 inside every log, as the authors.)
 
-With the authors' equilibrium on, a skipped network gets a zero gradient that micro-batch. Its
-optimizer still steps: RMSProp then leaves the weights (without weight decay) but decays its square
-average.
+Conventions, once. Every loss is a mean over the batch of per-example sums: L_prior is the KL summed
+over latent dimensions, L_llike = 0.5 x the squared distance of the Dis_l features summed over them.
+The authors (model/aegan.py) sum every term over the batch instead, and weigh the decoder's gradient
+as w x grad(L_llike) + (1 - w) x grad(GAN) with w = `recon_vs_gan_weight` = 1e-6 (celeba_aegan.py).
+Both of their terms are batch sums, so the batch size cancels; with our means, and the GAN term a mean
+over all S x B generated images (S generated sets: prior samples, plus reconstructions when they are
+discriminated), the same weighting is
 
-Losses are means over the batch of per-example sums (KL over latent dimensions, L_llike over the Dis_l
-features), so gamma is per example: the authors' 1e-6 on sums over a batch of 64 is 6.4e-5 here.
-The passes, each once, in this order (batch norm running statistics move in each): Enc(x), Dec(z_p),
-Dis(x), Dis(x_p), Dec(z), Dis(x_tilde). Needs ZeRO stage 0-2 (parameters must be whole on each rank).
+    gamma = w / ((1 - w) x S)          w = 1e-6: gamma = 1e-6 (S = 1), 5e-7 (S = 2)
+
+which is gamma's default. (Before this was worked out, the plugin used 6.4e-5, 64 to 128 times larger.)
+
+One forward pass builds all three losses; `own_gradients` (pipeline/plugin.py) differentiates each
+with respect to its own network only and hands the gradients to the trainer's one backward. So no
+loss can leak into another network, nothing runs twice, and gamma weighs L_llike in the decoder's loss
+directly, with no gradient rescaling at the latent.
+
+Batch norm batches (`discriminator_batches`):
+- `joint` (default, the authors'): Enc(x); x~ = Dec(z); Dis_l([x~, x]) for L_llike; the generated
+  images Dec([z, z_p]) (or Dec(z_p) without reconstructions discriminated); Dis([x, generated]) for
+  the GAN terms. Batch statistics are joint over each concatenated batch. Running statistics move as
+  in the authors' code: in Enc(x), Dec(z) and Dis([x, generated]); the other two passes run through
+  their shared-weight copies, whose statistics nothing uses.
+- `separate`: each pass alone, each moving the running statistics, in this order: Enc(x), Dec(z_p),
+  Dis(x), Dis(x_p), Dec(z), Dis(x~); L_llike and the GAN terms share Dis(x) and Dis(x~).
+
+Equilibrium (the authors' balance, off by default): after the whole global batch of a step (every rank,
+every micro-batch), real_cost = mean over real images of -log Dis(x) and fake_cost = the mean over every
+generated image the discriminator saw of -log(1 - Dis(.)). Either below target - margin: the
+discriminator takes no optimizer step; either above target + margin: the decoder takes none; both: both
+step. The encoder always steps. The trainer makes the decision once per step, the same on every rank,
+from these sums (`step_totals`, `networks_to_skip`); a network that sits out keeps its weights and its
+optimizer state exactly.
+
+Needs ZeRO stage 0-2 (parameters must be whole on each rank).
 """
 
 from __future__ import annotations
@@ -26,13 +51,27 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pipeline.config import Flag, Integer, Number
 from pipeline.plugin import ImageInfo, StepOutput, own_gradients
-from pipeline.plugins.networks import Decoder, Discriminator, Encoder, gaussian_kl, reparameterise
+from pipeline.plugins.networks import (
+    Decoder,
+    Discriminator,
+    Encoder,
+    gaussian_kl,
+    reparameterise,
+    running_statistics_frozen,
+)
 from pipeline.plugins.vae import GaussianLatentModel
+
+AUTHORS_RECON_VS_GAN_WEIGHT = 1e-6  # celeba_aegan.py's w
+
+
+def authors_gamma(generated_sets: int, weight: float = AUTHORS_RECON_VS_GAN_WEIGHT) -> float:
+    """gamma that weighs L_llike against the GAN term as the authors' `recon_vs_gan_weight` does."""
+    return weight / ((1 - weight) * generated_sets)
 
 
 class VAEGANOptions(BaseModel):
@@ -41,23 +80,38 @@ class VAEGANOptions(BaseModel):
     fc_size: Integer = Field(
         2048, gt=0, le=65536, description="encoder FC: 2048 in the paper, 1024 in the authors' code"
     )
-    gamma: Number = Field(6.4e-5, gt=0, description="weight of L_llike in the decoder's loss, per example")
+    gamma: Number | None = Field(
+        None, gt=0, description="weight of L_llike in the decoder's loss; default: the authors' w = 1e-6 (docstring)"
+    )
     discriminate_reconstructions: Flag = Field(True, description="the paper's third GAN term (authors' code: off)")
+    discriminator_batches: Literal["joint", "separate"] = "joint"
     generator_loss: Literal["saturating", "non_saturating"] = "saturating"
     log_eps: Number = Field(1e-3, ge=0, description="added inside the GAN logs, as the authors")
-    equilibrium: Flag = Field(False, description="the authors' balance: skip the stronger side's update")
+    equilibrium: Flag = Field(False, description="the authors' balance: the stronger side sits out a step")
     equilibrium_target: Number = 0.68
     equilibrium_margin: Number = 0.35
+
+    @model_validator(mode="after")
+    def _authors_gamma_by_default(self) -> VAEGANOptions:
+        if self.gamma is None:
+            self.gamma = authors_gamma(2 if self.discriminate_reconstructions else 1)
+        return self
+
+
+# Before options were recorded whole (config.json without "options_recorded"), a weights folder held
+# only the options its run config set; these were the defaults it was trained with.
+DEFAULTS_BEFORE_RECORDING = {"gamma": 6.4e-5, "discriminator_batches": "separate"}
 
 
 class VAEGAN(GaussianLatentModel):
     """The paper's VAE-GAN: learned similarity (discriminator features) for the VAE's likelihood."""
 
     name, options_class = "vaegan", VAEGANOptions
+    defaults_before_recording = DEFAULTS_BEFORE_RECORDING
 
     def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
         super().__init__(options, image)
-        self.skipped = {"discriminator": 0, "decoder": 0}  # equilibrium counters, kept in checkpoints
+        self.skipped = {"discriminator": 0, "decoder": 0}  # steps each sat out (equilibrium), in checkpoints
 
     def build_networks(self) -> dict[str, nn.Module]:
         size, channels, latent = self.image.size, self.image.channels, self.options.latent_size
@@ -68,83 +122,110 @@ class VAEGAN(GaussianLatentModel):
         }
 
     def optimizer_defaults(self) -> dict[str, Any]:
-        return {"name": "rmsprop", "lr": 3e-4, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.0}  # the authors
+        # the authors': deeppy's RMSProp (decay 0.9, eps 1e-8), weight decay 1e-5 on every layer
+        return {"name": "rmsprop", "lr": 3e-4, "alpha": 0.9, "eps": 1e-8, "weight_decay": 1e-5}
 
-    def routed_loss(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """One loss whose gradient is, for each network, the gradient of its own loss (module docstring)."""
-        losses, metrics = self.own_losses(networks, images)
-        return own_gradients(networks, losses), metrics
+    def routed_loss(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """One loss whose gradient is, for each network, the gradient of its own loss (module docstring);
+        the metrics; and the equilibrium's cost sums."""
+        losses, metrics, totals = self.own_losses(networks, images)
+        return own_gradients(networks, losses), metrics, totals
 
-    def own_losses(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[dict, dict]:
-        """Each network's own loss (None: not trained this micro-batch), from one forward pass."""
-        options = self.options
-        encoder, decoder, discriminator = networks["encoder"], networks["decoder"], networks["discriminator"]
-        mu, log_variance = encoder(images)
+    def own_losses(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[dict, dict, dict]:
+        """Each network's own loss, from one forward pass; detached metrics; the equilibrium's sums."""
+        mu, log_variance = networks["encoder"](images)
         z = reparameterise(mu, log_variance)
-        prior_samples = decoder(torch.randn_like(z))
-        real_logit, real_features = discriminator(images)
-        prior_logit, _ = discriminator(prior_samples)
-        reconstruction = decoder(z)
-        reconstruction_logit, reconstruction_features = discriminator(reconstruction)
-        real_cost, fake_cost = self._real_loss(real_logit), self._fake_loss(prior_logit)
-        train_discriminator, train_decoder = self.equilibrium(real_cost, fake_cost)
+        prior_z = torch.randn_like(z)
+        if self.options.discriminator_batches == "joint":
+            passes = self._joint_passes(networks, images, z, prior_z)
+        else:
+            passes = self._separate_passes(networks, images, z, prior_z)
+        reconstruction, real_features, reconstruction_features, real_logit, fake_logit = passes
 
+        real_cost = -torch.log(torch.sigmoid(real_logit) + self.options.log_eps)  # per image
+        fake_cost = -torch.log(1 - torch.sigmoid(fake_logit) + self.options.log_eps)
+        if self.options.generator_loss == "saturating":
+            gen = -fake_cost.mean()
+        else:
+            gen = -torch.log(torch.sigmoid(fake_logit) + self.options.log_eps).mean()
         prior = gaussian_kl(mu, log_variance).mean()
         llike = 0.5 * (reconstruction_features - real_features).pow(2).flatten(1).sum(1).mean()
-        fake_logits = [prior_logit, reconstruction_logit] if options.discriminate_reconstructions else [prior_logit]
-        gen = sum(self._generator_loss(logit) for logit in fake_logits) / len(fake_logits)
-        dis = 0.5 * real_cost + 0.5 * sum(self._fake_loss(logit) for logit in fake_logits) / len(fake_logits)
-        losses = {
-            "encoder": prior + llike,
-            "decoder": options.gamma * llike + gen if train_decoder else None,
-            "discriminator": dis if train_discriminator else None,
-        }
+        dis = 0.5 * real_cost.mean() + 0.5 * fake_cost.mean()
+        losses = {"encoder": prior + llike, "decoder": self.options.gamma * llike + gen, "discriminator": dis}
         metrics = {
             "prior": prior,
             "llike": llike,
             "gen": gen,
             "dis": dis,
-            "real_cost": real_cost,
-            "fake_cost": fake_cost,
+            "real_cost": real_cost.mean(),
+            "fake_cost": fake_cost.mean(),
             "mse": (reconstruction.float() - images.float()).pow(2).mean(),
         }
-        return losses, {name: value.detach() for name, value in metrics.items()}
+        totals = {}
+        if self.options.equilibrium:
+            totals = {
+                "real_cost": real_cost.detach().double().sum(),
+                "real_images": torch.tensor(float(len(real_cost)), dtype=torch.float64, device=real_cost.device),
+                "fake_cost": fake_cost.detach().double().sum(),
+                "fake_images": torch.tensor(float(len(fake_cost)), dtype=torch.float64, device=fake_cost.device),
+            }
+        return losses, {name: value.detach() for name, value in metrics.items()}, totals
 
-    def _real_loss(self, logit: torch.Tensor) -> torch.Tensor:
-        return -torch.log(torch.sigmoid(logit) + self.options.log_eps).mean()
+    def _joint_passes(self, networks: nn.ModuleDict, images: torch.Tensor, z: torch.Tensor, prior_z: torch.Tensor):
+        """The authors' passes (module docstring): concatenated batches, joint batch statistics."""
+        decoder, discriminator = networks["decoder"], networks["discriminator"]
+        count = len(images)
+        reconstruction = decoder(z)
+        with running_statistics_frozen(discriminator):
+            reconstruction_features, real_features = discriminator.features(torch.cat([reconstruction, images])).split(
+                count
+            )
+        # the GAN's gradient stops at the latent: the encoder never sees it (own_gradients also ensures it)
+        codes = torch.cat([z.detach(), prior_z]) if self.options.discriminate_reconstructions else prior_z
+        with running_statistics_frozen(decoder):
+            generated = decoder(codes)
+        logits, _ = discriminator(torch.cat([images, generated]))
+        return reconstruction, real_features, reconstruction_features, logits[:count], logits[count:]
 
-    def _fake_loss(self, logit: torch.Tensor) -> torch.Tensor:
-        return -torch.log(1 - torch.sigmoid(logit) + self.options.log_eps).mean()
-
-    def _generator_loss(self, logit: torch.Tensor) -> torch.Tensor:
-        if self.options.generator_loss == "saturating":
-            return torch.log(1 - torch.sigmoid(logit) + self.options.log_eps).mean()
-        return self._real_loss(logit)
-
-    def equilibrium(self, real_cost: torch.Tensor, fake_cost: torch.Tensor) -> tuple[bool, bool]:
-        """The authors' balance: (train the discriminator, train the decoder). Decided per micro-batch on
-        each rank; the encoder always trains."""
-        if not self.options.equilibrium:
-            return True, True
-        low = self.options.equilibrium_target - self.options.equilibrium_margin
-        high = self.options.equilibrium_target + self.options.equilibrium_margin
-        costs = (float(real_cost), float(fake_cost))
-        train_discriminator = not any(cost < low for cost in costs)
-        train_decoder = not any(cost > high for cost in costs)
-        if not (train_discriminator or train_decoder):
-            train_discriminator = train_decoder = True
-        self.skipped["discriminator"] += not train_discriminator
-        self.skipped["decoder"] += not train_decoder
-        return train_discriminator, train_decoder
+    def _separate_passes(self, networks: nn.ModuleDict, images: torch.Tensor, z: torch.Tensor, prior_z: torch.Tensor):
+        """Every pass alone, each moving the running statistics (module docstring)."""
+        decoder, discriminator = networks["decoder"], networks["discriminator"]
+        prior_samples = decoder(prior_z)
+        real_logit, real_features = discriminator(images)
+        prior_logit, _ = discriminator(prior_samples)
+        reconstruction = decoder(z)
+        reconstruction_logit, reconstruction_features = discriminator(reconstruction)
+        fakes = [prior_logit, reconstruction_logit] if self.options.discriminate_reconstructions else [prior_logit]
+        return reconstruction, real_features, reconstruction_features, real_logit, torch.cat(fakes)
 
     def training_step(
         self, networks: nn.ModuleDict, images: torch.Tensor, labels: torch.Tensor, step: int
     ) -> StepOutput:
-        loss, metrics = self.routed_loss(networks, images)
-        return StepOutput(loss=loss, metrics=metrics)
+        loss, metrics, totals = self.routed_loss(networks, images)
+        return StepOutput(loss=loss, metrics=metrics, step_totals=totals)
+
+    def networks_to_skip(self, totals: dict[str, float]) -> set[str]:
+        """The authors' equilibrium, from the costs of the step's whole global batch (module docstring)."""
+        if not self.options.equilibrium or not totals.get("real_images") or not totals.get("fake_images"):
+            return set()
+        costs = (totals["real_cost"] / totals["real_images"], totals["fake_cost"] / totals["fake_images"])
+        skip = equilibrium_skips(costs, self.options.equilibrium_target, self.options.equilibrium_margin)
+        for network in skip:
+            self.skipped[network] += 1
+        return skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skipped = dict(state["skipped"])
+        self.skipped = {name: int(state["skipped"][name]) for name in ("discriminator", "decoder")}
+
+
+def equilibrium_skips(costs: tuple[float, float], target: float, margin: float) -> set[str]:
+    """model/aegan.py's GradientDescent.train_epoch: which of discriminator and decoder sit out."""
+    skip = set()
+    if any(cost < target - margin for cost in costs):
+        skip.add("discriminator")
+    if any(cost > target + margin for cost in costs):
+        skip.add("decoder")
+    return set() if len(skip) == 2 else skip

@@ -29,6 +29,12 @@ class LinearAutoencoder:
         # input noise, drawn from torch's global RNG as real plugins draw theirs (reparameterisation): with
         # it on, a resume that does not restore each rank's RNG no longer matches a run that never stopped
         self.noise = float(options.get("noise", 0.0))
+        # the step_totals contract: each micro-batch reports the sum of its pixels and their count; a rule
+        # {"step": S, "network": N, "above": T} makes N sit out optimizer step S (0 for the first) when the
+        # mean pixel of the step's whole global batch is above T. What each rank was told is kept.
+        self.skips = options.get("skips", [])
+        self.step = 0
+        self.decisions: list[dict] = []
 
     def build_networks(self) -> dict[str, nn.Module]:
         return {"encoder": nn.Linear(self.pixels, self.hidden), "decoder": nn.Linear(self.hidden, self.pixels)}
@@ -48,7 +54,18 @@ class LinearAutoencoder:
         if fault and step in fault["steps"] and int(os.environ.get("RANK", "0")) == fault.get("rank", 0):
             loss = loss * float("nan") if fault.get("kind", "loss") == "loss" else NaNGradient.apply(loss)
         self.steps_seen += 1
-        return StepOutput(loss=loss, metrics={"loss": loss.detach(), "label_mean": labels.float().mean()})
+        self.step = step
+        totals = {}
+        if self.skips:
+            totals = {"pixels": images.detach().double().sum(), "count": images.new_tensor(images.numel()).double()}
+        metrics = {"loss": loss.detach(), "label_mean": labels.float().mean()}
+        return StepOutput(loss=loss, metrics=metrics, step_totals=totals)
+
+    def networks_to_skip(self, totals: dict[str, float]) -> set[str]:
+        mean = totals["pixels"] / totals["count"]
+        skip = {rule["network"] for rule in self.skips if rule["step"] == self.step and mean > rule["above"]}
+        self.decisions.append({"step": self.step, "totals": totals, "skip": sorted(skip)})
+        return skip
 
     def sample(self, networks, count: int, generator: torch.Generator) -> torch.Tensor:
         weight = networks["decoder"].weight
@@ -59,10 +76,11 @@ class LinearAutoencoder:
         return networks["decoder"](networks["encoder"](images.flatten(1))).clamp(-1, 1).view(images.shape)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_seen": self.steps_seen}
+        return {"steps_seen": self.steps_seen, "decisions": self.decisions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_seen = state["steps_seen"]
+        self.decisions = state.get("decisions", [])
 
 
 class NaNGradient(torch.autograd.Function):

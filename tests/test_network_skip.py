@@ -1,0 +1,109 @@
+"""A network the plugin names in networks_to_skip takes no optimizer step: its weights and its optimizer
+state stay bit for bit as they were, and the decision comes from the whole global batch, the same on
+every rank (pipeline/plugin.py, step_totals). Real runs: 2 ranks, 2 micro-batches each, ZeRO-2.
+
+The linear test plugin decides from the mean pixel of the step's global batch (a statistic the test
+computes itself from the shards); the threshold is placed so that a rank deciding from its own
+micro-batches alone would decide otherwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_helpers import build_small_shards, launch, write_config
+
+from pipeline.data import StreamLayout, epoch_order
+from shards.random_access import SplitDataset
+from shards.reader import open_split
+
+RANKS, MICRO_STEPS, BATCH, SEED = 2, 2, 2, 7
+
+
+def rank_means(shards: Path, step: int) -> list[float]:
+    """Each rank's mean pixel over its micro-batches of optimizer step `step`, as the trainer reads them."""
+    split = open_split(shards)
+    layout = StreamLayout(tuple(s["count"] for s in split.shards), SEED, 8, world_size=RANKS, batch_size=BATCH)
+    order, dataset = list(epoch_order(layout, 0)), SplitDataset(split)
+    means = []
+    for rank in range(RANKS):
+        images = []
+        for micro_step in range(step * MICRO_STEPS, (step + 1) * MICRO_STEPS):
+            start = micro_step * RANKS * BATCH + rank * BATCH
+            images += [dataset[i][0] for i in order[start : start + BATCH]]
+        means.append(float(torch.stack(images).double().mean()))
+    return means
+
+
+def checkpoint(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def network_tensors(folder: Path, network: str) -> dict[str, torch.Tensor]:
+    """The network's weights, and every rank's optimizer slices of it (master and state)."""
+    tensors = {f"weights/{k}": v for k, v in load_file(str(folder / f"{network}.safetensors")).items()}
+    for path in sorted((folder / "optimizer").glob("rank-*.safetensors")):
+        for key, value in load_file(str(path)).items():
+            if key.split("/", 1)[1].startswith(f"{network}."):
+                tensors[f"{path.stem}/{key}"] = value
+    return tensors
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_path: Path, optimizer: str) -> None:
+    shards = build_small_shards(tmp_path / "data", images=40, size=8)
+    own = rank_means(shards, 1)
+    global_mean = sum(own) / RANKS  # equal image counts on both ranks
+    lower = min(own)
+    assert lower < global_mean, own  # the ranks' own means differ: the threshold goes between them
+    threshold = (lower + global_mean) / 2  # the global batch is above it; the lower rank's own images are not
+    skips = [
+        {"step": 0, "network": "encoder", "above": -2.0},  # always: the encoder never stepped before step 2
+        {"step": 1, "network": "decoder", "above": threshold},
+    ]
+    run = tmp_path / "run"
+    config = write_config(
+        tmp_path / "run.yaml",
+        shards,
+        run,
+        model={"hidden": 4, "skips": skips},
+        max_steps=3,
+        seed=SEED,
+        checkpoint={"every": 1, "keep_last": 3},
+        # weight decay: a zero gradient alone would still shrink the weights
+        optimizer={"name": optimizer, "lr": 0.01, "weight_decay": 0.1},
+    )
+    if optimizer == "rmsprop":  # and through a resume from the checkpoint where the encoder has no state yet
+        first = launch(config, "max_steps=1")
+        assert first.returncode == 0, first.stderr[-3000:]
+        partition = load_file(str(checkpoint(run, 1) / "optimizer" / "rank-00000.safetensors"))
+        assert "square_avg/decoder.weight" in partition and "square_avg/encoder.weight" not in partition
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    state = json.loads((checkpoint(run, 3) / "trainer_state.json").read_text())
+    decisions = [rank["plugin"]["decisions"] for rank in state["ranks"]]
+    assert decisions[0] == decisions[1], "the ranks decided differently"
+    assert [(d["step"], d["skip"]) for d in decisions[0]] == [(0, ["encoder"]), (1, ["decoder"]), (2, [])]
+    totals = decisions[0][1]["totals"]
+    assert totals["count"] == RANKS * MICRO_STEPS * BATCH * 64  # every image of the global batch, 8x8 pixels
+    assert totals["pixels"] / totals["count"] == pytest.approx(global_mean, rel=1e-9, abs=1e-12)
+
+    steps = {step: checkpoint(run, step) for step in (1, 2, 3)}
+    encoder = {step: network_tensors(folder, "encoder") for step, folder in steps.items()}
+    decoder = {step: network_tensors(folder, "decoder") for step, folder in steps.items()}
+    assert identical(decoder[1], decoder[2]), "the decoder moved in the step it sat out"
+    assert not any(torch.equal(decoder[2][k], decoder[3][k]) for k in decoder[2] if "weights/" in k)
+    assert not any(torch.equal(encoder[1][k], encoder[2][k]) for k in encoder[1] if "weights/" in k)
+    # the encoder sat out step 1 (the first): it holds its initial weights (the same on every rank, from
+    # the seed) as masters, and no optimizer state
+    assert not [key for key in encoder[1] if key.split("/")[1] not in ("weight", "bias", "master")]
+    masters = torch.cat([encoder[1][k].flatten() for k in sorted(encoder[1]) if "/master/encoder.weight" in k])
+    torch.testing.assert_close(masters, encoder[1]["weights/weight"].flatten(), rtol=0, atol=0)
