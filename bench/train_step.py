@@ -209,7 +209,7 @@ def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
         best["memory"] = max(best["memory"], pipeline_from_memory(trainer, batches, warmup))
     networks = torch.nn.ModuleDict(plugin.build_networks())
     with FlopCounterMode(display=False) as counter:
-        loss, _ = plugin.routed_loss(networks, batches[0][0])
+        loss, _, _ = plugin.routed_loss(networks, batches[0][0])
         loss.backward()
     best["pipeline_gflop"] = counter.get_total_flops() / batch / 1e9
     with FlopCounterMode(display=False) as counter:

@@ -162,11 +162,19 @@ def optimizer_settings(config: RunConfig, defaults: dict[str, Any], network: str
     return {"lr": lr, "weight_decay": weight_decay}
 
 
-def build_optimizer(config: RunConfig, networks: nn.ModuleDict, defaults: dict[str, Any]) -> torch.optim.Optimizer:
+def optimizer_plan(config: RunConfig, defaults: dict[str, Any], networks: list[str]) -> dict[str, Any]:
+    """The optimizer a run builds: its name, the hyper-parameters it shares (run config, else plugin, else
+    torch's own default: left out), and each network's lr and weight decay."""
     name = config.optimizer.name or defaults.get("name", "adam")
-    groups = [
-        {"params": list(module.parameters()), "network": network, **optimizer_settings(config, defaults, network)}
-        for network, module in networks.items()
-    ]
     extras = {key: first_set(getattr(config.optimizer, key), defaults.get(key)) for key in OPTIMIZER_EXTRAS[name]}
-    return OPTIMIZERS[name](groups, **{key: value for key, value in extras.items() if value is not None})
+    plan = {"name": name, **{key: value for key, value in extras.items() if value is not None}}
+    return {**plan, **{network: optimizer_settings(config, defaults, network) for network in networks}}
+
+
+def build_optimizer(config: RunConfig, networks: nn.ModuleDict, defaults: dict[str, Any]) -> torch.optim.Optimizer:
+    plan = optimizer_plan(config, defaults, list(networks))
+    groups = [
+        {"params": list(module.parameters()), "network": name, **plan.pop(name)} for name, module in networks.items()
+    ]
+    name = plan.pop("name")
+    return OPTIMIZERS[name](groups, **plan)

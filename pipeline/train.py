@@ -3,6 +3,8 @@
 accelerate launch [--config_file launch/accelerate/...] -m pipeline.train --config FILE [key.sub=value ...]
 python -m pipeline.train --config FILE [...]        # one process
 pipeline train --config FILE [...]                  # the same
+pipeline train --config FILE [...] --dry-run        # check everything start-up checks, print the
+                                                    # resolved config, train nothing, write nothing
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+import yaml
 
 from pipeline.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.data_workers import die_with_parent
+from pipeline.deepspeed_config import build_deepspeed_config
 from pipeline.engine import resolve_precision
 from pipeline.launch import LAUNCHER_PID
-from pipeline.plugin import ImageInfo, PluginError, load_plugin_class
+from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, resolved_options
 from pipeline.run_lock import RunLock, wait_for_first_rank
 from shards.cli import ArgumentParser, one_line
 from shards.errors import UserError
@@ -35,6 +39,12 @@ from shards.reader import ShardSplit, open_split
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the run's YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, plugin options, shards, output folder and DeepSpeed config as a start would, print "
+        "the resolved config (every default filled in) and exit 0, or 2 with the one line; writes nothing",
+    )
 
 
 def check_optimizer_networks(config: RunConfig, networks: dict) -> None:
@@ -112,20 +122,25 @@ def run(args: argparse.Namespace) -> int:
         # Everything a user can get wrong is checked first, before a process group or engine exists.
         config = load_config(args.config, args.overrides)
         # one process holds the run folder, from before anything reads it to the run's end (run_lock.py)
-        lock = RunLock(config.output_dir, warn) if int(os.environ.get("RANK", "0")) == 0 else None
+        first_rank = int(os.environ.get("RANK", "0")) == 0 and not args.dry_run
+        lock = RunLock(config.output_dir, warn) if first_rank else None
         if lock is not None:
             lock.take_if_present()
         plugin_class = load_plugin_class(config.plugin)
         split = open_split(config.data.shards, config.data.split)
         resume = find_checkpoint(config, split)
         check_one_global_batch(config, split)
-        resolve_precision(config.precision)
+        precision = resolve_precision(config.precision)
         plugin = make_plugin(plugin_class, config, split)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         networks = plugin.build_networks()
         check_optimizer_networks(config, networks)
         if resume is not None:
             check_shapes(resume[0], config.plugin, networks)
+        if args.dry_run:
+            prepare_output_dir(config.output_dir, resume is not None, config.resume, None)  # checks, writes nothing
+            print(dry_run_report(config, plugin, precision, resume))
+            return 0
         # last: a rejected config leaves no folder behind
         prepare_output_dir(config.output_dir, resume is not None, config.resume, lock)
         if lock is None:
@@ -154,6 +169,22 @@ def run(args: argparse.Namespace) -> int:
         )
         leave_without_finalization(1)
     leave_without_finalization(0)
+
+
+def dry_run_report(config: RunConfig, plugin, precision: str, resume: tuple[Path, dict] | None) -> str:
+    """The run config as the run would use it (every default, the plugin's options resolved), and the
+    DeepSpeed config built from it (which also checks that config)."""
+    from pipeline.engine import optimizer_plan  # accelerate: only here, not on every check
+
+    resolved = config.model_dump(mode="json")
+    resolved["model"] = resolved_options(plugin, config.model)
+    resolved["optimizer"] = optimizer_plan(config, plugin.optimizer_defaults(), list(plugin.build_networks()))
+    start = f"resume from {resume[0]} (step {resume[1]['step']})" if resume else "start at step 0"
+    document = {**resolved, "deepspeed_config": build_deepspeed_config(config, precision)}
+    return (
+        f"# pipeline train --dry-run: every check passed; the run would {start}, precision {precision}\n"
+        + yaml.safe_dump(document, sort_keys=False)
+    ).rstrip("\n")
 
 
 def say_once(line: str) -> None:

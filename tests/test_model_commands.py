@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from trainer_helpers import build_small_shards, launch, run_python, write_config
 
+from pipeline.model_commands import load_model
 from pipeline.plugin import ImageInfo
 from pipeline.plugins.vae import VAE
+from pipeline.plugins.vaegan import VAEGAN
 
 MODEL = {"latent_size": 8, "fc_size": 32}
 
@@ -142,3 +145,31 @@ def test_bad_weights_and_labels_are_one_line(tmp_path: Path, trained) -> None:
     (broken / "decoder.safetensors").write_bytes((weights / "decoder.safetensors").read_bytes()[:1000])
     result = run_python("-m", "pipeline.cli", "sample", str(broken), str(tmp_path / "x.png"))
     assert result.returncode == 2 and "decoder.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_records_every_option_with_its_defaults(trained) -> None:
+    description = json.loads((trained[0] / "config.json").read_text())
+    assert description["options_recorded"] is True
+    assert description["model"] == {**MODEL, "pixel_sigma": 0.1}  # the VAE's default, written out
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_folder_loads_with_the_defaults_it_was_trained_with(tmp_path: Path, recorded: bool) -> None:
+    """Weights folders written before options were recorded whole name only the options their run set:
+    they were trained with the VAE-GAN's defaults of that time (gamma 6.4e-5, separate batches)."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    networks = VAEGAN(MODEL, ImageInfo(32, 1)).build_networks()
+    for name, network in networks.items():
+        save_file(network.state_dict(), str(folder / f"{name}.safetensors"))
+    description = {
+        "plugin": "vaegan",
+        "model": MODEL,
+        "image": {"size": 32, "format": "png", "mode": "L", "channels": 1},
+    }
+    if recorded:
+        description.update(model={**MODEL, "gamma": 0.5, "discriminator_batches": "joint"}, options_recorded=True)
+    (folder / "config.json").write_text(json.dumps(description))
+    plugin, _ = load_model(folder)
+    expected = (0.5, "joint") if recorded else (6.4e-5, "separate")
+    assert (plugin.options.gamma, plugin.options.discriminator_batches) == expected
