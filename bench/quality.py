@@ -1,14 +1,18 @@
-"""Does the VAE-GAN beat the VAE, measured: both plugins trained on the same shards with the same
-budget, then `pipeline evaluate` on the same held-out images.
+"""Does the VAE-GAN beat the VAE, measured: the models of COLUMNS trained on the same shards with the
+same budget, then `pipeline evaluate` on the same held-out images.
 
     python bench/quality.py [--shards DIR] [--steps 250] [--batch-size 64] [--count 500] [--seeds 1]
 
-Default data: the demo shards (scripts/demo.sh), 32x32 grayscale Fashion-MNIST. Both runs: one process
-(`python -m pipeline.train`, DeepSpeed ZeRO-2), the demo's model size (latent 32, encoder FC 1024),
-RMSProp at the plugins' (the authors') settings, the same seed, data order, steps and batch; the VAE-GAN
-with the demo's non-saturating decoder loss. Evaluation: split val, --count images, reconstructions and
-samples each, the shipped FID Inception. Results: a side-by-side table, and docs/benchmarks.md with each
-model's sample and reconstruction grids and loss curves (docs/quality-<plugin>-*.png).
+Columns: the VAE; the VAE-GAN at its defaults (the authors' gamma, joint discriminator batches, weight
+decay 1e-5); and the VAE-GAN as the plugin trained before those were corrected (gamma 6.4e-5, separate
+batches), to show what the correction did. Default data: the demo shards (scripts/demo.sh), 32x32
+grayscale Fashion-MNIST. Every run: one process (`python -m pipeline.train`, DeepSpeed ZeRO-2), the demo's
+model size (latent 32, encoder FC 1024), RMSProp at the plugins' settings, the same seed, data order,
+steps and batch; the VAE-GANs with the demo's non-saturating decoder loss. Evaluation: split val, --count
+images, reconstructions and samples each, the shipped FID Inception. Results: a side-by-side table, and
+docs/benchmarks.md with each column's sample and reconstruction grids and loss curves
+(docs/quality-<column>-*.png). A finished run's result is kept in bench/out/quality and reused while its
+config is the same, so more seeds can be added later.
 """
 
 from __future__ import annotations
@@ -28,9 +32,19 @@ from report import machine, markdown_table, write_section
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "quality"
 DOCS = REPO / "docs"
-PLUGINS = ("vae", "vaegan")
 MODEL = {"latent_size": 32, "fc_size": 1024}  # launch/configs/demo.yaml
-PLUGIN_OPTIONS = {"vae": {}, "vaegan": {"generator_loss": "non_saturating"}}
+DEMO_VAEGAN = {"generator_loss": "non_saturating"}
+# column: (plugin, model options, optimizer settings)
+COLUMNS = {
+    "vae": ("vae", {}, {}),
+    "vaegan": ("vaegan", DEMO_VAEGAN, {}),
+    "vaegan-before": (
+        "vaegan",
+        {**DEMO_VAEGAN, "gamma": 6.4e-5, "discriminator_batches": "separate"},
+        {"weight_decay": 0.0},
+    ),
+}
+PLUGINS = tuple(COLUMNS)
 # (label, section of the evaluation JSON, key, digits)
 METRICS = (
     ("FID, samples vs held-out images", "samples", "frechet_distance", 2),
@@ -42,17 +56,19 @@ METRICS = (
 )
 
 
-def run_config(plugin: str, shards: Path, steps: int, batch_size: int, seed: int) -> dict:
+def run_config(column: str, shards: Path, steps: int, batch_size: int, seed: int) -> dict:
+    plugin, options, optimizer = COLUMNS[column]
     return {
         "plugin": plugin,
-        "model": {**MODEL, **PLUGIN_OPTIONS[plugin]},
+        "model": {**MODEL, **options},
+        "optimizer": optimizer,
         "data": {"shards": str(shards), "batch_size": batch_size, "workers": 1},
         "max_steps": steps,
         "deepspeed": {"zero_stage": 2},
         "log_every": 10,
         "sample_every": steps,
         "checkpoint": {"every": steps, "keep_last": 1},
-        "output_dir": str(OUT / f"{plugin}-seed{seed}"),
+        "output_dir": str(OUT / f"{column}-seed{seed}"),
         "seed": seed,
     }
 
@@ -68,11 +84,17 @@ def run(command: list[str], log: Path) -> float:
 
 
 def train_and_evaluate(plugin: str, seed: int, args: argparse.Namespace) -> dict:
-    """One training run and its evaluation; seed 0's grids and loss curves go to docs/."""
+    """One training run and its evaluation (or its kept result, when the config is the same); seed 0's
+    grids and loss curves go to docs/."""
     name = f"{plugin}-seed{seed}"
-    shutil.rmtree(OUT / name, ignore_errors=True)
     config = OUT / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(run_config(plugin, args.shards, args.steps, args.batch_size, seed)))
+    settings = yaml.safe_dump(run_config(plugin, args.shards, args.steps, args.batch_size, seed))
+    kept = OUT / f"{name}-result.json"
+    if kept.exists() and config.exists() and config.read_text() == settings:
+        print(f"{name}: kept from an earlier run ({kept})", flush=True)
+        return json.loads(kept.read_text())
+    shutil.rmtree(OUT / name, ignore_errors=True)
+    config.write_text(settings)
     print(f"{name}: training {args.steps} steps of {args.batch_size}", flush=True)
     train_seconds = run([sys.executable, "-m", "pipeline.train", "--config", str(config)], OUT / f"{name}-train.log")
     print(f"{name}: evaluating on {args.count} held-out images", flush=True)
@@ -88,7 +110,10 @@ def train_and_evaluate(plugin: str, seed: int, args: argparse.Namespace) -> dict
         for kind, path in result["grids"].items():
             shutil.copyfile(path, DOCS / f"quality-{plugin}-{kind}.png")
     last_logged = json.loads((OUT / name / "metrics.jsonl").read_text().splitlines()[-1])
-    return {**result, "train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds, "last_logged": last_logged}
+    timings = {"train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds}
+    result = {**result, **timings, "last_logged": last_logged}
+    kept.write_text(json.dumps(result))
+    return result
 
 
 def summary(values: list[float], digits: int) -> str:
@@ -135,22 +160,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--count", type=int, default=500, help="held-out images, reconstructions and samples each")
-    parser.add_argument("--seeds", type=int, default=1, help="training runs per plugin, seeds 0..N-1 (default 1)")
+    parser.add_argument("--seeds", type=int, default=1, help="training runs per column, seeds 0..N-1 (default 1)")
     args = parser.parse_args()
     if not (args.shards / "manifest.json").exists():
         raise SystemExit(f"no shards at {args.shards}: run scripts/demo.sh first, or pass --shards")
     OUT.mkdir(parents=True, exist_ok=True)
     seeds = range(args.seeds)
-    results = {plugin: [train_and_evaluate(plugin, seed, args) for seed in seeds] for plugin in PLUGINS}
+    # seed by seed, so that an interrupted bench has kept whole rows of results
+    runs = {(plugin, seed): train_and_evaluate(plugin, seed, args) for seed in seeds for plugin in PLUGINS}
+    results = {plugin: [runs[plugin, seed] for seed in seeds] for plugin in PLUGINS}
     protocol = results["vaegan"][0]["protocol"]
     seeds_text = "seed 0" if args.seeds == 1 else f"seeds 0 to {args.seeds - 1}: one training run each"
     images = args.steps * args.batch_size
     body = f"""## VAE against VAE-GAN (`bench/quality.py`)
 
-{machine()}. Both plugins trained on the demo shards ({args.shards.name}: 32x32 grayscale Fashion-MNIST)
+{machine()}. Three models trained on the demo shards ({args.shards.name}: 32x32 grayscale Fashion-MNIST)
 with the same budget: {args.steps} steps of {args.batch_size} images ({images:,} images, one process, DeepSpeed
 ZeRO-2, {seeds_text}, the same data order for a seed), the demo's model size (latent 32, encoder FC 1024), RMSProp at
-the plugins' (the authors') settings; the VAE-GAN with the non-saturating decoder loss, like the demo.
+the plugins' settings, the VAE-GANs with the non-saturating decoder loss, like the demo. `vae`: the VAE.
+`vaegan`: the VAE-GAN at its defaults, the authors' (gamma = w / ((1 - w) x 2) with w = 1e-6, joint
+discriminator batches, weight decay 1e-5). `vaegan-before`: the VAE-GAN as the plugin trained before those
+were corrected (gamma 6.4e-5, separate batches, no weight decay).
 Then `pipeline evaluate CHECKPOINT --shards ... --split val --count {args.count}` on each final checkpoint.
 
 Protocol: {protocol["extractor"]} (sha256 `{protocol["extractor_sha256"][:16]}...`), {protocol["resolution"]} x

@@ -129,7 +129,7 @@ class LRScheduleConfig(Strict):
 
     name: Literal["constant", "power_decay"] = "constant"
     power: Number = Field(0.75, gt=0, description="power_decay: the authors' 0.75")
-    final_fraction: Number = Field(5e-4, ge=0, le=1, description="the factor reached at the end (authors: 1e-5 / 0.02)")
+    final_fraction: Number = Field(4e-4, ge=0, le=1, description="the factor at the end (authors: 1e-5 / 0.025)")
     steps: Integer | None = Field(
         None, gt=0, le=COUNT_MAX, description="length of the decay in steps; unset: the run's length"
     )

@@ -1,13 +1,14 @@
 """The learning rate over a run: a factor of each network's own rate, a pure function of the step.
 
 `constant` keeps the optimizer's rates. `power_decay` is the authors' annealing (deeppy's GammaAnnealer,
-which their CelebA script uses: RMSProp from 0.02 down to 1e-5 per example, power 0.75, changed once per
-"epoch" of 250 batches, over 150 of them):
+which their CelebA script uses: RMSProp from 0.025 down to 1e-5 per example, divided by the batch size
+64, so from 3.9e-4; power 0.75; changed once per "epoch" of 250 batches, over 250 of them):
 
     factor(step) = 1 - (t / T) ** power * (1 - final_fraction),   t = min(step // every * every, T)
 
-with T = `lr_schedule.steps` (the run's length by default). The authors' values: power 0.75,
-final_fraction 1e-5 / 0.02 = 5e-4, every 250, T = 150 x 250 = 37,500 steps.
+with T = `lr_schedule.steps` (the run's length by default). The authors' values (celeba_aegan.py, which
+overrides aegan.train's defaults of 0.01 over 150 epochs): power 0.75, final_fraction
+1e-5 / 0.025 = 4e-4, every 250, T = 250 x 250 = 62,500 steps (launch/configs/vaegan-celeba-authors.yaml).
 
 Because the rate depends on the step alone, a resumed run needs no scheduler state: the step in the
 checkpoint gives the rate back exactly.
