@@ -309,6 +309,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=500)
+    parser.add_argument("--vaegan", action="store_true", help="only the VAE-GAN step against the direct update")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
     args = parser.parse_args()
     if args.measure:
@@ -324,13 +325,51 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
+    if args.vaegan:
+        write_vaegan_section(args)
+        return
     memory_rows, records = memory(args.shards, args.memory_steps)
     speed_rows = speed(args.shards, args.steps, args.rounds)
-    vaegan_rows = []
+    partition_rows = [
+        [
+            str(r["rank"]),
+            f"{r['parameters']:,}",
+            f"{r['optimizer_state_elements']:,}",
+            f"{r['optimizer_state_elements'] / r['parameters']:.3f}",
+        ]
+        for r in records
+    ]
+    body = f"""## Training step (`bench/train_step.py`)
+
+{machine()}. `vae` plugin (the paper's encoder and decoder, latent 64, FC 1024) on the demo shards
+(32x32 grayscale), RMSProp, fp32 on CPU, one process. Each row is one process that times the same update
+written as a bare PyTorch loop and as the pipeline's `Trainer.train_step` (DeepSpeed on), fed from memory,
+{args.steps} steps after 5 warm-up steps, best of {args.rounds} interleaved rounds. The loader row runs the full
+training loop (shard loader, 1 worker) and takes its steady-state rate from metrics.jsonl.
+
+{markdown_table(["what", "bare loop images/s", "pipeline images/s", "ratio", "target"], speed_rows)}
+
+Memory: 2 ranks, ZeRO-2, {args.memory_steps} steps, resident memory of each rank sampled every 0.2 s from outside
+(the end includes the final grids and checkpoint, which gather every network's full weights):
+
+{markdown_table(MEMORY_COLUMNS, memory_rows)}
+
+ZeRO-2 partitioning in that run (`OUTPUT/ranks/rank-N.json`): optimizer state each rank holds
+(RMSProp square averages) against the model's parameters:
+
+{markdown_table(["rank", "parameters", "optimizer state elements", "share"], partition_rows)}
+"""
+    print(body)
+    write_section("train_step", body)
+
+
+def write_vaegan_section(args: argparse.Namespace) -> None:
+    """The VAE-GAN step against the direct update, at each of VAEGAN_BATCHES (its own section)."""
+    rows = []
     for batch in VAEGAN_BATCHES:
         steps = max(10, args.steps // 2) if batch == BATCH else max(5, args.steps // 8)
         vaegan = run_measurement(["vaegan", str(args.shards), steps, args.rounds, batch])
-        vaegan_rows += [
+        rows += [
             [
                 f"bare PyTorch VAE-GAN update (bench/vaegan_direct.py), micro-batch {batch}",
                 f"{vaegan['bare']:.1f}",
@@ -348,47 +387,21 @@ def main() -> None:
                 ">= 0.90",
             ],
         ]
-    partition_rows = [
-        [
-            str(r["rank"]),
-            f"{r['parameters']:,}",
-            f"{r['optimizer_state_elements']:,}",
-            f"{r['optimizer_state_elements'] / r['parameters']:.3f}",
-        ]
-        for r in records
-    ]
-    vaegan_batches = " and ".join(map(str, VAEGAN_BATCHES))
-    body = f"""## Training step (`bench/train_step.py`)
+    batches = " and ".join(map(str, VAEGAN_BATCHES))
+    body = f"""## The VAE-GAN step (`bench/train_step.py --vaegan`)
 
-{machine()}. `vae` plugin (the paper's encoder and decoder, latent 64, FC 1024) on the demo shards
-(32x32 grayscale), RMSProp, fp32 on CPU, one process. Each row is one process that times the same update
-written as a bare PyTorch loop and as the pipeline's `Trainer.train_step` (DeepSpeed on), fed from memory,
-{args.steps} steps after 5 warm-up steps, best of {args.rounds} interleaved rounds. The loader row runs the full
-training loop (shard loader, 1 worker) and takes its steady-state rate from metrics.jsonl.
+{machine()}. `vaegan` plugin at its defaults (the authors' joint discriminator batches, reconstructions
+discriminated, weight decay 1e-5), latent 64, FC 1024, micro-batches {batches}, 32x32 grayscale, RMSProp: the
+pipeline's step (the plugin's `own_gradients` loss, the trainer's one backward, DeepSpeed's ZeRO-2 update)
+against the same update written directly in `bench/vaegan_direct.py` (one forward, `torch.autograd.grad`
+of each network's own loss, three torch RMSProps), one process, best of {args.rounds} interleaved rounds.
+GFLOP per image: one step's forward and backward as `torch.utils.flop_counter` counts them, for each
+implementation; GFLOP/s: that times images/s.
 
-{markdown_table(["what", "bare loop images/s", "pipeline images/s", "ratio", "target"], speed_rows)}
-
-Memory: 2 ranks, ZeRO-2, {args.memory_steps} steps, resident memory of each rank sampled every 0.2 s from outside
-(the end includes the final grids and checkpoint, which gather every network's full weights):
-
-{markdown_table(MEMORY_COLUMNS, memory_rows)}
-
-The VAE-GAN step (`vaegan` plugin, latent 64, FC 1024, micro-batches {vaegan_batches}, 32x32 grayscale, RMSProp):
-the pipeline's step (the plugin's `own_gradients` loss, the trainer's one backward, DeepSpeed's ZeRO-2
-update) against the same update written directly in `bench/vaegan_direct.py` (one forward,
-`torch.autograd.grad` of each network's own loss, three torch RMSProps), one process. GFLOP per image:
-one step's forward and backward as `torch.utils.flop_counter` counts them, for each implementation;
-GFLOP/s: that times images/s.
-
-{markdown_table(["what", "images/s", "ratio", "GFLOP/image", "GFLOP/s", "target"], vaegan_rows)}
-
-ZeRO-2 partitioning in that run (`OUTPUT/ranks/rank-N.json`): optimizer state each rank holds
-(RMSProp square averages) against the model's parameters:
-
-{markdown_table(["rank", "parameters", "optimizer state elements", "share"], partition_rows)}
+{markdown_table(["what", "images/s", "ratio", "GFLOP/image", "GFLOP/s", "target"], rows)}
 """
     print(body)
-    write_section("train_step", body)
+    write_section("vaegan_step", body)
 
 
 if __name__ == "__main__":

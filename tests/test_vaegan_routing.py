@@ -50,10 +50,11 @@ LEAKS = {  # misroutings, each a plausible bug: the real-path test shows it woul
 }
 
 
-def passes(networks, images, z, prior_noise, recon_gan: bool, batches: str):
+def passes(networks, images, z, prior_noise, recon_gan: bool, batches: str, gan_reaches_encoder: bool = False):
     """(reconstruction, real features, reconstruction features, real logits, generated images' logits),
-    as PAPER.md describes each way of batching the discriminator."""
-    encoder_free_z = z.detach()
+    as PAPER.md describes each way of batching the discriminator. The authors cut the GAN's gradient at
+    the latent (gan_reaches_encoder: the plausible bug of not cutting it)."""
+    encoder_free_z = z if gan_reaches_encoder else z.detach()
     if batches == "joint":  # the authors': concatenated batches
         reconstruction = networks["decoder"](z)
         features = networks["discriminator"].features(torch.cat([reconstruction, images]))
@@ -84,7 +85,7 @@ def own_losses(
     mu, log_variance = networks["encoder"](images)
     z = mu + noise * (0.5 * log_variance).exp()
     _, real_features, recon_features, real_logit, fake_logit = passes(
-        networks, images, z, prior_noise, recon_gan, batches
+        networks, images, z, prior_noise, recon_gan, batches, gan_reaches_encoder=leak == "gan_trains_the_encoder"
     )
     d = torch.sigmoid
     llike = 0.5 * (recon_features - real_features).pow(2).flatten(1).sum(1).mean()
@@ -241,9 +242,19 @@ def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path) -> 
     from shards.reader import open_split
 
     shards = build_small_shards(tmp_path / "data", images=40, size=32)
-    # gamma 0.05: L_llike a visible share of the decoder's gradient, so that losing it is seen
+    # gamma 0.05: L_llike a visible share of the decoder's gradient, so that losing it is seen. Separate
+    # batches: with the authors' joint ones the GAN's gradient stops at the latent in the model itself,
+    # and the leak into the encoder (1e-3 of its gradient) is too close to float32's error here to be
+    # told apart reliably; what this test checks is the trainer's path, the same for both (their
+    # routing is checked above, in float64)
     generator_loss = "saturating"
-    model = {"latent_size": 8, "fc_size": 32, "generator_loss": generator_loss, "gamma": 0.05}
+    model = {
+        "latent_size": 8,
+        "fc_size": 32,
+        "generator_loss": generator_loss,
+        "gamma": 0.05,
+        "discriminator_batches": "separate",
+    }
     # lr: the step dwarfs the weights, so (before - after) / lr loses no digits
     lr, seed, ranks, micro_steps, batch = 1e6, 7, 2, 2, 8
     config = write_config(
@@ -279,7 +290,8 @@ def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path) -> 
                 noise, prior_noise = torch.randn(batch, 8), torch.randn(batch, 8)
                 networks = copy.deepcopy(initial).to(dtype)
                 inputs = (images.to(dtype), noise.to(dtype), prior_noise.to(dtype))
-                losses = own_losses(networks, *inputs, True, generator_loss == "saturating", leak, model["gamma"])
+                saturating = generator_loss == "saturating"
+                losses = own_losses(networks, *inputs, True, saturating, leak, model["gamma"], "separate")
                 for name, own_loss in losses.items():
                     grads = torch.autograd.grad(own_loss, list(networks[name].parameters()), retain_graph=True)
                     totals[name] = totals[name] + torch.cat([g.flatten() for g in grads]) / (ranks * micro_steps)
@@ -293,6 +305,7 @@ def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path) -> 
     bounds = {name: 10 * max(1e-7, *(errors[name] for errors in float32_errors)) for name in exact}
     for leak, network in LEAKS.items():
         moved = relative_error(expected(torch.float64, leak)[network], exact[network])
+        print(f"{leak}: moves the {network}'s gradient by {moved:.2e}, bound {bounds[network]:.2e}")
         assert moved > 10 * bounds[network], (leak, moved, bounds[network])
     for name, network in initial.items():
         keys = [key for key, _ in network.named_parameters()]
