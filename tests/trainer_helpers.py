@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -33,16 +36,31 @@ def environment() -> dict[str, str]:
     }
 
 
+_BUILT: dict[tuple[int, int, int], Path] = {}  # one `shards build` per shape per test session
+
+
 def build_small_shards(folder: Path, images: int = 40, size: int = 8, shard_size: int = 7) -> Path:
-    """Uneven on purpose: 40 images in shards of 7 give counts 7,7,7,7,7,5."""
+    """FOLDER/images and FOLDER/shards, built by a real `shards build` (once per session for each shape,
+    then copied: tests may damage their copy). Uneven on purpose: 40 images in shards of 7 give counts
+    7,7,7,7,7,5."""
+    key = (images, size, shard_size)
+    if key not in _BUILT:
+        built = Path(tempfile.mkdtemp(prefix="pipeline-tests-shards-"))
+        atexit.register(shutil.rmtree, built, True)
+        _build(built, images, size, shard_size)
+        _BUILT[key] = built
+    shutil.copytree(_BUILT[key], folder, dirs_exist_ok=True)
+    return folder / "shards"
+
+
+def _build(folder: Path, images: int, size: int, shard_size: int) -> None:
     source = folder / "images"
     write_images(source / "even", images // 2, size=(size, size), prefix="e")
     write_images(source / "odd", images - images // 2, size=(size, size), prefix="o", start=images // 2)
-    out = folder / "shards"
     result = run_shards(
         "build",
         source,
-        out,
+        folder / "shards",
         "--size",
         str(size),
         "--mode",
@@ -55,7 +73,6 @@ def build_small_shards(folder: Path, images: int = 40, size: int = 8, shard_size
         "0",
     )
     assert result.returncode == 0, result.stderr
-    return out
 
 
 def write_config(path: Path, shards: Path, output_dir: Path, **overrides) -> Path:
