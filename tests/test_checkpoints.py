@@ -172,32 +172,33 @@ def test_resume_is_exact_under_the_other_zero_stages(tmp_path: Path, shards: Pat
     assert "square_avg/encoder.weight" in load_file(str(latest(tmp_path / "run") / "optimizer/rank-00000.safetensors"))
 
 
-@pytest.mark.parametrize("ranks", [(2, 1), (1, 2)])
-def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path, shards: Path, ranks) -> None:
-    """2 ranks x batch 2 and 1 rank x batch 4 read the same global micro-batches: the run continued on
-    the other number of ranks matches one that never changed, up to float summation order (RMSProp
-    state, fp32 masters and the data position all carry over)."""
-    before, after = ranks
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path, shards: Path) -> None:
+    """2 ranks x batch 2 and 1 rank x batch 4 read the same global micro-batches: a run continued on the
+    other number of ranks (2 -> 1, and 1 -> 2) matches one that never changed, up to float summation
+    order (RMSProp state, fp32 masters and the data position all carry over)."""
     common = {"max_steps": 4, "checkpoint": {"every": 2}, "optimizer": {"name": "rmsprop", "lr": 0.01}}
     batch = {1: 4, 2: 2}
 
     def data(processes: int) -> dict:
         return {"shards": str(shards), "batch_size": batch[processes], "workers": 0}
 
-    straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", data=data(before), **common)
-    assert_ok(launch(straight, processes=before))
-    first = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", data=data(before), **common)
-    assert_ok(launch(first, "max_steps=2", processes=before))
-    second = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", data=data(after), **common)
-    assert_ok(launch(second, processes=after))
+    straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", data=data(2), **common)
+    assert_ok(launch(straight))
+    expected = all_tensors(latest(tmp_path / "straight"))
+    for before, after in [(2, 1), (1, 2)]:
+        run = tmp_path / f"run-{before}-{after}"
+        first = write_config(tmp_path / "run.yaml", shards, run, data=data(before), **common)
+        assert_ok(launch(first, "max_steps=2", processes=before))
+        second = write_config(tmp_path / "run.yaml", shards, run, data=data(after), **common)
+        assert_ok(launch(second, processes=after))
 
-    resumed = state(latest(tmp_path / "run"))
-    assert (resumed["world_size"], resumed["step"]) == (after, 4)
-    assert len(list((latest(tmp_path / "run") / "optimizer").glob("rank-*"))) == after
-    left, right = all_tensors(latest(tmp_path / "straight")), all_tensors(latest(tmp_path / "run"))
-    for key in [key for key in left if not key.startswith("optimizer/")]:
-        torch.testing.assert_close(left[key], right[key], rtol=1e-5, atol=1e-6)
-    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+        resumed = state(latest(run))
+        assert (resumed["world_size"], resumed["step"]) == (after, 4)
+        assert len(list((latest(run) / "optimizer").glob("rank-*"))) == after
+        found = all_tensors(latest(run))
+        for key in [key for key in expected if not key.startswith("optimizer/")]:
+            torch.testing.assert_close(expected[key], found[key], rtol=1e-5, atol=1e-6)
+        assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(("saved_batch", "new_batch"), [(4, 6), (6, 4), (4, 12), (12, 8)])
