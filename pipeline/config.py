@@ -333,8 +333,3 @@ def _load_config(path: Path, overrides: list[str]) -> RunConfig:
         except ConfigError as error:
             raise ConfigError(f"{path}: not a valid config: {error}") from None
     return config
-
-
-def resolved_yaml(config: RunConfig) -> str:
-    """What the run folder keeps: every setting, defaults included."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, is_transformers_available
+from pydantic import ValidationError
 from torch import nn
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, NetworkOptimizer, OptimizerConfig, RunConfig
 from pipeline.deepspeed_config import build_deepspeed_config
-from pipeline.plugin import ModelPlugin, StepOutput
-from shards.errors import UserError
+from pipeline.plugin import ModelPlugin, PluginError, StepOutput, resolved_options
+from shards.errors import UserError, describe_error
 
 OPTIMIZERS = {
     "rmsprop": torch.optim.RMSprop,
@@ -146,6 +147,7 @@ def first_set(*values: Any) -> Any:
 
 # hyper-parameters each optimizer takes besides lr and weight decay (run config, else plugin, else torch)
 OPTIMIZER_EXTRAS = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"), "sgd": ()}
+ALL_EXTRAS = ("alpha", "betas", "eps")
 
 
 def optimizer_settings(config: RunConfig, defaults: dict[str, Any], network: str) -> dict[str, Any]:
@@ -166,9 +168,52 @@ def optimizer_plan(config: RunConfig, defaults: dict[str, Any], networks: list[s
     """The optimizer a run builds: its name, the hyper-parameters it shares (run config, else plugin, else
     torch's own default: left out), and each network's lr and weight decay."""
     name = config.optimizer.name or defaults.get("name", "adam")
+    for key in sorted(set(ALL_EXTRAS) - set(OPTIMIZER_EXTRAS[name])):
+        if getattr(config.optimizer, key) is not None:
+            raise ConfigError(
+                f"optimizer.{key}: {name} takes no {key} (it takes: lr, weight_decay, "
+                f"{', '.join(OPTIMIZER_EXTRAS[name]) or 'nothing else'})"
+            )
     extras = {key: first_set(getattr(config.optimizer, key), defaults.get(key)) for key in OPTIMIZER_EXTRAS[name]}
     plan = {"name": name, **{key: value for key, value in extras.items() if value is not None}}
     return {**plan, **{network: optimizer_settings(config, defaults, network) for network in networks}}
+
+
+def checked_optimizer_defaults(plugin: str, defaults: Any, networks: list[str]) -> dict[str, Any]:
+    """The plugin's optimizer_defaults(), held to the rules of the config's `optimizer` section: a typo or a
+    setting a network cannot have separately is an error, not a silent no-op."""
+    if not isinstance(defaults, dict):
+        raise PluginError(f"plugin {plugin}: optimizer_defaults() must return a mapping, not {type(defaults).__name__}")
+    settings, per_network = list(OptimizerConfig.model_fields), list(NetworkOptimizer.model_fields)
+    unknown = sorted(str(key) for key in defaults if key not in settings and key not in networks)
+    if unknown:
+        raise PluginError(
+            f"plugin {plugin}: optimizer_defaults(): {unknown[0]!r} is neither a setting ({', '.join(settings)}) "
+            f"nor a network ({', '.join(networks)})"
+        )
+    for network in networks:
+        own = defaults.get(network, {})
+        extra = sorted(str(key) for key in own if key not in per_network) if isinstance(own, dict) else []
+        if extra:
+            raise PluginError(
+                f"plugin {plugin}: optimizer_defaults(): {network}.{extra[0]}: a network's own settings are only "
+                f"{' and '.join(per_network)} (one optimizer serves every network)"
+            )
+    try:
+        OptimizerConfig.model_validate(defaults)
+    except ValidationError as error:
+        problems = "; ".join(describe_error(item) for item in error.errors())
+        raise PluginError(f"plugin {plugin}: optimizer_defaults(): {problems}") from None
+    return defaults
+
+
+def resolved_config(config: RunConfig, plugin: ModelPlugin, networks: list[str]) -> dict[str, Any]:
+    """The run config as the run uses it: every default filled in, the plugin's options as validated, and
+    the optimizer each network gets. It is itself a valid config (OUTPUT/config.yaml, --dry-run)."""
+    resolved = config.model_dump(mode="json")
+    resolved["model"] = resolved_options(plugin, config.model)
+    resolved["optimizer"] = optimizer_plan(config, plugin.optimizer_defaults(), networks)
+    return resolved
 
 
 def build_optimizer(config: RunConfig, networks: nn.ModuleDict, defaults: dict[str, Any]) -> torch.optim.Optimizer:

@@ -36,7 +36,7 @@ from pipeline.feature_distances import KernelDistance, frechet_distance, kernel_
 from pipeline.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
 from pipeline.model_commands import check_output_beside, load_model, read_description
 from pipeline.optimizer_state import CheckpointError
-from pipeline.plugin import ModelPlugin, load_plugin_class, options_of_folder
+from pipeline.plugin import ModelPlugin, PluginError, capabilities, load_plugin_class, options_of_folder
 from shards.cli import bounded, one_line, output, seed
 from shards.errors import UserError
 from shards.progress import progress_bar
@@ -50,10 +50,11 @@ RECONSTRUCTION_GRID = 32  # input/reconstruction pairs in the reconstructions gr
 @dataclass(frozen=True)
 class ReconstructionPass:
     image_features: np.ndarray
-    reconstruction_features: np.ndarray
-    pixel_mse: float
-    feature_distance: float
-    grid: Image.Image  # the first RECONSTRUCTION_GRID inputs, each beside its reconstruction
+    # None when the plugin cannot reconstruct (then only the images' features were measured)
+    reconstruction_features: np.ndarray | None
+    pixel_mse: float | None
+    feature_distance: float | None
+    grid: Image.Image | None  # the first RECONSTRUCTION_GRID inputs, each beside its reconstruction
 
 
 @dataclass(frozen=True)
@@ -90,18 +91,26 @@ def measure_reconstructions(
     batch_size: int,
     advance: Callable[[int], None],
 ) -> ReconstructionPass:
+    """The held-out images' features, and with a plugin that can reconstruct, its reconstructions'."""
+    reconstructing = "reconstruct" in capabilities(plugin)
     image_features, reconstruction_features, squared_errors, distances, shown = [], [], [], [], []
     for indices in batches(count, batch_size):
         images = torch.stack([dataset[index][0] for index in indices])
-        reconstructions = plugin.reconstruct(networks, images).float()
-        batch_image_features, batch_reconstruction_features = extractor.embed(images), extractor.embed(reconstructions)
+        batch_image_features = extractor.embed(images)
         image_features.append(batch_image_features)
+        advance(len(indices))
+        if not reconstructing:
+            continue
+        reconstructions = plugin.reconstruct(networks, images).float()
+        batch_reconstruction_features = extractor.embed(reconstructions)
         reconstruction_features.append(batch_reconstruction_features)
         squared_errors.append((reconstructions - images).pow(2).flatten(1).mean(1))
         distances.append((batch_image_features - batch_reconstruction_features).norm(dim=1))
         if sum(len(pair[0]) for pair in shown) < RECONSTRUCTION_GRID:
             shown.append((images, reconstructions))
-        advance(2 * len(indices))
+        advance(len(indices))
+    if not reconstructing:
+        return ReconstructionPass(torch.cat(image_features).numpy(), None, None, None, None)
     inputs, outputs = (torch.cat(side)[:RECONSTRUCTION_GRID] for side in zip(*shown, strict=True))
     return ReconstructionPass(
         torch.cat(image_features).numpy(),
@@ -177,48 +186,65 @@ def protocol(args: argparse.Namespace, extractor: FeatureExtractor, kid_subset_s
 def evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     json_path = args.json or default_json_path(args.weights, args.split)
-    grid_paths = {name: json_path.with_name(f"{json_path.stem}-{name}.png") for name in ("samples", "reconstructions")}
+    plugin, networks = load_model(args.weights)
+    can = capabilities(plugin)
+    if not can & {"sample", "reconstruct"}:
+        raise PluginError(
+            f"the {description_of(args.weights)} plugin can neither sample nor reconstruct: nothing to evaluate"
+        )
+    made = [name for name in ("samples", "reconstructions") if {"samples": "sample"}.get(name, "reconstruct") in can]
+    grid_paths = {name: json_path.with_name(f"{json_path.stem}-{name}.png") for name in made}
     for path in (json_path, *grid_paths.values()):
         check_output_beside(path, args.weights)
-    plugin, networks = load_model(args.weights)
     dataset = held_out_images(args.shards, args.split, args.count)
     extractor = load_extractor(args.extractor, args.resolution)
     with progress_bar("images") as progress:
-        reconstructing = progress.add_task("images + reconstructions", total=2 * args.count)
-        sampling = progress.add_task("samples", total=args.count)
+        share = 2 if "reconstruct" in can else 1
+        reconstructing = progress.add_task("images" + (" + reconstructions" * (share - 1)), total=share * args.count)
         reconstructed = measure_reconstructions(
             plugin, networks, dataset, extractor, args.count, args.batch_size, partial(progress.advance, reconstructing)
         )
-        sampled = measure_samples(
-            plugin, networks, extractor, args.count, args.batch_size, args.seed, partial(progress.advance, sampling)
-        )
+        sampled = None
+        if "sample" in can:
+            sampling = progress.add_task("samples", total=args.count)
+            sampled = measure_samples(
+                plugin, networks, extractor, args.count, args.batch_size, args.seed, partial(progress.advance, sampling)
+            )
     images = reconstructed.image_features
-    sample_distances, kid = set_distances(images, sampled.features, args)
-    reconstruction_distances, _ = set_distances(images, reconstructed.reconstruction_features, args)
+    sample_distances = reconstruction_distances = None
+    if sampled is not None:
+        sample_distances, kid = set_distances(images, sampled.features, args)
+    if reconstructed.reconstruction_features is not None:
+        reconstruction_distances, kid = set_distances(images, reconstructed.reconstruction_features, args)
+        reconstruction_distances = {
+            "pixel_mse": reconstructed.pixel_mse,
+            "feature_distance": reconstructed.feature_distance,
+            **reconstruction_distances,
+        }
     result = {
         **weights_description(args.weights),
         "shards": str(args.shards.resolve()),
         "split": args.split,
-        "samples": sample_distances,
-        "reconstructions": {
-            "pixel_mse": reconstructed.pixel_mse,
-            "feature_distance": reconstructed.feature_distance,
-            **reconstruction_distances,
-        },
+        "samples": sample_distances,  # null: the plugin cannot sample
+        "reconstructions": reconstruction_distances,  # null: the plugin cannot reconstruct
         "protocol": protocol(args, extractor, kid.subset_size, kid.subsets),
         "grids": {name: str(path) for name, path in grid_paths.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     try:
         write_json(json_path, result)
-        grids.save(sampled.grid, grid_paths["samples"])
-        grids.save(reconstructed.grid, grid_paths["reconstructions"])
+        for name, grid in (("samples", sampled and sampled.grid), ("reconstructions", reconstructed.grid)):
+            if grid is not None:
+                grids.save(grid, grid_paths[name])
     except OSError as error:  # checked before the work; a full disk remains possible
         raise UserError(f"cannot write {error.filename or json_path}: {error.strerror or error}") from None
     print_report(result)
-    names = f"{json_path}, {grid_paths['samples'].name}, {grid_paths['reconstructions'].name}"
-    print(f"wrote {one_line(names)}")
+    print(f"wrote {one_line(', '.join([str(json_path), *(path.name for path in grid_paths.values())]))}")
     return 0
+
+
+def description_of(weights: Path) -> str:
+    return read_description(weights.resolve())["plugin"]
 
 
 def write_json(path: Path, result: dict) -> None:
@@ -240,15 +266,24 @@ def print_report(result: dict) -> None:
     def kid(distances: dict) -> str:
         return f"{distances['kid']:.4f}" + (f" ± {distances['kid_std']:.4f}" if several_subsets else "")
 
-    for name, compares, value in (
-        ("Frechet distance", "samples vs images", f"{samples['frechet_distance']:.2f}"),
-        ("KID", "samples vs images", kid(samples)),
-        ("Frechet distance", "reconstructions vs images", f"{reconstructions['frechet_distance']:.2f}"),
-        ("KID", "reconstructions vs images", kid(reconstructions)),
-        ("pixel MSE", "each image vs its reconstruction", f"{reconstructions['pixel_mse']:.4f}"),
-        ("feature distance", "each image vs its reconstruction", f"{reconstructions['feature_distance']:.3f}"),
-    ):
+    rows = []
+    if samples is not None:
+        rows += [
+            ("Frechet distance", "samples vs images", f"{samples['frechet_distance']:.2f}"),
+            ("KID", "samples vs images", kid(samples)),
+        ]
+    if reconstructions is not None:
+        rows += [
+            ("Frechet distance", "reconstructions vs images", f"{reconstructions['frechet_distance']:.2f}"),
+            ("KID", "reconstructions vs images", kid(reconstructions)),
+            ("pixel MSE", "each image vs its reconstruction", f"{reconstructions['pixel_mse']:.4f}"),
+            ("feature distance", "each image vs its reconstruction", f"{reconstructions['feature_distance']:.3f}"),
+        ]
+    for name, compares, value in rows:
         table.add_row(name, compares, value)
+    for section, ability in (("samples", "sample"), ("reconstructions", "reconstruct")):
+        if result[section] is None:
+            table.add_row(f"({section})", f"the {escape(result['plugin'])} plugin cannot {ability}", "-")
     details = Table(title=escape(f"protocol: {result['shards']}, split {result['split']}"))
     details.add_column("setting")
     details.add_column("value", overflow="fold")

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, grids
-from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, options_of_folder
+from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, options_of_folder, require
 from shards.cli import MAX_GRID, bounded, check_output_file, one_line, seed
 from shards.errors import UserError
 from shards.random_access import SplitDataset
@@ -94,9 +94,9 @@ def save_grid(image, path: Path) -> None:
     print(f"wrote {one_line(str(path))}")
 
 
-def _codec(plugin, command: str):
-    if not (hasattr(plugin, "encode") and hasattr(plugin, "decode")):
-        raise PluginError(f"{command}: this plugin has no encode/decode (see pipeline/plugin.py)")
+def _codec(plugin):
+    require(plugin, "encode")
+    require(plugin, "decode")
     return plugin.encode, plugin.decode
 
 
@@ -104,6 +104,7 @@ def _codec(plugin, command: str):
 def sample(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
+    require(plugin, "sample")
     images = plugin.sample(networks, args.count, torch.Generator().manual_seed(args.seed))
     save_grid(grids.grid(images), args.out)
     return 0
@@ -113,6 +114,7 @@ def sample(args: argparse.Namespace) -> int:
 def reconstruct(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
+    require(plugin, "reconstruct")
     inputs = first_images(args.shards, args.split, args.count)
     save_grid(grids.pairs_grid(inputs, plugin.reconstruct(networks, inputs)), args.out)
     return 0
@@ -123,7 +125,7 @@ def interpolate(args: argparse.Namespace) -> int:
     """Each row: image A's code to image B's, in `steps` equal steps (both ends included)."""
     check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
-    encode, decode = _codec(plugin, "interpolate")
+    encode, decode = _codec(plugin)
     images = first_images(args.shards, args.split, 2 * args.rows)
     if len(images) < 2:
         raise UserError("interpolate needs at least two images")
@@ -143,7 +145,7 @@ def attribute_vector(args: argparse.Namespace) -> int:
     images without it. Columns: input, its reconstruction, reconstruction + vector."""
     check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
-    encode, decode = _codec(plugin, "attribute-vector")
+    encode, decode = _codec(plugin)
     labels = open_split(args.shards, args.split).labels or ()
     if args.label not in labels:
         raise UserError(f"label {args.label!r} is not in {args.shards} (labels: {', '.join(labels) or 'none'})")

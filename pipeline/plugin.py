@@ -14,8 +14,8 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
     # every micro-batch, networks in train mode:
     output = plugin.training_step(networks, images, labels, step)     # -> StepOutput
     # for grids, networks in eval mode, under torch.no_grad():
-    plugin.sample(networks, count, generator)  -> images
-    plugin.reconstruct(networks, images)       -> images
+    plugin.sample(networks, count, generator)  -> images      (optional: a plugin that can sample)
+    plugin.reconstruct(networks, images)       -> images      (optional: a plugin that can reconstruct)
     # with every checkpoint: plugin.state_dict() / plugin.load_state_dict(state)  (JSON-able)
     # optional, for `pipeline interpolate` and `pipeline attribute-vector` (eval mode, no_grad):
     plugin.encode(networks, images) -> codes (N x D)      plugin.decode(networks, codes) -> images
@@ -46,11 +46,24 @@ The rules:
 - A plugin class may name ``defaults_before_recording``: the option defaults that weights folders written
   before config.json recorded every option (no "options_recorded" key) were trained with; loading such a
   folder fills them in for options it does not name.
-- Images are float tensors, N x C x H x W in [-1, 1], on the networks' device; labels are int64,
-  -1 where the data set has none.
-- A plugin never imports accelerate or DeepSpeed, never moves anything between devices, and never
-  reads or writes files: the trainer owns all of that.
+- Devices and dtypes. The networks sit on the trainer's device (a GPU, or the CPU) in the run's dtype
+  (float32, or bfloat16/float16 under mixed precision). ``training_step`` gets images already there, as
+  float tensors N x C x H x W in [-1, 1], and labels (int64, -1 where the data set has none) on the same
+  device. ``sample`` gets a CPU ``torch.Generator`` (seeded: the same grid on every device): draw the
+  noise on the CPU with it, then move the noise to a parameter's device and dtype
+  (``torch.randn(n, d, generator=g).to(weight.device, weight.dtype)``). Noise in ``training_step`` comes
+  from torch's global RNG on the networks' device (``torch.randn_like``): the trainer seeds it per rank
+  and checkpoints it. ``reconstruct``, ``encode`` and ``decode`` get tensors on the networks' device.
+  Apart from its own noise, a plugin moves nothing between devices: networks, batches and checkpoints
+  are the trainer's.
+- A plugin never imports accelerate or DeepSpeed and never reads or writes files.
+- Under ``own_gradients`` the returned ``StepOutput.loss`` is a zero: its value means nothing, only its
+  backward does. Put the losses to watch in ``metrics``.
 - Raise ``PluginError`` for bad options: the user sees its message as one line.
+- What a plugin can do is what it defines: ``sample``, ``reconstruct``, and ``encode`` with ``decode``
+  are optional (a GAN has no reconstruction). The trainer checks the required methods at start-up; grids,
+  `pipeline sample` / `reconstruct` / `interpolate` / `attribute-vector` and `pipeline evaluate` use what
+  exists and say in one line what a plugin cannot do.
 """
 
 from __future__ import annotations
@@ -139,6 +152,27 @@ class ModelPlugin(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+REQUIRED = ("build_networks", "optimizer_defaults", "training_step", "state_dict", "load_state_dict")
+OPTIONAL = ("sample", "reconstruct", "encode", "decode")
+
+
+def capabilities(plugin: object) -> frozenset[str]:
+    """The optional methods this plugin defines (module docstring)."""
+    return frozenset(name for name in OPTIONAL if callable(getattr(plugin, name, None)))
+
+
+def check_required(plugin: object, name: str) -> None:
+    missing = [method for method in REQUIRED if not callable(getattr(plugin, method, None))]
+    if missing:
+        raise PluginError(f"plugin {name}: {type(plugin).__name__} has no {missing[0]}() (pipeline/plugin.py)")
+
+
+def require(plugin: object, ability: str) -> None:
+    """For a command that needs an optional method: one line when the plugin lacks it."""
+    if ability not in capabilities(plugin):
+        raise PluginError(f"the {type(plugin).__name__} plugin cannot {ability} (it has no {ability}())")
 
 
 def resolved_options(plugin: ModelPlugin, options: dict[str, Any]) -> dict[str, Any]:

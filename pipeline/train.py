@@ -27,9 +27,9 @@ from pipeline.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.data_workers import die_with_parent
 from pipeline.deepspeed_config import build_deepspeed_config
-from pipeline.engine import resolve_precision
+from pipeline.engine import checked_optimizer_defaults, optimizer_plan, resolve_precision, resolved_config
 from pipeline.launch import LAUNCHER_PID
-from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, resolved_options
+from pipeline.plugin import ImageInfo, PluginError, check_required, load_plugin_class
 from pipeline.run_lock import RunLock, wait_for_first_rank
 from shards.cli import ArgumentParser, one_line
 from shards.errors import UserError
@@ -111,9 +111,11 @@ def find_checkpoint(config: RunConfig, split: ShardSplit) -> tuple[Path, dict] |
 
 def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit):
     try:
-        return plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
+        plugin = plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
     except (ValueError, TypeError) as error:  # a third-party plugin rejecting its options its own way
         raise PluginError(f"{config.plugin}: bad model options: {error}") from None
+    check_required(plugin, config.plugin)
+    return plugin
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,11 +137,13 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         networks = plugin.build_networks()
         check_optimizer_networks(config, networks)
+        defaults = checked_optimizer_defaults(config.plugin, plugin.optimizer_defaults(), list(networks))
+        optimizer_plan(config, defaults, list(networks))  # an optimizer setting the chosen optimizer cannot take
         if resume is not None:
             check_shapes(resume[0], config.plugin, networks)
         if args.dry_run:
             prepare_output_dir(config.output_dir, resume is not None, config.resume, None)  # checks, writes nothing
-            print(dry_run_report(config, plugin, precision, resume))
+            print(dry_run_report(config, plugin, list(networks), precision, resume))
             return 0
         # last: a rejected config leaves no folder behind
         prepare_output_dir(config.output_dir, resume is not None, config.resume, lock)
@@ -171,16 +175,14 @@ def run(args: argparse.Namespace) -> int:
     leave_without_finalization(0)
 
 
-def dry_run_report(config: RunConfig, plugin, precision: str, resume: tuple[Path, dict] | None) -> str:
-    """The run config as the run would use it (every default, the plugin's options resolved), and the
-    DeepSpeed config built from it (which also checks that config)."""
-    from pipeline.engine import optimizer_plan  # accelerate: only here, not on every check
-
-    resolved = config.model_dump(mode="json")
-    resolved["model"] = resolved_options(plugin, config.model)
-    resolved["optimizer"] = optimizer_plan(config, plugin.optimizer_defaults(), list(plugin.build_networks()))
+def dry_run_report(config: RunConfig, plugin, networks: list[str], precision: str, resume) -> str:
+    """The run config as the run would use it (engine.resolved_config), and the DeepSpeed config built
+    from it (which also checks that config)."""
     start = f"resume from {resume[0]} (step {resume[1]['step']})" if resume else "start at step 0"
-    document = {**resolved, "deepspeed_config": build_deepspeed_config(config, precision)}
+    document = {
+        **resolved_config(config, plugin, networks),
+        "deepspeed_config": build_deepspeed_config(config, precision),
+    }
     return (
         f"# pipeline train --dry-run: every check passed; the run would {start}, precision {precision}\n"
         + yaml.safe_dump(document, sort_keys=False)

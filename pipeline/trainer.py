@@ -26,25 +26,27 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import yaml
 from accelerate.utils import gather_object, set_seed
 from deepspeed.utils import safe_get_full_fp32_param
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, faults, grids, optimizer_state, rng
-from pipeline.config import ConfigError, RunConfig, resolved_yaml
+from pipeline.config import ConfigError, RunConfig
 from pipeline.data import MicroBatch, StreamLayout, data_position, resume_micro_step, training_loader
 from pipeline.engine import (
     TrainingModule,
     build_optimizer,
     make_accelerator,
     resolve_precision,
+    resolved_config,
     skip_single_rank_allreduce,
 )
 from pipeline.lr_schedule import lr_factor
 from pipeline.network_skip import NetworkSkip
 from pipeline.optimizer_state import CheckpointError
-from pipeline.plugin import ModelPlugin, resolved_options
+from pipeline.plugin import ModelPlugin, capabilities, resolved_options
 from pipeline.run_log import RunLog
 from shards.errors import UserError
 from shards.random_access import SampleError, SplitDataset
@@ -110,7 +112,8 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(resolved_yaml(config))
+            resolved = resolved_config(config, self.plugin, list(self.networks))
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         accelerator.init_trackers("tensorboard", config={"plugin": config.plugin, "seed": config.seed})
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
         stop = faults.StopRequest()
@@ -330,18 +333,22 @@ class Trainer:
     def _draw_grids(self, inputs: torch.Tensor) -> None:
         # every rank takes part (statistics are averaged collectively); rank 0 writes
         self._average_batch_norm_statistics()
+        can, drawn = capabilities(self.plugin), {}
         self.networks.eval()
         try:
-            generator = torch.Generator().manual_seed(self.config.seed)
-            samples = self.plugin.sample(self.networks, self.config.grid_size, generator).float().cpu()
-            device_inputs = inputs.to(self.accelerator.device, self.dtype)
-            reconstructions = self.plugin.reconstruct(self.networks, device_inputs).float().cpu()
+            if "sample" in can:
+                generator = torch.Generator().manual_seed(self.config.seed)
+                samples = self.plugin.sample(self.networks, self.config.grid_size, generator).float().cpu()
+                drawn["samples"] = grids.grid(samples)
+            if "reconstruct" in can:
+                device_inputs = inputs.to(self.accelerator.device, self.dtype)
+                reconstructions = self.plugin.reconstruct(self.networks, device_inputs).float().cpu()
+                drawn["reconstructions"] = grids.pairs_grid(inputs, reconstructions)
         finally:
             self.networks.train()
         if self.accelerator.is_main_process:
-            folder = self.output_dir / "samples"
-            grids.save(grids.grid(samples), folder / f"step-{self.step:08d}-samples.png")
-            grids.save(grids.pairs_grid(inputs, reconstructions), folder / f"step-{self.step:08d}-reconstructions.png")
+            for kind, image in drawn.items():
+                grids.save(image, self.output_dir / "samples" / f"step-{self.step:08d}-{kind}.png")
 
     def save_checkpoint(self) -> Path | None:
         """OUTPUT/checkpoints/step-NNNNNNNN (pipeline/checkpoint.py). Every rank takes part: the full fp32

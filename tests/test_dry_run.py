@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trainer_helpers import build_small_shards
+from trainer_helpers import PLUGIN_FIXTURE, build_small_shards
 
 from pipeline import train
 from pipeline.config import LRScheduleConfig
@@ -21,6 +21,12 @@ W = 1e-6  # celeba_aegan.py's recon_vs_gan_weight
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return build_small_shards(tmp_path_factory.mktemp("data"), images=40, size=32)
+
+
+@pytest.fixture(autouse=True)
+def fixture_plugin(monkeypatch) -> None:
+    """The tests' own plugin, found through its entry point as in a subprocess (trainer_helpers)."""
+    monkeypatch.syspath_prepend(str(PLUGIN_FIXTURE))
 
 
 def dry_run(capsys, config: Path, *overrides: str) -> tuple[int, str, str]:
@@ -91,10 +97,52 @@ def test_the_authors_preset_resolves_to_celeba_aegan_settings(shards: Path, caps
         assert optimizer["encoder"]["lr"] * factor == pytest.approx(annealed / 64, rel=1e-9)
 
 
+LINEAR_DEFAULTS_ERRORS = {
+    "typo": (
+        {"name": "adam", "lr": 0.1, "beta": [0.5, 0.9]},
+        "plugin linear: optimizer_defaults(): 'beta' is neither a setting",
+    ),
+    "misspelt_network": (
+        {"lr": 0.1, "decodr": {"lr": 0.2}},
+        "plugin linear: optimizer_defaults(): 'decodr' is neither a setting (name, lr, weight_decay, alpha, betas, "
+        "eps) nor a network (encoder, decoder)",
+    ),
+    "per_network_betas": (
+        {"name": "adam", "lr": 0.1, "encoder": {"betas": [0.5, 0.9]}},
+        "plugin linear: optimizer_defaults(): encoder.betas: a network's own settings are only lr and weight_decay",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_DEFAULTS_ERRORS))
+def test_a_plugins_optimizer_defaults_are_checked(tmp_path: Path, shards: Path, capsys, case: str) -> None:
+    defaults, expected = LINEAR_DEFAULTS_ERRORS[case]
+    config = {**small_vaegan(shards, tmp_path / "run"), "plugin": "linear", "model": {"optimizer_defaults": defaults}}
+    status, out, err = dry_run(capsys, write(tmp_path / "run.yaml", config))
+    assert (status, out) == (2, "")
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_the_optimizer_each_network_gets_is_resolved(tmp_path: Path, shards: Path, capsys) -> None:
+    defaults = {"name": "adam", "lr": 0.1, "betas": [0.5, 0.9], "decoder": {"lr": 0.2, "weight_decay": 0.01}}
+    config = {**small_vaegan(shards, tmp_path / "run"), "plugin": "linear", "model": {"optimizer_defaults": defaults}}
+    config["optimizer"] = {"encoder": {"weight_decay": 0.5}, "eps": 1e-6}
+    status, out, err = dry_run(capsys, write(tmp_path / "run.yaml", config))
+    assert status == 0, err
+    assert yaml.safe_load(out)["optimizer"] == {
+        "name": "adam",
+        "betas": [0.5, 0.9],
+        "eps": 1e-6,
+        "encoder": {"lr": 0.1, "weight_decay": 0.5},
+        "decoder": {"lr": 0.2, "weight_decay": 0.01},
+    }
+
+
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
         ("option", "pipeline train: error: vaegan: model.gamma: Input should be greater than 0 (got -1)"),
+        ("alpha_for_adam", "optimizer.alpha: adam takes no alpha (it takes: lr, weight_decay, betas, eps)"),
         ("held_run", "already holds a run (metrics.jsonl) and resume=none"),
         ("deepspeed", "deepspeed.config: remove 'optimizer': the run config and the plugin set it"),
     ],
@@ -103,6 +151,8 @@ def test_a_problem_is_one_line_and_exit_2(tmp_path: Path, shards: Path, capsys, 
     config = small_vaegan(shards, tmp_path / "run")
     if damage == "option":
         config["model"]["gamma"] = -1
+    elif damage == "alpha_for_adam":
+        config["optimizer"] = {"name": "adam", "alpha": 0.9}
     elif damage == "held_run":
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "metrics.jsonl").write_text("")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from trainer_helpers import build_small_shards, launch, write_config
 
@@ -87,6 +88,11 @@ def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_pat
         assert "square_avg/decoder.weight" in partition and "square_avg/encoder.weight" not in partition
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
+
+    # the run folder records the optimizer each network really got
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["optimizer"]
+    each = {"lr": 0.01, "weight_decay": 0.1}
+    assert recorded == {"name": optimizer, "encoder": each, "decoder": each}
 
     state = json.loads((checkpoint(run, 3) / "trainer_state.json").read_text())
     decisions = [rank["plugin"]["decisions"] for rank in state["ranks"]]

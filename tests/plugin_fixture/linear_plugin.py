@@ -15,10 +15,12 @@ from torch import nn
 from pipeline.plugin import ImageInfo, StepOutput
 
 
-class LinearAutoencoder:
-    """Linear autoencoder on pixels: no batch-dependent layers (for exact accumulation checks)."""
+class LinearGenerator:
+    """A linear map from noise to pixels, trained as the decoder of a linear autoencoder: a plugin that can
+    sample but not reconstruct (what a GAN is to the contract)."""
 
     def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
+        self.options = options
         self.shape = (image.channels, image.size, image.size)
         self.pixels = image.channels * image.size * image.size
         self.hidden = int(options.get("hidden", 8))
@@ -40,7 +42,8 @@ class LinearAutoencoder:
         return {"encoder": nn.Linear(self.pixels, self.hidden), "decoder": nn.Linear(self.hidden, self.pixels)}
 
     def optimizer_defaults(self) -> dict[str, Any]:
-        return {"name": "sgd", "lr": 0.05, "decoder": {"lr": 0.02}}
+        # overridable for the tests of how defaults are checked
+        return self.options.get("optimizer_defaults", {"name": "sgd", "lr": 0.05, "decoder": {"lr": 0.02}})
 
     def loss(self, networks, images: torch.Tensor) -> torch.Tensor:
         flat = images.flatten(1)
@@ -72,15 +75,19 @@ class LinearAutoencoder:
         z = torch.randn(count, self.hidden, generator=generator).to(weight.device, weight.dtype)
         return networks["decoder"](z).clamp(-1, 1).view(count, *self.shape)
 
-    def reconstruct(self, networks, images: torch.Tensor) -> torch.Tensor:
-        return networks["decoder"](networks["encoder"](images.flatten(1))).clamp(-1, 1).view(images.shape)
-
     def state_dict(self) -> dict[str, Any]:
         return {"steps_seen": self.steps_seen, "decisions": self.decisions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_seen = state["steps_seen"]
         self.decisions = state.get("decisions", [])
+
+
+class LinearAutoencoder(LinearGenerator):
+    """Linear autoencoder on pixels: no batch-dependent layers (for exact accumulation checks)."""
+
+    def reconstruct(self, networks, images: torch.Tensor) -> torch.Tensor:
+        return networks["decoder"](networks["encoder"](images.flatten(1))).clamp(-1, 1).view(images.shape)
 
 
 class NaNGradient(torch.autograd.Function):
