@@ -41,7 +41,7 @@ class DataPosition(Record):
 
 
 class EngineCounters(Record):
-    """DeepSpeed's progress counters (pipeline/trainer.py ENGINE_COUNTERS)."""
+    """DeepSpeed's progress counters (pipeline/deepspeed_internals.py ENGINE_COUNTERS)."""
 
     global_steps: Count
     global_samples: Count

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, is_transformers_available
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from pydantic import ValidationError
 from torch import nn
 
+from pipeline import deepspeed_internals as internals
 from pipeline.config import ConfigError, NetworkOptimizer, OptimizerConfig, RunConfig
 from pipeline.deepspeed_config import build_deepspeed_config
 from pipeline.plugin import ModelPlugin, PluginError, StepOutput, resolved_options
@@ -31,16 +32,6 @@ OPTIMIZERS = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
-
-
-class DeepSpeedPluginForPlainModels(DeepSpeedPlugin):
-    """accelerate hands the DeepSpeed config to transformers (for its from_pretrained under ZeRO-3)
-    and so imports transformers unconditionally. We load no transformers model: skip that when
-    transformers is not installed, instead of depending on it."""
-
-    def set_deepspeed_weakref(self) -> None:
-        if is_transformers_available():
-            super().set_deepspeed_weakref()
 
 
 class TrainingModule(nn.Module):
@@ -80,16 +71,6 @@ def single_process_world() -> None:
     )
 
 
-def skip_shared_memory_allreduce() -> None:
-    """DeepSpeed JIT-builds a shared-memory allreduce op for CPU ranks (about 30 s on a fresh machine).
-    With it, one 2-rank CPU run in about 12 aborted at exit (SIGABRT, 'terminate called without an
-    active exception') after finishing; without it, none did. CPU ranks use plain gloo instead; GPU
-    runs (NCCL) never use this op."""
-    if torch.cuda.is_available():
-        return
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
 def bound_collective_waits(timeout: datetime.timedelta) -> None:
     """Give every process group this timeout: it bounds how long a rank waits in a collective for a peer
     that froze or vanished (a lost node closes no socket). accelerate passes it to the default group,
@@ -100,25 +81,16 @@ def bound_collective_waits(timeout: datetime.timedelta) -> None:
     c10d.default_pg_nccl_timeout = timeout
 
 
-def skip_single_rank_allreduce(engine) -> None:
-    """Under ZeRO-0 the engine all-reduces every gradient after each backward: on one data-parallel rank
-    that reduces nothing, yet costs a flatten of every gradient, a division by 1 and a copy back (on CPU,
-    about a tenth of the `vae` step; bench/train_step.py). DeepSpeed skips it the same way when it has no
-    process group. ZeRO-1/2 reduce inside their optimizer, which builds its partitions there: left alone."""
-    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
-        engine.enable_backward_allreduce = False
-
-
 def make_accelerator(config: RunConfig, precision: str) -> Accelerator:
     single_process_world()
-    skip_shared_memory_allreduce()
+    internals.skip_shared_memory_allreduce()
     ds_config = build_deepspeed_config(config, precision)
     timeout = datetime.timedelta(minutes=config.faults.collective_timeout_minutes)
     bound_collective_waits(timeout)
     handlers = [InitProcessGroupKwargs(timeout=timeout, **({} if torch.cuda.is_available() else {"backend": "gloo"}))]
     trackers = "tensorboard" if _tensorboard_available() else None
     accelerator = Accelerator(
-        deepspeed_plugin=DeepSpeedPluginForPlainModels(hf_ds_config=ds_config),
+        deepspeed_plugin=internals.DeepSpeedPluginForPlainModels(hf_ds_config=ds_config),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision={"fp32": "no"}.get(precision, precision),
         kwargs_handlers=handlers,

@@ -18,17 +18,19 @@ import signal
 import torch
 from accelerate import Accelerator
 
+from pipeline import deepspeed_internals as internals
+
 
 def skip_nonfinite_updates(engine) -> None:
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "check_grad_overflow"):  # ZeRO-1/2 (DeepSpeedZeroOptimizer)
-        optimizer.check_grad_overflow = True
-    elif not hasattr(optimizer, "overflow"):  # a plain torch optimizer under ZeRO-0 (fp32)
-        guard_plain_optimizer(optimizer)
+    if internals.turn_on_zero_overflow_check(engine):  # ZeRO-1/2
+        return
+    plain = internals.plain_optimizer(engine)  # a plain torch optimizer under ZeRO-0 (fp32)
+    if plain is not None:
+        guard_plain_optimizer(plain)
 
 
 def guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """After step(), DeepSpeed's engine reads `optimizer.overflow` and counts a skipped step when it is set."""
+    """Skip a step whose gradients are not finite, and tell the engine, which counts it as skipped."""
     step = optimizer.step
 
     def step_if_finite(*args, **kwargs):
@@ -37,12 +39,13 @@ def guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
         # fp16 overflow check does the same). DeepSpeed's has_inf_or_nan (a min and a max) reads each gradient
         # twice (profiled on the `vae` step: 0.99 s -> 0.45 s in 20 steps). A finite sum past 3e38 also counts:
         # gradients that large have diverged.
-        optimizer.overflow = bool(gradients) and not bool(torch.stack([g.sum() for g in gradients]).isfinite().all())
-        if not optimizer.overflow:
+        overflow = bool(gradients) and not bool(torch.stack([g.sum() for g in gradients]).isfinite().all())
+        internals.report_overflow(optimizer, overflow)
+        if not overflow:
             return step(*args, **kwargs)
         return None
 
-    optimizer.overflow = False
+    internals.report_overflow(optimizer, False)
     optimizer.step = step_if_finite
 
 

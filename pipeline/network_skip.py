@@ -3,7 +3,7 @@
 A zero gradient is not a skip: RMSProp still decays its square average, Adam's moments still move the
 weights, weight decay still shrinks them. Every torch optimizer leaves a parameter without a gradient
 alone (no state update, no step count), so the skip is a step pre-hook on the torch optimizer that
-DeepSpeed drives (`engine.basic_optimizer`: under ZeRO-1/2 and bf16 it holds each param group's flat
+DeepSpeed drives (`deepspeed_internals.torch_optimizer`: under ZeRO-1/2 and bf16 it holds each param group's flat
 fp32 partition, and DeepSpeed copies the unchanged masters back into the module's weights) which drops
 the gradients of the skipped networks' param groups ("network" key, pipeline/engine.py) just before
 they would be applied.

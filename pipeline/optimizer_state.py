@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 from safetensors import SafetensorError, safe_open
 
+from pipeline import deepspeed_internals as internals
 from shards.errors import UserError, check_structure, parse_json
 from shards.manifest import Count, Record
 
@@ -63,40 +64,32 @@ def supported(engine) -> bool:
     """Whether we can read and write this engine's optimizer state: ZeRO-1/2 and DeepSpeed's bf16
     optimizer link every parameter to its slice; without a wrapper the torch optimizer holds whole
     parameters. (DeepSpeed's fp16 optimizer without ZeRO does neither.)"""
-    linked = hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state")
-    return linked or engine.optimizer is engine.basic_optimizer
-
-
-def _partitioned(engine) -> bool:
-    return engine.optimizer is not engine.basic_optimizer
+    return internals.slices_linked(engine) or not internals.partitioned(engine)
 
 
 def local_slices(engine, networks: torch.nn.ModuleDict) -> Iterator[LocalSlice]:
     """This rank's slices (with their optimizer state once the optimizer has stepped)."""
-    if not _partitioned(engine):
-        state = engine.basic_optimizer.state
+    optimizer = internals.torch_optimizer(engine)
+    if not internals.partitioned(engine):
         for name, param in networks.named_parameters():
-            held = state.get(param, {})
+            held = optimizer.state.get(param, {})
             states = {key: value.view(-1) for key, value in held.items() if _per_element(key, value, param)}
             yield LocalSlice(name, 0, param.numel(), param.data.view(-1), states)
         return
-    optimizer = engine.basic_optimizer
     for name, param in networks.named_parameters():
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:  # none of this parameter's elements live on this rank
+        piece = internals.parameter_slice(param)
+        if piece is None:  # none of this parameter's elements live on this rank
             continue
-        # The state slices are cut here from the group's flat state, not taken from mapping.optim_fragment:
-        # DeepSpeed links those after stepping the FIRST param group only, so with several groups (one
-        # per network) the other groups' parameters never get theirs.
-        flat = optimizer.param_groups[mapping.param_group_index]["params"][0]
-        where = mapping.hp_fragment_address
+        # The state slices are cut here from the group's flat state, not taken from DeepSpeed's own links
+        # (optim_fragment): DeepSpeed makes those after stepping the FIRST param group only, so with
+        # several groups (one per network) the other groups' parameters never get theirs.
+        flat = optimizer.param_groups[piece.group]["params"][0]
         states = {
-            key: value.narrow(0, where.start, where.numel)
+            key: value.narrow(0, piece.flat_start, piece.numel)
             for key, value in optimizer.state.get(flat, {}).items()
             if _per_element(key, value, flat)
         }
-        address = mapping.lp_fragment_address
-        yield LocalSlice(name, address.start, address.numel, mapping.hp_fragment, states)
+        yield LocalSlice(name, piece.start, piece.numel, piece.master, states)
 
 
 def _per_element(key: str, value, param: torch.Tensor) -> bool:
@@ -118,7 +111,7 @@ def partition_contents(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """This rank's slices as (tensors, metadata) for `partition_file`. Without ZeRO every rank holds
     everything and only rank 0 writes (None elsewhere)."""
-    if not _partitioned(engine) and rank != 0:
+    if not internals.partitioned(engine) and rank != 0:
         return None
     tensors, slices = {}, {}
     for piece in local_slices(engine, networks):
@@ -128,8 +121,8 @@ def partition_contents(
             tensors[f"{key}/{piece.name}"] = value.detach().float().cpu().contiguous()
     index = {
         "slices": slices,
-        "steps": _group_steps(engine.basic_optimizer),
-        "world_size": world_size if _partitioned(engine) else 1,
+        "steps": _group_steps(internals.torch_optimizer(engine)),
+        "world_size": world_size if internals.partitioned(engine) else 1,
     }
     return tensors, {"partition": json.dumps(index)}
 
@@ -233,7 +226,7 @@ def _create_state(engine, saved_partitions: list[SavedPartition]) -> None:
     state_keys, steps = saved_partitions[0].state_keys, saved_partitions[0].steps
     stateless = {name for partition in saved_partitions for name in partition.without_state}
     stateful = {name for partition in saved_partitions for name in partition.slices} - stateless
-    optimizer = engine.basic_optimizer
+    optimizer = internals.torch_optimizer(engine)
     saved = optimizer.state_dict()
     for group_index, group in enumerate(saved["param_groups"]):
         network = optimizer.param_groups[group_index]["network"]
@@ -253,7 +246,7 @@ def load_partitions(engine, networks: torch.nn.ModuleDict, folder: Path) -> None
     the number of ranks that wrote them. The module's own weights are loaded separately."""
     saved = read_partitions(folder)
     steps = saved[0].steps
-    groups = len(engine.basic_optimizer.param_groups)
+    groups = len(internals.torch_optimizer(engine).param_groups)
     if len(steps) != groups:
         raise CheckpointError(f"{saved[0].path}: {len(steps)} optimizer param groups, this model has {groups}")
     _create_state(engine, saved)

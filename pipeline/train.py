@@ -27,6 +27,7 @@ from pipeline.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.data_workers import die_with_parent
 from pipeline.deepspeed_config import build_deepspeed_config
+from pipeline.deepspeed_internals import check_versions
 from pipeline.engine import checked_optimizer_defaults, optimizer_plan, resolve_precision, resolved_config
 from pipeline.launch import LAUNCHER_PID
 from pipeline.plugin import ImageInfo, PluginError, check_required, load_plugin_class
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     die_with_launcher()
     try:
         # Everything a user can get wrong is checked first, before a process group or engine exists.
+        check_versions()
         config = load_config(args.config, args.overrides)
         # one process holds the run folder, from before anything reads it to the run's end (run_lock.py)
         first_rank = int(os.environ.get("RANK", "0")) == 0 and not args.dry_run

@@ -33,16 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, faults, grids, optimizer_state, rng
+from pipeline import deepspeed_internals as internals
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data import MicroBatch, StreamLayout, data_position, resume_micro_step, training_loader
-from pipeline.engine import (
-    TrainingModule,
-    build_optimizer,
-    make_accelerator,
-    resolve_precision,
-    resolved_config,
-    skip_single_rank_allreduce,
-)
+from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision, resolved_config
 from pipeline.lr_schedule import lr_factor
 from pipeline.network_skip import NetworkSkip
 from pipeline.optimizer_state import CheckpointError
@@ -77,9 +71,9 @@ class Trainer:
         if not optimizer_state.supported(self.engine):
             raise ConfigError("precision fp16 without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2")
         faults.skip_nonfinite_updates(self.engine)
-        skip_single_rank_allreduce(self.engine)
+        internals.skip_single_rank_allreduce(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
-        self.network_skip = NetworkSkip(self.engine.basic_optimizer)
+        self.network_skip = NetworkSkip(internals.torch_optimizer(self.engine))
         self.step_totals: dict[str, torch.Tensor] = {}  # the plugin's step_totals, this rank, this step
         self.step_total_names: list[str] | None = None
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # lr_schedule scales these
@@ -268,11 +262,7 @@ class Trainer:
     def _record_rank(self) -> None:
         """ranks/rank-N.json: what this rank holds, to see ZeRO's partitioning (written after the first
         step, when the optimizer state exists)."""
-        zero_optimizer = self.engine.optimizer
-        inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
-        state_elements = sum(
-            value.numel() for state in inner.state.values() for value in state.values() if torch.is_tensor(value)
-        )
+        state_elements = internals.optimizer_state_elements(self.engine)
         record = {
             "rank": self.accelerator.process_index,
             "world_size": self.accelerator.num_processes,
@@ -441,8 +431,8 @@ class Trainer:
             "zero_stage": engine.zero_optimization_stage(),
             "precision": self.precision,
             "bad_samples": self.bad_samples,
-            "engine": {name: getattr(engine, name) for name in ENGINE_COUNTERS},
-            "loss_scaler": loss_scaler_state(engine),
+            "engine": internals.counters(engine),
+            "loss_scaler": internals.loss_scaler_state(engine),
             "ranks": ranks,
             "config": self.config.model_dump(mode="json"),
         }
@@ -464,12 +454,9 @@ class Trainer:
         self.step, self.images_seen = state["step"], state["images"]
         self.bad_samples = state.get("bad_samples", 0)
         self.micro_step = resume_micro_step(state["data"], self.layout)
-        for name in ENGINE_COUNTERS:
-            setattr(self.engine, name, state["engine"][name])
-        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        if scaler is not None and state.get("precision") == self.precision:
-            for name, value in (state.get("loss_scaler") or {}).items():
-                setattr(scaler, name, value)
+        internals.restore_counters(self.engine, state["engine"])
+        if state.get("precision") == self.precision:
+            internals.restore_loss_scaler(self.engine, state.get("loss_scaler"))
         if self.accelerator.is_main_process:
             RunLog.drop_records_after(self.output_dir, self.step)
 
@@ -486,18 +473,6 @@ class Trainer:
                 f"{folder / checkpoint.STATE_FILE}: not a valid checkpoint: rank {rank}'s plugin state does not "
                 f"fit the {self.config.plugin} plugin ({type(error).__name__}: {error})"
             ) from None
-
-
-# DeepSpeed's own progress counters (they drive its schedulers and its fp16 loss scaling)
-ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-
-
-def loss_scaler_state(engine) -> dict[str, Any] | None:
-    """fp16's dynamic loss scale and its counters (scale, iterations since the last overflow, hysteresis)."""
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is None:
-        return None
-    return {name: value for name, value in vars(scaler).items() if type(value) in (int, float, bool)}
 
 
 def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
