@@ -1,6 +1,6 @@
 """What a checkpoint's JSON files hold, checked whole before anything reads them.
 
-trainer_state.json (pipeline/trainer.py `_trainer_state`, completed by checkpoint.commit) and the
+trainer_state.json (pipeline/checkpointer.py `_trainer_state`, completed by checkpoint.commit) and the
 config.json of a checkpoint or an export (the plugin, its options, the image) are validated here, so that
 a damaged or hostile file is one line, "FILE: not a valid checkpoint: what is wrong", and never a
 KeyError in the middle of a resume, nor a value that breaks a random generator. Fields that nothing

@@ -19,6 +19,11 @@ import torch
 from accelerate import Accelerator
 
 from pipeline import deepspeed_internals as internals
+from shards.errors import UserError
+
+
+class TrainingStopped(UserError):
+    """The run cannot usefully go on (diverged); the last good checkpoint is left as it was."""
 
 
 def skip_nonfinite_updates(engine) -> None:

@@ -6,9 +6,10 @@ for each micro-batch of this rank:
                                             # accumulation boundary (k micro-batches)
     at a boundary: step += 1; log / draw grids / checkpoint as scheduled
 
-A checkpoint (pipeline/checkpoint.py) holds everything the loop depends on: weights, DeepSpeed's
-optimizer partitions, the step and data position, and every rank's RNG and plugin state; a run resumed
-from it continues bit for bit as if it had never stopped (on the same number of ranks).
+A checkpoint holds everything the loop depends on: weights, DeepSpeed's optimizer partitions, the step
+and data position, and every rank's RNG and plugin state; a run resumed from it continues bit for bit
+as if it had never stopped (on the same number of ranks). The checkpointer (pipeline/checkpointer.py)
+writes and reads them; the loop only says when.
 
 Faults (pipeline/faults.py, README "Faults"): an update with a non-finite gradient is skipped on every
 rank and counted, too many in a row stop the run; unreadable samples are left out and counted; SIGTERM
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,27 +28,22 @@ from typing import Any, NoReturn
 import torch
 import yaml
 from accelerate.utils import gather_object, set_seed
-from deepspeed.utils import safe_get_full_fp32_param
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from pipeline import checkpoint, faults, grids, optimizer_state, rng
+from pipeline import checkpoint, faults, grids, optimizer_state
 from pipeline import deepspeed_internals as internals
+from pipeline.checkpointer import Checkpointer, Progress
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data import MicroBatch, StreamLayout, data_position, resume_micro_step, training_loader
+from pipeline.data import MicroBatch, StreamLayout, training_loader
 from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision, resolved_config
+from pipeline.faults import TrainingStopped
 from pipeline.lr_schedule import lr_factor
 from pipeline.network_skip import NetworkSkip
 from pipeline.optimizer_state import CheckpointError
-from pipeline.plugin import ModelPlugin, capabilities, resolved_options
+from pipeline.plugin import ModelPlugin, capabilities
 from pipeline.run_log import RunLog
 from shards.errors import UserError
 from shards.random_access import SampleError, SplitDataset
 from shards.reader import ShardSplit
-
-
-class TrainingStopped(UserError):
-    """The run cannot usefully go on (diverged); the last good checkpoint is left as it was."""
 
 
 class Trainer:
@@ -94,6 +89,17 @@ class Trainer:
         self.bad_samples_here = 0  # ... met by this rank since the last count
         self.skipped_in_a_row = 0  # updates skipped for a non-finite gradient, up to the last step
         self.output_dir = Path(config.output_dir)
+        self.checkpointer = Checkpointer(
+            self.accelerator,
+            self.engine,
+            self.networks,
+            plugin,
+            config,
+            split,
+            self.layout,
+            self.precision,
+            resume[0] if resume else None,
+        )
 
     @property
     def total_steps(self) -> int:
@@ -341,148 +347,18 @@ class Trainer:
                 grids.save(image, self.output_dir / "samples" / f"step-{self.step:08d}-{kind}.png")
 
     def save_checkpoint(self) -> Path | None:
-        """OUTPUT/checkpoints/step-NNNNNNNN (pipeline/checkpoint.py). Every rank takes part: the full fp32
-        weights are gathered collectively, each rank writes its own optimizer partition, rank 0 writes
-        the rest and commits. Returns the folder on rank 0."""
-        self._average_batch_norm_statistics()
-        # the weights saved are DeepSpeed's fp32 masters (under bf16 the module holds rounded copies),
-        # with the batch norm statistics averaged over ranks
-        tensors = {name: full_precision_state(network) for name, network in self.networks.items()}
-        # every rank holds the same full weights: all reach the same verdict without a collective
-        diverged = [name for name, state in tensors.items() if not all(t.isfinite().all() for t in state.values())]
-        if diverged:
-            raise TrainingStopped(
-                f"step {self.step}: the {diverged[0]}'s weights are no longer finite; not saving them (the last good "
-                "checkpoint is left as it was): lower the learning rate and resume from it"
-            )
+        """OUTPUT/checkpoints/step-NNNNNNNN, by every rank (pipeline/checkpointer.py); the folder on rank 0."""
+        self._average_batch_norm_statistics()  # the statistics saved: every rank's data, averaged
         self._count_bad_samples()
-        root = checkpoint.checkpoints_root(self.output_dir)
-        staging = checkpoint.staging_folder(root, self.step)
-        try:
-            return self._write_checkpoint(tensors, root, staging)
-        except CheckpointError as error:
-            if self.accelerator.is_main_process:  # a full disk: give back what the failed save took
-                shutil.rmtree(staging, ignore_errors=True)
-            previous = root / checkpoint.LATEST
-            kept = f"; {previous.resolve().name} is intact" if previous.exists() else ""
-            raise CheckpointError(f"{error}{kept}") from None
+        return self.checkpointer.save(self.progress())
 
-    def _write_checkpoint(self, tensors: dict[str, dict[str, torch.Tensor]], root: Path, staging: Path) -> Path | None:
-        accelerator, config = self.accelerator, self.config
-        failure = None
-        if accelerator.is_main_process:
-            try:
-                shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
-                (staging / checkpoint.OPTIMIZER_FOLDER).mkdir(parents=True)
-            except OSError as error:
-                failure = f"cannot write the checkpoint of step {self.step}: {error}"
-        self._all_ranks_succeed(failure)
-        rank = accelerator.process_index
-        files = {}  # every rank: its optimizer partition; rank 0 also each network's weights
-        partition = optimizer_state.partition_contents(self.engine, self.networks, rank, accelerator.num_processes)
-        if partition is not None:
-            files[f"{checkpoint.OPTIMIZER_FOLDER}/{optimizer_state.partition_file(rank)}"] = partition
-        if accelerator.is_main_process:
-            files.update({f"{name}.safetensors": (state, {"plugin": config.plugin}) for name, state in tensors.items()})
-        hashed, failure = {}, None
-        try:
-            hashed = checkpoint.write_tensor_files(staging, files)
-        except (OSError, SafetensorError) as error:  # a full disk, say: every rank must hear of it
-            failure = f"rank {rank} cannot write its part of the checkpoint of step {self.step}: {error}"
-        self._all_ranks_succeed(failure)
-        ranks = gather_object([{"rng": rng.capture(), "plugin": self.plugin.state_dict(), "hashed": hashed}])
-        final, failure = None, None
-        if accelerator.is_main_process:
-            try:
-                description = {
-                    "plugin": config.plugin,
-                    "model": resolved_options(self.plugin, config.model),
-                    "options_recorded": True,  # every option, defaults included (pipeline/plugin.py)
-                    "image": self.split.image,
-                }
-                checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
-                hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}
-                final = checkpoint.commit(staging, self._trainer_state(ranks), hashed)
-                protected = self.resume[0] if self.resume else None
-                checkpoint.prune(root, config.checkpoint.keep_last, final, protected)
-            except (OSError, UserError) as error:
-                failure = f"cannot complete the checkpoint of step {self.step}: {error}"
-        self._all_ranks_succeed(failure)  # nobody runs ahead (or exits) before the checkpoint exists
-        return final
-
-    def _all_ranks_succeed(self, failure: str | None) -> None:
-        """A barrier that also tells every rank whether any rank failed (a rank failing alone would leave
-        the others waiting in their next collective): then all stop with the first failure's line."""
-        failures = [message for message in gather_object([failure]) if message]
-        if failures:
-            raise CheckpointError(failures[0])
-
-    def _trainer_state(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-        engine = self.engine
-        return {
-            "format_version": checkpoint.FORMAT_VERSION,
-            "plugin": self.config.plugin,
-            "step": self.step,
-            "images": self.images_seen,
-            "micro_step": self.micro_step,
-            "data": data_position(self.layout, self.micro_step),
-            "world_size": self.accelerator.num_processes,
-            "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
-            "zero_stage": engine.zero_optimization_stage(),
-            "precision": self.precision,
-            "bad_samples": self.bad_samples,
-            "engine": internals.counters(engine),
-            "loss_scaler": internals.loss_scaler_state(engine),
-            "ranks": ranks,
-            "config": self.config.model_dump(mode="json"),
-        }
+    def progress(self) -> Progress:
+        return Progress(self.step, self.images_seen, self.micro_step, self.bad_samples)
 
     def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint: weights, optimizer partitions (any number of ranks wrote them),
-        counters, data position, and this rank's RNG and plugin state."""
-        failure = None
-        try:
-            for name, network in self.networks.items():
-                network.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
-            optimizer_state.load_partitions(self.engine, self.networks, folder / checkpoint.OPTIMIZER_FOLDER)
-            self._restore_rank_state(folder, state)
-        except UserError as error:  # each rank reads its own slices: a failure may be one rank's alone
-            failure = str(error)
-        except (OSError, SafetensorError, RuntimeError) as error:
-            failure = f"{folder}: cannot load it on rank {self.accelerator.process_index} ({error})"
-        self._all_ranks_succeed(failure)
-        self.step, self.images_seen = state["step"], state["images"]
-        self.bad_samples = state.get("bad_samples", 0)
-        self.micro_step = resume_micro_step(state["data"], self.layout)
-        internals.restore_counters(self.engine, state["engine"])
-        if state.get("precision") == self.precision:
-            internals.restore_loss_scaler(self.engine, state.get("loss_scaler"))
+        """Continue from a checkpoint (pipeline/checkpointer.py): the loop's counters come back with it."""
+        progress = self.checkpointer.load(folder, state)
+        self.step, self.images_seen, self.micro_step = progress.step, progress.images, progress.micro_step
+        self.bad_samples = progress.bad_samples
         if self.accelerator.is_main_process:
             RunLog.drop_records_after(self.output_dir, self.step)
-
-    def _restore_rank_state(self, folder: Path, state: dict[str, Any]) -> None:
-        """This rank's RNG and plugin state; ranks the saved run did not have start their own streams."""
-        rank = self.accelerator.process_index
-        if rank >= len(state["ranks"]):
-            return
-        rng.restore(state["ranks"][rank]["rng"])  # its structure was checked when the checkpoint was read
-        try:
-            self.plugin.load_state_dict(state["ranks"][rank]["plugin"])
-        except (KeyError, TypeError, ValueError) as error:  # the plugin's own format, unknown to the trainer
-            raise CheckpointError(
-                f"{folder / checkpoint.STATE_FILE}: not a valid checkpoint: rank {rank}'s plugin state does not "
-                f"fit the {self.config.plugin} plugin ({type(error).__name__}: {error})"
-            ) from None
-
-
-def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The network's state with fp32 master weights (a collective under ZeRO-1/2: call on every rank)."""
-    parameters = dict(network.named_parameters())
-    state = {}
-    for key, value in network.state_dict().items():
-        if key in parameters:
-            master = safe_get_full_fp32_param(parameters[key])
-            value = master if master is not None else value
-        value = value.float() if value.is_floating_point() else value
-        state[key] = value.detach().cpu().contiguous()
-    return state

@@ -1,4 +1,4 @@
-"""The checkpoint commit's order, in-process and in seconds. A save (pipeline/trainer.py `_write_checkpoint`
+"""The checkpoint commit's order, in-process and in seconds. A save (pipeline/checkpointer.py `Checkpointer._write`
 with one rank, on top of an earlier complete checkpoint) runs the real `write_tensor_files`,
 `write_durably`, `commit` and `prune`, with every operation its durability depends on recorded: writes,
 fsyncs, renames, the `latest` symlink, deletions. Then:
@@ -178,7 +178,7 @@ def trainer_state(step: int, version: int) -> dict:
 
 
 def save_checkpoint(root: Path, step: int, version: int, protected: Path | None) -> Path:
-    """Rank 0's part of pipeline/trainer.py `_write_checkpoint`, alone: tiny tensors marked `version`."""
+    """Rank 0's part of pipeline/checkpointer.py `Checkpointer._write`, alone: tiny tensors marked `version`."""
     staging = checkpoint.staging_folder(root, step)
     shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
     (staging / OPTIMIZER).mkdir(parents=True)

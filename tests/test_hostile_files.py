@@ -440,7 +440,7 @@ def test_a_damaged_trainer_state_is_one_line_or_a_state_a_resume_can_use(
         checkpoint.check_plugin(folder, state, "linear")
     except CheckpointError as error:
         assert_one_line(error)
-    # what a resume does with it (pipeline/train.py, pipeline/trainer.py `load_checkpoint`), short of DeepSpeed
+    # what a resume does with it (pipeline/train.py, pipeline/checkpointer.py `Checkpointer.load`), short of DeepSpeed
     layout = layout_of(shard_folder)
     start = resume_micro_step(state["data"], layout)
     assert len(next(iter(RankBatches(layout, 0, start)))) == layout.batch_size
