@@ -43,10 +43,10 @@ def small_shards(size: int) -> Path:
 
 def make_trainer(shards: Path, output_dir: Path):
     from pipeline.config import RunConfig
-    from pipeline.data import MicroBatch
     from pipeline.plugin import ImageInfo
     from pipeline.plugins.vaegan import VAEGAN
-    from pipeline.trainer import Trainer
+    from pipeline.training.data import MicroBatch
+    from pipeline.training.trainer import Trainer
     from shards.reader import open_split
 
     split = open_split(shards)
@@ -81,7 +81,7 @@ def timed(action, *args):
 
 
 def resume_from(trainer, folder: Path) -> None:
-    from pipeline import checkpoint
+    from pipeline.checkpoints import checkpoint
 
     trainer.load_checkpoint(folder, checkpoint.validate(folder))
 

@@ -84,7 +84,7 @@ def bare_loop(plugin, batches, warmup: int) -> float:
 
 
 def pipeline_from_memory(trainer, batches, warmup: int) -> float:
-    from pipeline.data import MicroBatch
+    from pipeline.training.data import MicroBatch
 
     for index, (images, labels) in enumerate(batches):
         if index == warmup:
@@ -110,7 +110,7 @@ def measure(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_
     from pipeline.config import RunConfig
     from pipeline.plugin import ImageInfo
     from pipeline.plugins.vae import VAE
-    from pipeline.trainer import Trainer
+    from pipeline.training.trainer import Trainer
     from shards.reader import open_split
 
     split = open_split(shards)
@@ -184,7 +184,7 @@ def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
     from pipeline.config import RunConfig
     from pipeline.plugin import ImageInfo
     from pipeline.plugins.vaegan import VAEGAN
-    from pipeline.trainer import Trainer
+    from pipeline.training.trainer import Trainer
     from shards.reader import open_split
 
     split = open_split(shards)

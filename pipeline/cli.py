@@ -11,7 +11,9 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline import checkpoint, evaluate, model_commands, plot, train
+from pipeline import train
+from pipeline.checkpoints import checkpoint
+from pipeline.evaluation import evaluate, model_commands, plot
 from pipeline.plugin import describe, installed_plugins
 from shards import __version__
 from shards.cli import ArgumentParser, check_output_folder, one_line, output, report_error

@@ -125,7 +125,7 @@ class OptimizerConfig(Strict):
 
 
 class LRScheduleConfig(Strict):
-    """The learning rate over the run, as a factor of every network's optimizer rate (pipeline/lr_schedule.py)."""
+    """The learning rate over the run, a factor of every network's optimizer rate (pipeline/training/lr_schedule.py)."""
 
     name: Literal["constant", "power_decay"] = "constant"
     power: Number = Field(0.75, gt=0, description="power_decay: the authors' 0.75")
@@ -300,7 +300,7 @@ def read_config_tree(path: Path) -> dict:
 
 def check_deepspeed_file(config: RunConfig) -> None:
     """deepspeed.config, read and merged as the engine will, now rather than once ranks exist."""
-    from pipeline.deepspeed_config import build_deepspeed_config  # imports torch: only when there is a file
+    from pipeline.training.deepspeed_config import build_deepspeed_config  # imports torch: only when there is a file
 
     try:
         build_deepspeed_config(config, "fp32")

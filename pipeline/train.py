@@ -23,15 +23,15 @@ from typing import NoReturn
 import torch
 import yaml
 
-from pipeline.checkpoint import check_plugin, check_shapes, find_resume
+from pipeline.checkpoints.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.data_workers import die_with_parent
-from pipeline.deepspeed_config import build_deepspeed_config
-from pipeline.deepspeed_internals import check_versions
-from pipeline.engine import checked_optimizer_defaults, optimizer_plan, resolve_precision, resolved_config
 from pipeline.launch import LAUNCHER_PID
 from pipeline.plugin import ImageInfo, PluginError, check_required, load_plugin_class
-from pipeline.run_lock import RunLock, wait_for_first_rank
+from pipeline.training.data_workers import die_with_parent
+from pipeline.training.deepspeed_config import build_deepspeed_config
+from pipeline.training.deepspeed_internals import check_versions
+from pipeline.training.engine import checked_optimizer_defaults, optimizer_plan, resolve_precision, resolved_config
+from pipeline.training.run_lock import RunLock, wait_for_first_rank
 from shards.cli import ArgumentParser, one_line
 from shards.errors import UserError
 from shards.reader import ShardSplit, open_split
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         prepare_output_dir(config.output_dir, resume is not None, config.resume, lock)
         if lock is None:
             wait_for_first_rank(config.output_dir, config.faults.collective_timeout_minutes * 60)
-        from pipeline.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
+        from pipeline.training.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
 
         Trainer(config, plugin, split, networks, resume).train()
     except UserError as error:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
 
@@ -114,3 +115,28 @@ class SplitDataset(torch.utils.data.Dataset):
         except Exception as error:  # decoding damaged bytes raises anything from OSError to SyntaxError
             reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         raise SampleError(source.path, position, reason)
+
+
+def first_images(
+    dataset: SplitDataset,
+    count: int,
+    label: int | None = None,
+    exclude: int | None = None,
+    skip_unreadable: bool = False,
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """The split's first `count` samples in shard order, lazily: optionally only those with (or without)
+    a label index, and past unreadable ones (else a SampleError names the first). What the trainer's
+    grids, `pipeline reconstruct` and friends, and `pipeline evaluate` all read."""
+    found = 0
+    for index in range(len(dataset)):
+        if found == count:
+            return
+        try:
+            image, image_label = dataset[index]
+        except SampleError:
+            if skip_unreadable:
+                continue
+            raise
+        if (label is None or image_label == label) and (exclude is None or image_label != exclude):
+            found += 1
+            yield image, image_label

@@ -31,7 +31,7 @@ from pipeline.cli import main as pipeline_main
 from pipeline.config import COUNT_MAX, load_config
 from pipeline.plugin import ImageInfo
 from pipeline.plugins.vae import VAE
-from pipeline.run_log import RunLog, json_line
+from pipeline.training.run_log import RunLog, json_line
 from shards.cli import main as shards_main
 
 MODEL = {"latent_size": 8, "fc_size": 32}

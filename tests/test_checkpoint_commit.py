@@ -1,5 +1,5 @@
-"""The checkpoint commit's order, in-process and in seconds. A save (pipeline/checkpointer.py `Checkpointer._write`
-with one rank, on top of an earlier complete checkpoint) runs the real `write_tensor_files`,
+"""The checkpoint commit's order, in-process and in seconds. A save (pipeline/checkpoints/checkpointer.py
+`Checkpointer._write` with one rank, on top of an earlier complete checkpoint) runs the real `write_tensor_files`,
 `write_durably`, `commit` and `prune`, with every operation its durability depends on recorded: writes,
 fsyncs, renames, the `latest` symlink, deletions. Then:
 - the order: each file fsynced before its folder, the folder before its rename, the rename made durable
@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from pipeline import checkpoint, rng
-from pipeline.optimizer_state import CheckpointError, partition_file
+from pipeline.checkpoints import checkpoint
+from pipeline.checkpoints.optimizer_state import CheckpointError, partition_file
+from pipeline.training import rng
 
 PREVIOUS, STEP = 2, 4
 OLD, NEW = checkpoint.folder_name(PREVIOUS), checkpoint.folder_name(STEP)
@@ -178,7 +179,8 @@ def trainer_state(step: int, version: int) -> dict:
 
 
 def save_checkpoint(root: Path, step: int, version: int, protected: Path | None) -> Path:
-    """Rank 0's part of pipeline/checkpointer.py `Checkpointer._write`, alone: tiny tensors marked `version`."""
+    """Rank 0's part of pipeline/checkpoints/checkpointer.py `Checkpointer._write`, alone: tiny tensors marked
+    `version`."""
     staging = checkpoint.staging_folder(root, step)
     shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
     (staging / OPTIMIZER).mkdir(parents=True)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from trainer_helpers import build_small_shards, launch, launch_killed, metrics, run_python, weights, write_config
 
-from pipeline.checkpoint import prune
-from pipeline.data import StreamLayout, epoch_order, resume_micro_step
+from pipeline.checkpoints.checkpoint import prune
+from pipeline.training.data import StreamLayout, epoch_order, resume_micro_step
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_another_global_batch_repeats_less_than_one_batch_and_skips_nothing(save
 
 
 def _position(layout: StreamLayout, micro_step: int) -> dict:
-    from pipeline.data import data_position
+    from pipeline.training.data import data_position
 
     return data_position(layout, micro_step)
 

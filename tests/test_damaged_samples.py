@@ -18,8 +18,8 @@ from test_checkpoints import assert_ok
 from test_faults import overwrite_image
 from trainer_helpers import PLUGIN_FIXTURE, build_small_shards, launch, metrics, weights, write_config
 
-from pipeline.data import StreamLayout, epoch_order
 from pipeline.plugin import ImageInfo
+from pipeline.training.data import StreamLayout, epoch_order
 from shards.random_access import SampleError, SplitDataset
 from shards.reader import open_split
 
@@ -37,7 +37,7 @@ DAMAGED = {
 
 
 def rank_micro_batches(layout: StreamLayout, count: int) -> list[list[list[int]]]:
-    """The sample indices of each of the first `count` global micro-steps, per rank (pipeline/data.py's
+    """The sample indices of each of the first `count` global micro-steps, per rank (pipeline/training/data.py's
     contract: rank r takes the r-th slice of each global micro-batch of the epoch order)."""
     batches = []
     for micro_step in range(count):

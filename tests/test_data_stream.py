@@ -68,7 +68,7 @@ def test_every_sample_once_per_epoch_on_uneven_shards_and_exact_resume(tmp_path:
 
 
 def test_hflip_mirrors_a_sample_by_seed_epoch_and_index_only(shards: Path) -> None:
-    from pipeline.data import StreamLayout, TrainingSamples, flipped
+    from pipeline.training.data import StreamLayout, TrainingSamples, flipped
 
     split = SplitDataset(open_split(shards))
     samples = TrainingSamples(split, seed=3, hflip=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from pipeline import deepspeed_internals, train
+from pipeline import train
+from pipeline.training import deepspeed_internals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,5 +34,5 @@ def test_another_version_stops_a_run_with_one_line(tmp_path: Path, monkeypatch, 
     supported = deepspeed_internals.SUPPORTED[package]
     assert error == (
         f"pipeline train: error: {package} {installed} is installed; this pipeline is tested with {package}{supported} "
-        f"and uses its internals (pipeline/deepspeed_internals.py): pip install '{package}{supported}'\n"
+        f"and uses its internals (pipeline/training/deepspeed_internals.py): pip install '{package}{supported}'\n"
     )

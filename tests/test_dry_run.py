@@ -12,7 +12,7 @@ from trainer_helpers import PLUGIN_FIXTURE, build_small_shards
 
 from pipeline import train
 from pipeline.config import LRScheduleConfig
-from pipeline.lr_schedule import lr_factor
+from pipeline.training.lr_schedule import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 W = 1e-6  # celeba_aegan.py's recon_vs_gan_weight

@@ -18,10 +18,10 @@ from test_model_commands import MODEL, loaded, trained  # noqa: F401 (trained: t
 from trainer_helpers import run_python
 
 from pipeline.cli import main
-from pipeline.evaluate import default_json_path
-from pipeline.feature_distances import frechet_distance, gaussian_frechet_distance, kernel_distance
-from pipeline.features import load_extractor, shipped_extractor_path
-from pipeline.plot import loss_figure, panels, read_metrics
+from pipeline.evaluation.evaluate import default_json_path
+from pipeline.evaluation.feature_distances import frechet_distance, gaussian_frechet_distance, kernel_distance
+from pipeline.evaluation.features import load_extractor, shipped_extractor_path
+from pipeline.evaluation.plot import loss_figure, panels, read_metrics
 from shards.random_access import SplitDataset
 from shards.reader import open_split
 

@@ -31,10 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from trainer_helpers import PLUGIN_FIXTURE, run_python, write_config
 
-from pipeline import checkpoint, rng
-from pipeline.data import RankBatches, StreamLayout, resume_micro_step
-from pipeline.optimizer_state import CheckpointError, check_coverage, read_partition_index
+from pipeline.checkpoints import checkpoint
+from pipeline.checkpoints.optimizer_state import CheckpointError, check_coverage, read_partition_index
 from pipeline.plugin import ImageInfo, load_plugin_class
+from pipeline.training import rng
+from pipeline.training.data import RankBatches, StreamLayout, resume_micro_step
 from shards import cli as shards_cli
 from shards.build import BuildOptions, build
 from shards.errors import UserError
@@ -440,7 +441,8 @@ def test_a_damaged_trainer_state_is_one_line_or_a_state_a_resume_can_use(
         checkpoint.check_plugin(folder, state, "linear")
     except CheckpointError as error:
         assert_one_line(error)
-    # what a resume does with it (pipeline/train.py, pipeline/checkpointer.py `Checkpointer.load`), short of DeepSpeed
+    # what a resume does with it (pipeline/train.py, pipeline/checkpoints/checkpointer.py `Checkpointer.load`), short
+    # of DeepSpeed
     layout = layout_of(shard_folder)
     start = resume_micro_step(state["data"], layout)
     assert len(next(iter(RankBatches(layout, 0, start)))) == layout.batch_size

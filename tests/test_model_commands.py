@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from trainer_helpers import build_small_shards, launch, run_python, write_config
 
-from pipeline.model_commands import load_model
+from pipeline.checkpoints.weights import load_model
 from pipeline.plugin import ImageInfo
 from pipeline.plugins.vae import VAE
 from pipeline.plugins.vaegan import VAEGAN

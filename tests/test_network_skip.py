@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 from trainer_helpers import build_small_shards, launch, write_config
 
-from pipeline.data import StreamLayout, epoch_order
+from pipeline.training.data import StreamLayout, epoch_order
 from shards.random_access import SplitDataset
 from shards.reader import open_split
 

@@ -16,7 +16,7 @@ from conftest import run_process, started, tagged_processes
 from test_checkpoints import assert_ok, latest
 from trainer_helpers import accelerate_launch, build_small_shards, environment, launch, metrics, write_config
 
-from pipeline.run_lock import LOCK_FILE, RunLock
+from pipeline.training.run_lock import LOCK_FILE, RunLock
 from shards.errors import UserError
 
 
@@ -124,7 +124,7 @@ def test_a_held_folder_refuses_a_second_run_and_ranks_die_with_their_launcher(tm
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pipeline.run_lock import RunLock
+from pipeline.training.run_lock import RunLock
 RunLock(Path(sys.argv[1]), print).take()
 print("held", flush=True)
 time.sleep(600)

@@ -26,8 +26,8 @@ from trainer_helpers import (
     write_config,
 )
 
-from pipeline.data import StreamLayout, epoch_order
 from pipeline.plugin import ImageInfo
+from pipeline.training.data import StreamLayout, epoch_order
 from shards.random_access import SplitDataset
 from shards.reader import open_split
 

@@ -237,7 +237,7 @@ def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path) -> 
     from accelerate.utils import set_seed
     from trainer_helpers import build_small_shards, launch, weights, write_config
 
-    from pipeline.data import StreamLayout, epoch_order
+    from pipeline.training.data import StreamLayout, epoch_order
     from shards.random_access import SplitDataset
     from shards.reader import open_split
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.data import StreamLayout, training_loader
+from pipeline.training.data import StreamLayout, training_loader
 from shards.reader import open_split
 
 shards, report, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]

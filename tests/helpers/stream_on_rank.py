@@ -6,7 +6,7 @@ import sys
 
 import torch.distributed as dist
 
-from pipeline.data import StreamLayout, training_loader
+from pipeline.training.data import StreamLayout, training_loader
 from shards.reader import open_split
 
 shards, batch, workers, start, steps, report = (

@@ -5,7 +5,7 @@
             <network>.safetensors      full fp32 weights (safetensors.torch.load_file alone reads them)
             config.json                the plugin, its options, the image format
             optimizer/rank-NNNNN.safetensors   DeepSpeed's optimizer state, one file per rank
-                                               (pipeline/optimizer_state.py)
+                                               (pipeline/checkpoints/optimizer_state.py)
             trainer_state.json         step, images, data position, every rank's RNG and plugin state,
                                        and the checksum of every other file: written last
         latest -> step-00000500        updated only once that folder is complete
@@ -31,8 +31,8 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.checkpoint_state import TrainerState, WeightsConfig
-from pipeline.optimizer_state import CheckpointError, check_coverage, read_partitions
+from pipeline.checkpoints.checkpoint_state import TrainerState, WeightsConfig
+from pipeline.checkpoints.optimizer_state import CheckpointError, check_coverage, read_partitions
 from shards.errors import check_structure, parse_json
 from shards.shard_writer import sync_folder
 
@@ -184,7 +184,7 @@ def prune(root: Path, keep_last: int, current: Path, protected: Path | None) -> 
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    """trainer_state.json, its structure checked (pipeline/checkpoint_state.py); not yet the files it lists."""
+    """trainer_state.json, its structure checked (checkpoint_state.py); not yet the files it lists."""
     state_path = folder / STATE_FILE
     try:
         data = state_path.read_bytes()

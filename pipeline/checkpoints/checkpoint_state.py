@@ -1,6 +1,6 @@
 """What a checkpoint's JSON files hold, checked whole before anything reads them.
 
-trainer_state.json (pipeline/checkpointer.py `_trainer_state`, completed by checkpoint.commit) and the
+trainer_state.json (pipeline/checkpoints/checkpointer.py `_trainer_state`, completed by checkpoint.commit) and the
 config.json of a checkpoint or an export (the plugin, its options, the image) are validated here, so that
 a damaged or hostile file is one line, "FILE: not a valid checkpoint: what is wrong", and never a
 KeyError in the middle of a resume, nor a value that breaks a random generator. Fields that nothing
@@ -29,7 +29,7 @@ MT19937_WORDS = 624
 
 
 class DataPosition(Record):
-    """pipeline/data.py `data_position`: where the data stream stands."""
+    """pipeline/training/data.py `data_position`: where the data stream stands."""
 
     micro_step: Count
     epoch: Count
@@ -41,7 +41,7 @@ class DataPosition(Record):
 
 
 class EngineCounters(Record):
-    """DeepSpeed's progress counters (pipeline/deepspeed_internals.py ENGINE_COUNTERS)."""
+    """DeepSpeed's progress counters (pipeline/training/deepspeed_internals.py ENGINE_COUNTERS)."""
 
     global_steps: Count
     global_samples: Count
@@ -58,7 +58,7 @@ def _random_words(words: Any, count: int) -> bool:
 
 
 class RngState(Record):
-    """pipeline/rng.py `capture`: python, numpy, torch (and CUDA) generator states."""
+    """pipeline/training/rng.py `capture`: python, numpy, torch (and CUDA) generator states."""
 
     python: list[Any]
     numpy: list[Any]
@@ -67,7 +67,7 @@ class RngState(Record):
 
     @model_validator(mode="after")
     def _restorable(self) -> RngState:
-        """Each state restored into a throwaway generator: what pipeline/rng.py `restore` does, tried."""
+        """Each state restored into a throwaway generator: what pipeline/training/rng.py `restore` does, tried."""
         if len(self.python) != 3 or not (self.python[2] is None or type(self.python[2]) is float):
             raise ValueError("python: not [version, internal state, gauss]")
         if not _random_words(self.python[1], MT19937_WORDS + 1):

@@ -6,7 +6,7 @@ On the first --count images of the split (held out from training when it is `val
                    reconstruction; Frechet distance and KID between reconstructions and images
   samples:         Frechet distance (FID with the default extractor) and KID between --count decoded
                    prior samples and the images
-The features come from pipeline/features.py (by default the StyleGAN-family FID Inception, 299 x 299).
+The features come from pipeline/evaluation/features.py (by default the StyleGAN-family FID Inception, 299 x 299).
 A table and the protocol go to stdout; the same as JSON to --json, with sample and reconstruction grids
 beside it (NAME-samples.png, NAME-reconstructions.png). Default JSON: RUN/evaluation/step-N-SPLIT.json for
 a checkpoint RUN/checkpoints/step-N (or latest), PARENT/evaluation/NAME-SPLIT.json for another weights
@@ -31,16 +31,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import grids
-from pipeline.checkpoint import STATE_FILE, read_state
-from pipeline.feature_distances import KernelDistance, frechet_distance, kernel_distance
-from pipeline.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
-from pipeline.model_commands import check_output_beside, load_model, read_description
-from pipeline.optimizer_state import CheckpointError
+from pipeline.checkpoints.checkpoint import STATE_FILE, read_state
+from pipeline.checkpoints.optimizer_state import CheckpointError
+from pipeline.checkpoints.weights import check_output_beside, load_model, read_description
+from pipeline.evaluation.feature_distances import KernelDistance, frechet_distance, kernel_distance
+from pipeline.evaluation.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
 from pipeline.plugin import ModelPlugin, PluginError, capabilities, load_plugin_class, options_of_folder
 from shards.cli import bounded, one_line, output, seed
 from shards.errors import UserError
 from shards.progress import progress_bar
-from shards.random_access import SplitDataset
+from shards.random_access import SplitDataset, first_images
 from shards.reader import open_split
 
 SAMPLE_GRID = 64  # images in the samples grid
@@ -94,8 +94,9 @@ def measure_reconstructions(
     """The held-out images' features, and with a plugin that can reconstruct, its reconstructions'."""
     reconstructing = "reconstruct" in capabilities(plugin)
     image_features, reconstruction_features, squared_errors, distances, shown = [], [], [], [], []
+    held_out = first_images(dataset, count)
     for indices in batches(count, batch_size):
-        images = torch.stack([dataset[index][0] for index in indices])
+        images = torch.stack([next(held_out)[0] for _ in indices])
         batch_image_features = extractor.embed(images)
         image_features.append(batch_image_features)
         advance(len(indices))

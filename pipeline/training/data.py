@@ -24,7 +24,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from pipeline.data_workers import guard_worker
+from pipeline.training.data_workers import guard_worker
 from shards.random_access import SampleError, SplitDataset
 from shards.reader import open_split
 

@@ -8,17 +8,16 @@ for each micro-batch of this rank:
 
 A checkpoint holds everything the loop depends on: weights, DeepSpeed's optimizer partitions, the step
 and data position, and every rank's RNG and plugin state; a run resumed from it continues bit for bit
-as if it had never stopped (on the same number of ranks). The checkpointer (pipeline/checkpointer.py)
+as if it had never stopped (on the same number of ranks). The checkpointer (pipeline/checkpoints/checkpointer.py)
 writes and reads them; the loop only says when.
 
-Faults (pipeline/faults.py, README "Faults"): an update with a non-finite gradient is skipped on every
+Faults (pipeline/training/faults.py, README "Faults"): an update with a non-finite gradient is skipped on every
 rank and counted, too many in a row stop the run; unreadable samples are left out and counted; SIGTERM
 checkpoints and stops; a failed checkpoint write removes its staging folder and stops every rank.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -29,20 +28,28 @@ import torch
 import yaml
 from accelerate.utils import gather_object, set_seed
 
-from pipeline import checkpoint, faults, grids, optimizer_state
-from pipeline import deepspeed_internals as internals
-from pipeline.checkpointer import Checkpointer, Progress
+from pipeline import grids
+from pipeline.checkpoints import checkpoint, optimizer_state
+from pipeline.checkpoints.checkpointer import Checkpointer, Progress
+from pipeline.checkpoints.optimizer_state import CheckpointError
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data import MicroBatch, StreamLayout, training_loader
-from pipeline.engine import TrainingModule, build_optimizer, make_accelerator, resolve_precision, resolved_config
-from pipeline.faults import TrainingStopped
-from pipeline.lr_schedule import lr_factor
-from pipeline.network_skip import NetworkSkip
-from pipeline.optimizer_state import CheckpointError
 from pipeline.plugin import ModelPlugin, capabilities
-from pipeline.run_log import RunLog
+from pipeline.training import deepspeed_internals as internals
+from pipeline.training import faults
+from pipeline.training.data import MicroBatch, StreamLayout, training_loader
+from pipeline.training.engine import (
+    TrainingModule,
+    build_optimizer,
+    make_accelerator,
+    resolve_precision,
+    resolved_config,
+)
+from pipeline.training.faults import TrainingStopped
+from pipeline.training.lr_schedule import lr_factor
+from pipeline.training.network_skip import NetworkSkip
+from pipeline.training.run_log import RunLog
 from shards.errors import UserError
-from shards.random_access import SampleError, SplitDataset
+from shards.random_access import SplitDataset, first_images
 from shards.reader import ShardSplit
 
 
@@ -56,7 +63,7 @@ class Trainer:
         resume: tuple[Path, dict[str, Any]] | None = None,
     ) -> None:
         """networks: plugin.build_networks(), built from the same seed on every rank. resume: a
-        validated checkpoint (folder, trainer_state) to continue from (pipeline.checkpoint.find_resume)."""
+        validated checkpoint (folder, trainer_state) to continue from (pipeline.checkpoints.checkpoint.find_resume)."""
         self.config, self.plugin, self.split, self.resume = config, plugin, split, resume
         self.precision = resolve_precision(config.precision)
         self.accelerator = make_accelerator(config, self.precision)
@@ -306,13 +313,10 @@ class Trainer:
         return self.bad_samples
 
     def _grid_inputs(self) -> torch.Tensor:
-        """The same images for every reconstruction grid of a run: the split's first samples."""
-        dataset, images = SplitDataset(self.split), []
-        for index in range(len(dataset)):
-            with contextlib.suppress(SampleError):  # unreadable ones are reported by the training stream
-                images.append(dataset[index][0])
-            if len(images) == self.config.grid_size:
-                break
+        """The same images for every reconstruction grid of a run: the split's first readable samples
+        (unreadable ones are reported by the training stream)."""
+        dataset = SplitDataset(self.split)
+        images = [image for image, _ in first_images(dataset, self.config.grid_size, skip_unreadable=True)]
         if not images:
             raise UserError(f"{self.split.root}: no sample of split {self.split.split!r} is readable")
         return torch.stack(images)
@@ -347,7 +351,7 @@ class Trainer:
                 grids.save(image, self.output_dir / "samples" / f"step-{self.step:08d}-{kind}.png")
 
     def save_checkpoint(self) -> Path | None:
-        """OUTPUT/checkpoints/step-NNNNNNNN, by every rank (pipeline/checkpointer.py); the folder on rank 0."""
+        """OUTPUT/checkpoints/step-NNNNNNNN, by every rank (checkpoints/checkpointer.py); rank 0 gets the folder."""
         self._average_batch_norm_statistics()  # the statistics saved: every rank's data, averaged
         self._count_bad_samples()
         return self.checkpointer.save(self.progress())
@@ -356,7 +360,7 @@ class Trainer:
         return Progress(self.step, self.images_seen, self.micro_step, self.bad_samples)
 
     def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint (pipeline/checkpointer.py): the loop's counters come back with it."""
+        """Continue from a checkpoint (pipeline/checkpoints/checkpointer.py): the loop's counters come back with it."""
         progress = self.checkpointer.load(folder, state)
         self.step, self.images_seen, self.micro_step = progress.step, progress.images, progress.micro_step
         self.bad_samples = progress.bad_samples

@@ -2,8 +2,8 @@
 
 The trainer hands it what holds state (the DeepSpeed engine and its networks, the plugin, the data
 layout) once, then calls `save(progress)` at a checkpoint and `load(folder, state)` on resume; the
-format itself (folders, hashes, the atomic commit, pruning) is pipeline/checkpoint.py's, the optimizer
-partitions pipeline/optimizer_state.py's. New state that must survive a restart (an EMA of the weights,
+format itself (folders, hashes, the atomic commit, pruning) is pipeline/checkpoints/checkpoint.py's, the optimizer
+partitions pipeline/checkpoints/optimizer_state.py's. New state that must survive a restart (an EMA of the weights,
 a data cache's position) plugs in here, not into the training loop.
 
 A save: rank 0 makes the staging folder; every rank writes its optimizer partition, rank 0 also each
@@ -26,15 +26,16 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from deepspeed.utils import safe_get_full_fp32_param
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from pipeline import checkpoint, optimizer_state, rng
-from pipeline import deepspeed_internals as internals
+from pipeline.checkpoints import checkpoint, optimizer_state
+from pipeline.checkpoints.optimizer_state import CheckpointError
+from pipeline.checkpoints.weights import load_weights
 from pipeline.config import RunConfig
-from pipeline.data import StreamLayout, data_position, resume_micro_step
-from pipeline.faults import TrainingStopped
-from pipeline.optimizer_state import CheckpointError
 from pipeline.plugin import ModelPlugin, resolved_options
+from pipeline.training import deepspeed_internals as internals
+from pipeline.training import rng
+from pipeline.training.data import StreamLayout, data_position, resume_micro_step
+from pipeline.training.faults import TrainingStopped
 from shards.errors import UserError
 from shards.reader import ShardSplit
 
@@ -162,8 +163,7 @@ class Checkpointer:
         rank's RNG and plugin state; the loop's progress, its data position mapped onto this run's layout."""
         failure = None
         try:
-            for name, network in self.networks.items():
-                network.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+            load_weights(self.networks, folder, self.config.plugin)
             optimizer_state.load_partitions(self.engine, self.networks, folder / checkpoint.OPTIMIZER_FOLDER)
             self._restore_rank_state(folder, state)
         except UserError as error:  # each rank reads its own slices: a failure may be one rank's alone

@@ -18,7 +18,7 @@ import signal
 import torch
 from accelerate import Accelerator
 
-from pipeline import deepspeed_internals as internals
+from pipeline.training import deepspeed_internals as internals
 from shards.errors import UserError
 
 

@@ -20,10 +20,10 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from pydantic import ValidationError
 from torch import nn
 
-from pipeline import deepspeed_internals as internals
 from pipeline.config import ConfigError, NetworkOptimizer, OptimizerConfig, RunConfig
-from pipeline.deepspeed_config import build_deepspeed_config
 from pipeline.plugin import ModelPlugin, PluginError, StepOutput, resolved_options
+from pipeline.training import deepspeed_internals as internals
+from pipeline.training.deepspeed_config import build_deepspeed_config
 from shards.errors import UserError, describe_error
 
 OPTIMIZERS = {

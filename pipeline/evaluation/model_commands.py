@@ -10,80 +10,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from pipeline import checkpoint, grids
-from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, options_of_folder, require
-from shards.cli import MAX_GRID, bounded, check_output_file, one_line, seed
+from pipeline import grids
+from pipeline.checkpoints.weights import check_output_beside, load_model
+from pipeline.plugin import require
+from shards.cli import MAX_GRID, bounded, one_line, seed
 from shards.errors import UserError
-from shards.random_access import SplitDataset
+from shards.random_access import SplitDataset, first_images
 from shards.reader import open_split
 
 
-def read_description(folder: Path) -> dict[str, Any]:
-    """config.json of a weights folder, checked whole (pipeline/checkpoint.py `read_weights_config`)."""
-    try:
-        found = (folder / checkpoint.CONFIG_FILE).is_file()  # not a FIFO either: reading one would wait for ever
-    except OSError:  # a name too long, say
-        found = False
+def images_of(shards: Path, split: str, count: int, label: int | None = None, exclude: int | None = None):
+    """The split's first `count` images (shards.random_access.first_images), stacked."""
+    found = [image for image, _ in first_images(SplitDataset(open_split(shards, split)), count, label, exclude)]
     if not found:
-        raise UserError(f"{folder}: not a weights folder (no {checkpoint.CONFIG_FILE}; give a checkpoint or an export)")
-    return checkpoint.read_weights_config(folder)
-
-
-def load_model(folder: Path):
-    """(plugin, networks in eval mode) from a weights folder."""
-    description = read_description(folder)
-    name, image = description["plugin"], description["image"]
-    try:
-        plugin_class = load_plugin_class(name)
-        plugin = plugin_class(options_of_folder(plugin_class, description), ImageInfo(image["size"], image["channels"]))
-    except (ValueError, TypeError) as error:  # a plugin rejecting its options (or the image) its own way
-        raise PluginError(f"{folder / checkpoint.CONFIG_FILE}: {name}: {error}") from None
-    networks = torch.nn.ModuleDict(plugin.build_networks())
-    for network_name, network in networks.items():
-        path = folder / f"{network_name}.safetensors"
-        try:
-            state = load_file(str(path))
-        except (OSError, SafetensorError) as error:
-            raise UserError(f"{path}: cannot read the {name} {network_name}'s weights ({error})") from None
-        try:
-            network.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-            raise UserError(f"{path}: does not fit the {name} {network_name} of config.json ({first})") from None
-    return plugin, networks.eval()
-
-
-def first_images(shards: Path, split: str, count: int, label: int | None = None, exclude: int | None = None):
-    """The split's first `count` images, optionally only those with (or without) a label index."""
-    dataset = SplitDataset(open_split(shards, split))
-    images = []
-    for index in range(len(dataset)):
-        image, image_label = dataset[index]
-        if (label is None or image_label == label) and (exclude is None or image_label != exclude):
-            images.append(image)
-            if len(images) == count:
-                break
-    if not images:
         raise UserError(f"no matching images in {shards} ({split})")
-    return torch.stack(images)
-
-
-def check_output_beside(path: Path, weights: Path) -> None:
-    """Before any work: `path` can be written, and not into the weights folder (a PNG there could replace
-    its config.json or a network's weights)."""
-    check_output_file(path)
-    try:
-        inside = path.resolve().parent == weights.resolve()
-    except (OSError, RuntimeError) as error:  # a loop of symbolic links
-        raise UserError(f"cannot write {path}: {error}") from None
-    if inside:
-        raise UserError(f"{path} is inside the weights folder {weights}; write it somewhere else")
+    return torch.stack(found)
 
 
 def save_grid(image, path: Path) -> None:
@@ -115,7 +59,7 @@ def reconstruct(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
     require(plugin, "reconstruct")
-    inputs = first_images(args.shards, args.split, args.count)
+    inputs = images_of(args.shards, args.split, args.count)
     save_grid(grids.pairs_grid(inputs, plugin.reconstruct(networks, inputs)), args.out)
     return 0
 
@@ -126,7 +70,7 @@ def interpolate(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
     plugin, networks = load_model(args.weights)
     encode, decode = _codec(plugin)
-    images = first_images(args.shards, args.split, 2 * args.rows)
+    images = images_of(args.shards, args.split, 2 * args.rows)
     if len(images) < 2:
         raise UserError("interpolate needs at least two images")
     codes = encode(networks, images[: len(images) // 2 * 2])
@@ -150,10 +94,10 @@ def attribute_vector(args: argparse.Namespace) -> int:
     if args.label not in labels:
         raise UserError(f"label {args.label!r} is not in {args.shards} (labels: {', '.join(labels) or 'none'})")
     index = labels.index(args.label)
-    with_label = encode(networks, first_images(args.shards, args.split, args.samples, label=index))
-    without = encode(networks, first_images(args.shards, args.split, args.samples, exclude=index))
+    with_label = encode(networks, images_of(args.shards, args.split, args.samples, label=index))
+    without = encode(networks, images_of(args.shards, args.split, args.samples, exclude=index))
     vector = with_label.mean(0) - without.mean(0)
-    tests = first_images(args.shards, args.test_split, args.count, exclude=index)
+    tests = images_of(args.shards, args.test_split, args.count, exclude=index)
     codes = encode(networks, tests)
     columns = [tests, decode(networks, codes), decode(networks, codes + args.scale * vector)]
     save_grid(grids.grid(torch.stack(columns, dim=1).flatten(0, 1), columns=3), args.out)

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from safetensors import SafetensorError, safe_open
 
-from pipeline import deepspeed_internals as internals
+from pipeline.training import deepspeed_internals as internals
 from shards.errors import UserError, check_structure, parse_json
 from shards.manifest import Count, Record
 
@@ -134,7 +134,7 @@ class SavedPartition:
     steps: list[float | None]
     world_size: int
     state_keys: set[str]
-    without_state: set[str]  # slices of networks that had not stepped yet (pipeline/network_skip.py)
+    without_state: set[str]  # slices of networks that had not stepped yet (pipeline/training/network_skip.py)
 
 
 class PartitionIndex(Record):

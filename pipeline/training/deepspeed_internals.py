@@ -4,11 +4,11 @@ start-up with one line: these attributes change between releases without notice.
 
 What we reach into, and why:
 - the torch optimizer DeepSpeed drives (`engine.basic_optimizer`): the network skip's step pre-hook and
-  the optimizer state we save (pipeline/network_skip.py, pipeline/optimizer_state.py);
+  the optimizer state we save (pipeline/training/network_skip.py, pipeline/checkpoints/optimizer_state.py);
 - each parameter's link to its ZeRO slice (`param._hp_mapping`): where this rank's fp32 master and
   optimizer state of that parameter live, to save and load them without DeepSpeed's pickles;
 - ZeRO's own inf/NaN check (`check_grad_overflow`) and the engine's reading of `optimizer.overflow`, to
-  skip a non-finite update in fp32 too (pipeline/faults.py);
+  skip a non-finite update in fp32 too (pipeline/training/faults.py);
 - the engine's progress counters and fp16 loss scaler, saved in checkpoints for an exact resume;
 - accelerate's hand-over of the DeepSpeed config to transformers (`set_deepspeed_weakref`), skipped
   when transformers is absent;
@@ -45,7 +45,7 @@ def check_versions() -> None:
         if installed not in SpecifierSet(supported):
             raise UserError(
                 f"{package} {installed} is installed; this pipeline is tested with {package}{supported} and uses its "
-                f"internals (pipeline/deepspeed_internals.py): pip install '{package}{supported}'"
+                f"internals (pipeline/training/deepspeed_internals.py): pip install '{package}{supported}'"
             )
 
 

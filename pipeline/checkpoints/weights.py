@@ -1,0 +1,70 @@
+"""A weights folder (a checkpoint, or what `pipeline export` wrote from one: <network>.safetensors and
+config.json): its description, its model loaded (safetensors only: nothing is unpickled), and the rule
+that no output goes into it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from pipeline.checkpoints import checkpoint
+from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, options_of_folder
+from shards.cli import check_output_file
+from shards.errors import UserError
+
+
+def read_description(folder: Path) -> dict[str, Any]:
+    """config.json of a weights folder, checked whole (pipeline/checkpoints/checkpoint.py `read_weights_config`)."""
+    try:
+        found = (folder / checkpoint.CONFIG_FILE).is_file()  # not a FIFO either: reading one would wait for ever
+    except OSError:  # a name too long, say
+        found = False
+    if not found:
+        raise UserError(f"{folder}: not a weights folder (no {checkpoint.CONFIG_FILE}; give a checkpoint or an export)")
+    return checkpoint.read_weights_config(folder)
+
+
+def load_model(folder: Path):
+    """(plugin, networks in eval mode) from a weights folder."""
+    description = read_description(folder)
+    name, image = description["plugin"], description["image"]
+    try:
+        plugin_class = load_plugin_class(name)
+        plugin = plugin_class(options_of_folder(plugin_class, description), ImageInfo(image["size"], image["channels"]))
+    except (ValueError, TypeError) as error:  # a plugin rejecting its options (or the image) its own way
+        raise PluginError(f"{folder / checkpoint.CONFIG_FILE}: {name}: {error}") from None
+    networks = torch.nn.ModuleDict(plugin.build_networks())
+    load_weights(networks, folder, name)
+    return plugin, networks.eval()
+
+
+def load_weights(networks: torch.nn.ModuleDict, folder: Path, plugin: str) -> None:
+    """Each network's <network>.safetensors of the folder into it, whole; one line when one cannot be read
+    or does not fit."""
+    for network_name, network in networks.items():
+        path = folder / f"{network_name}.safetensors"
+        try:
+            state = load_file(str(path))
+        except (OSError, SafetensorError) as error:
+            raise UserError(f"{path}: cannot read the {plugin} {network_name}'s weights ({error})") from None
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise UserError(f"{path}: does not fit the {plugin} {network_name} of config.json ({first})") from None
+
+
+def check_output_beside(path: Path, weights: Path) -> None:
+    """Before any work: `path` can be written, and not into the weights folder (a PNG there could replace
+    its config.json or a network's weights)."""
+    check_output_file(path)
+    try:
+        inside = path.resolve().parent == weights.resolve()
+    except (OSError, RuntimeError) as error:  # a loop of symbolic links
+        raise UserError(f"cannot write {path}: {error}") from None
+    if inside:
+        raise UserError(f"{path} is inside the weights folder {weights}; write it somewhere else")
