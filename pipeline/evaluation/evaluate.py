@@ -45,6 +45,7 @@ from shards.reader import open_split
 
 SAMPLE_GRID = 64  # images in the samples grid
 RECONSTRUCTION_GRID = 32  # input/reconstruction pairs in the reconstructions grid
+MEASURED = {"samples": "sample", "reconstructions": "reconstruct"}  # each section, and the plugin method it needs
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise PluginError(
             f"the {description_of(args.weights)} plugin can neither sample nor reconstruct: nothing to evaluate"
         )
-    made = [name for name in ("samples", "reconstructions") if {"samples": "sample"}.get(name, "reconstruct") in can]
+    made = [section for section, ability in MEASURED.items() if ability in can]
     grid_paths = {name: json_path.with_name(f"{json_path.stem}-{name}.png") for name in made}
     for path in (json_path, *grid_paths.values()):
         check_output_beside(path, args.weights)
@@ -282,7 +283,7 @@ def print_report(result: dict) -> None:
         ]
     for name, compares, value in rows:
         table.add_row(name, compares, value)
-    for section, ability in (("samples", "sample"), ("reconstructions", "reconstruct")):
+    for section, ability in MEASURED.items():
         if result[section] is None:
             table.add_row(f"({section})", f"the {escape(result['plugin'])} plugin cannot {ability}", "-")
     details = Table(title=escape(f"protocol: {result['shards']}, split {result['split']}"))

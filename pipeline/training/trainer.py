@@ -235,9 +235,11 @@ class Trainer:
         """The plugin's decision from its step_totals summed over the whole global batch of this step:
         the same on every rank. A collective when the plugin keeps totals."""
         here, self.step_totals = self.step_totals, {}
+        if not hasattr(self.plugin, "networks_to_skip"):  # the same plugin on every rank: no collective
+            return set()
         if self.step_total_names is None:  # once: a rank whose micro-batches were all unreadable has none
             self.step_total_names = sorted(set().union(*gather_object([sorted(here)])))
-        if not self.step_total_names or not hasattr(self.plugin, "networks_to_skip"):
+        if not self.step_total_names:
             return set()
         device = self.accelerator.device
         sums = torch.stack(
