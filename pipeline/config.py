@@ -31,6 +31,7 @@ from pydantic import Strict as StrictMode
 
 from shards.cli import one_line
 from shards.errors import UserError, describe_error, shown
+from shards.remote import DEFAULT_RETRY_SECONDS, RemoteAccess, is_remote
 
 COUNT_MAX = 2**53  # steps, images, intervals: exact as a float and in any JSON reader
 GRID_MAX = 4096  # images in one grid, as the model commands allow
@@ -88,17 +89,40 @@ Flag = StrictBool
 FilePath = Annotated[Path, BeforeValidator(_path_text)]
 
 
+def _shards_location(value: Any) -> Any:
+    """A shard folder: a URL (s3://, gs://, http(s)://) stays text, anything else is a path."""
+    if isinstance(value, str) and is_remote(value):
+        return value
+    return Path(_path_text(value)) if isinstance(value, str) else value
+
+
+ShardsLocation = Annotated[Path | str, BeforeValidator(_shards_location)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class DataConfig(Strict):
-    shards: FilePath
+    shards: ShardsLocation = Field(description="a shard folder: a path, or s3://, gs://, http(s)://")
     split: Literal["train", "val"] = "train"
     batch_size: Integer = Field(16, gt=0, le=2**16, description="per-device micro-batch size")
     workers: Integer = Field(2, ge=0, le=256, description="DataLoader worker processes per rank")
     shuffle_shards: Integer = Field(8, gt=0, le=2**20, description="shards mixed together by the per-epoch shuffle")
     hflip: Flag = Field(False, description="random horizontal flip (the paper's CelebA augmentation)")
+    # remote shard folders only (README, "Remote shards")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options of the store, e.g. endpoint_url (never credentials)"
+    )
+    cache_dir: FilePath | None = Field(None, description="node-local shard cache (default: under the temp folder)")
+    cache_limit: Integer | None = Field(None, gt=0, description="bytes the shard cache may keep (LRU eviction)")
+    retry_seconds: Number = Field(DEFAULT_RETRY_SECONDS, gt=0, le=7 * 86400, description="retry budget of a request")
+    prefetch_shards: Integer | None = Field(
+        None, ge=0, le=2**20, description="shards fetched ahead of training (default: 2 x shuffle_shards)"
+    )
+
+    def remote_access(self) -> RemoteAccess:
+        return RemoteAccess(self.storage_options, self.cache_dir, self.cache_limit, self.retry_seconds)
 
 
 class NetworkOptimizer(Strict):

@@ -58,7 +58,7 @@ def check_one_global_batch(config: RunConfig, split: ShardSplit) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if split.count < world_size * config.data.batch_size:
         raise ConfigError(
-            f"data.batch_size: {split.count} samples in {split.root} ({split.split}) are fewer than one global "
+            f"data.batch_size: {split.count} samples in {split.location} ({split.split}) are fewer than one global "
             f"micro-batch of {world_size} ranks x {config.data.batch_size}"
         )
 
@@ -126,12 +126,13 @@ def run(args: argparse.Namespace) -> int:
         check_versions()
         config = load_config(args.config, args.overrides)
         # one process holds the run folder, from before anything reads it to the run's end (run_lock.py)
-        first_rank = int(os.environ.get("RANK", "0")) == 0 and not args.dry_run
+        rank_zero = int(os.environ.get("RANK", "0")) == 0
+        first_rank = rank_zero and not args.dry_run
         lock = RunLock(config.output_dir, warn) if first_rank else None
         if lock is not None:
             lock.take_if_present()
         plugin_class = load_plugin_class(config.plugin)
-        split = open_split(config.data.shards, config.data.split)
+        split = open_split(config.data.shards, config.data.split, config.data.remote_access(), check_shards=rank_zero)
         resume = find_checkpoint(config, split)
         check_one_global_batch(config, split)
         precision = resolve_precision(config.precision)

@@ -144,9 +144,14 @@ def read_manifest(out: Path) -> dict:
         data = path.read_bytes()
     except OSError as error:
         raise ManifestError(f"cannot read {path}: {error.strerror or error}") from None
-    manifest = parse_json(data, path, "manifest", ManifestError)
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: bytes, where: object) -> dict:
+    """A manifest's bytes (read from `where`, a path or a URL), its structure checked."""
+    manifest = parse_json(data, where, "manifest", ManifestError)
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if type(version) is int and version != FORMAT_VERSION:  # checked first: a newer format may differ anywhere
-        raise ManifestError(f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
-    check_structure(ManifestRecord, manifest, path, "manifest", ManifestError)
+        raise ManifestError(f"{where}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    check_structure(ManifestRecord, manifest, where, "manifest", ManifestError)
     return manifest

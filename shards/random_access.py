@@ -14,42 +14,56 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from itertools import accumulate
-from pathlib import Path
 
 import torch
 
 from shards import tar_index
 from shards.errors import UserError
 from shards.reader import BadSample, ShardSplit, decode_sample
+from shards.shard_cache import DamagedShard
 
 
 class SampleError(UserError):
     """One sample of a shard cannot be read or decoded."""
 
-    def __init__(self, shard: Path, position: int, reason: str) -> None:
-        super().__init__(f"{shard.name} sample {position}: {reason}")
+    def __init__(self, shard: str, position: int, reason: str) -> None:
+        super().__init__(f"{shard} sample {position}: {reason}")
         self.shard, self.position, self.reason = shard, position, reason
 
 
 class ShardFile:
-    """One shard, read by sample position: each sample's members named `extensions`. Opens its file
-    lazily, once per process (DataLoader workers fork or spawn after construction and must not share a
-    file offset)."""
+    """Shard `index` of a split, read by sample position: each sample's members named `extensions`.
+    Opens its file lazily, once per process (DataLoader workers fork or spawn after construction and
+    must not share a file offset), and can be closed (a remote shard's cached copy is evictable only
+    while no process has it open)."""
 
-    def __init__(self, path: Path, extensions: tuple[str, ...]) -> None:
-        self.path, self.extensions = path, extensions
+    def __init__(self, split: ShardSplit, index: int, extensions: tuple[str, ...]) -> None:
+        self.split, self.index, self.extensions = split, index, extensions
+        self.location = split.shard_location(index)
         self._members: list[dict[str, tar_index.Member]] | None = None
         self._damage = ""  # why the listing ended early, if it did
         self._file = None
         self._pid = -1
 
     def _open(self):
-        if self._pid != os.getpid():
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the life of the process
+        if self._pid != os.getpid() or self._file is None:
+            if self._file is not None:  # this process's copy of its parent's file: a held shard, let go
+                self._file.close()
+            self._file = self.split.open_shard(self.index)
             self._pid = os.getpid()
         return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None and self._pid == os.getpid()
 
     def _index(self) -> list[dict[str, tar_index.Member]]:
         """The members of each sample, from the tar headers. A truncation or a damaged header ends the
@@ -68,33 +82,58 @@ class ShardFile:
         return len(self._members)
 
     def read(self, position: int) -> dict[str, bytes]:
+        try:
+            return self._read(position)
+        except DamagedShard as error:  # a remote shard whose download never matched its manifest
+            raise SampleError(self.location, position, str(error)) from None
+
+    def _read(self, position: int) -> dict[str, bytes]:
         count = len(self)
         if position >= count:
             why = self._damage or "truncated?"
-            raise SampleError(self.path, position, f"the shard ends after {count} samples ({why})")
+            raise SampleError(self.location, position, f"the shard ends after {count} samples ({why})")
         members = self._members[position]
         missing = [f".{extension}" for extension in self.extensions if extension not in members]
         if missing and self._damage and position == count - 1:
             held = ", ".join(f".{extension}" for extension in members)
-            raise SampleError(self.path, position, f"the shard ends after its {held} ({self._damage})")
+            raise SampleError(self.location, position, f"the shard ends after its {held} ({self._damage})")
         if missing:
-            raise SampleError(self.path, position, f"it has no {' or '.join(missing)}")
+            raise SampleError(self.location, position, f"it has no {' or '.join(missing)}")
         file = self._open()
         try:
             return {extension: tar_index.read(file, members[extension]) for extension in self.extensions}
         except tar_index.DamagedTar as error:
-            raise SampleError(self.path, position, str(error)) from None
+            raise SampleError(self.location, position, str(error)) from None
 
 
 class SplitDataset(torch.utils.data.Dataset):
-    """Sample i of the split (shards in manifest order) as (image CHW float in [-1, 1], label int)."""
+    """Sample i of the split (shards in manifest order) as (image CHW float in [-1, 1], label int).
 
-    def __init__(self, split: ShardSplit) -> None:
-        self.split = split
+    Each process keeps at most `max_open` shards open, closing the least recently read: a remote shard's
+    cached copy can be evicted only once no process holds it (the training order reads a few shards at a
+    time, data.shuffle_shards of them)."""
+
+    def __init__(self, split: ShardSplit, max_open: int | None = None) -> None:
+        self.split, self.max_open = split, max_open
         extensions = ("json", split.image["format"])
-        self.shards = [ShardFile(split.root / shard["name"], extensions) for shard in split.shards]
+        self.shards = [ShardFile(split, index, extensions) for index in range(len(split.shards))]
         self.counts = [shard["count"] for shard in split.shards]
         self.starts = [0, *accumulate(self.counts)]
+        self.recently_read: OrderedDict[int, None] = OrderedDict()  # this process's open shards, oldest first
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+        self.recently_read.clear()
+
+    def _mark_read(self, shard: int) -> None:
+        if self.max_open is None:
+            return
+        self.recently_read[shard] = None
+        self.recently_read.move_to_end(shard)
+        while len(self.recently_read) > self.max_open:
+            oldest, _ = self.recently_read.popitem(last=False)
+            self.shards[oldest].close()
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -106,15 +145,16 @@ class SplitDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         shard, position = self.locate(index)
         source = self.shards[shard]
+        self._mark_read(shard)
         try:
             return decode_sample(source.read(position), self.split.image)
-        except SampleError:
+        except UserError:  # SampleError, or the store or the cache failing: not this sample's fault
             raise
         except BadSample as error:
             reason = str(error)
         except Exception as error:  # decoding damaged bytes raises anything from OSError to SyntaxError
             reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        raise SampleError(source.path, position, reason)
+        raise SampleError(source.location, position, reason)
 
 
 def first_images(

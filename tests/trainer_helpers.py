@@ -109,9 +109,11 @@ def accelerate_launch(processes: int, launcher: str = "accelerate.commands.launc
     return command
 
 
-def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(
+    config: Path, *overrides: str, processes: int = 2, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = [*accelerate_launch(processes), "-m", "pipeline.train", "--config", str(config), *overrides]
-    return run_process(command, timeout, env=environment())
+    return run_process(command, timeout, env=env or environment())
 
 
 def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

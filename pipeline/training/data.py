@@ -11,14 +11,16 @@ global micro-batches of world_size x batch_size samples; rank r takes the r-th s
 
 A sample that cannot be read (its shard was truncated or damaged after the build) is left out of its
 micro-batch and counted; the first one of each shard is reported on stderr by the process that met it.
+A remote store that fails for good (or for longer than data.retry_seconds), or a full cache disk, is no
+sample's fault: the micro-batch carries the error to the rank, which stops with that one line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import numpy as np
@@ -26,7 +28,9 @@ import torch
 
 from pipeline.training.data_workers import guard_worker
 from shards.random_access import SampleError, SplitDataset
-from shards.reader import open_split
+from shards.reader import ShardSplit
+from shards.remote import StoreError, StoreUnavailable, take_counters
+from shards.shard_cache import CacheFull
 
 
 @dataclass(frozen=True)
@@ -98,15 +102,19 @@ def resume_micro_step(position: dict[str, int], layout: StreamLayout) -> int:
 
 class RankBatches(torch.utils.data.Sampler[list[int]]):
     """This rank's micro-batches, from global micro-step `start` on, for ever. Each item is
-    epoch x samples + sample index, so that per-epoch augmentation can be keyed on the sample."""
+    epoch x samples + sample index, so that per-epoch augmentation can be keyed on the sample.
+    `on_step(micro_step)` is told each micro-step as its batch is handed out (the shard prefetcher's
+    clock; the DataLoader runs the sampler in the rank's own process)."""
 
-    def __init__(self, layout: StreamLayout, rank: int, start: int = 0) -> None:
+    def __init__(
+        self, layout: StreamLayout, rank: int, start: int = 0, on_step: Callable[[int], None] | None = None
+    ) -> None:
         if layout.steps_per_epoch == 0:
             raise ValueError(
                 f"the split has {sum(layout.counts)} samples, fewer than one global micro-batch "
                 f"({layout.world_size} ranks x {layout.batch_size})"
             )
-        self.layout, self.rank, self.start = layout, rank, start
+        self.layout, self.rank, self.start, self.on_step = layout, rank, start, on_step
 
     def __iter__(self) -> Iterator[list[int]]:
         layout, step = self.layout, self.start
@@ -115,6 +123,8 @@ class RankBatches(torch.utils.data.Sampler[list[int]]):
             order = epoch_order(layout, epoch, skip=in_epoch * layout.global_batch)
             offset = epoch * sum(layout.counts)
             for _ in range(in_epoch, layout.steps_per_epoch):
+                if self.on_step is not None:
+                    self.on_step(step)
                 micro_batch = [offset + next(order) for _ in range(layout.global_batch)]
                 yield micro_batch[self.rank * layout.batch_size : (self.rank + 1) * layout.batch_size]
                 step += 1
@@ -136,13 +146,15 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int] | DataFailure | None:
         epoch, index = divmod(item, len(self.split))
         try:
             image, label = self.split[index]
+        except (StoreError, StoreUnavailable, CacheFull) as error:
+            return DataFailure(str(error))
         except SampleError as error:
-            if error.shard.name not in self.reported:
-                self.reported.add(error.shard.name)
+            if error.shard not in self.reported:
+                self.reported.add(error.shard)
                 print(
                     f"pipeline train: warning: rank {self.rank}: {error.shard}: sample {error.position} is unreadable "
                     f"({error.reason}); this shard's bad samples are skipped and counted (bad_samples)",
@@ -155,11 +167,20 @@ class TrainingSamples(torch.utils.data.Dataset):
         return image, label
 
 
+@dataclass(frozen=True)
+class DataFailure:
+    """What a worker could not get from the store or the cache: the rank stops with this line."""
+
+    message: str
+
+
 @dataclass
 class MicroBatch:
     images: torch.Tensor | None  # None when every sample of the micro-batch was unreadable
     labels: torch.Tensor | None
     bad_samples: int
+    fetch_counts: dict[str, int] = field(default_factory=dict)  # shards.remote.counters of the worker
+    failure: str | None = None
 
     def pin_memory(self) -> MicroBatch:  # the DataLoader's pin_memory=True calls this on custom batches
         if self.images is not None:
@@ -167,31 +188,37 @@ class MicroBatch:
         return self
 
 
-def collate(samples: list[tuple[torch.Tensor, int] | None]) -> MicroBatch:
+def collate(samples: list[tuple[torch.Tensor, int] | DataFailure | None]) -> MicroBatch:
     """Stack the readable samples; count the others. The micro-batch gets smaller rather than taking
-    samples from elsewhere in the stream, which would shift every later batch and break exact resume."""
+    samples from elsewhere in the stream, which would shift every later batch and break exact resume.
+    Runs where the samples were read (a worker), so it also carries that process's fetch counters."""
+    counts = take_counters()
+    failures = [sample.message for sample in samples if isinstance(sample, DataFailure)]
+    if failures:
+        return MicroBatch(None, None, 0, counts, failures[0])
     good = [sample for sample in samples if sample is not None]
     bad = len(samples) - len(good)
     if not good:
-        return MicroBatch(None, None, bad)
+        return MicroBatch(None, None, bad, counts)
     images, labels = torch.utils.data.default_collate(good)
-    return MicroBatch(images, labels, bad)
+    return MicroBatch(images, labels, bad, counts)
 
 
 def training_loader(
-    shards: str,
-    split: str,
+    split: ShardSplit,
     layout: StreamLayout,
     rank: int,
     start: int,
     workers: int,
     hflip: bool = False,
     pin_memory: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.utils.data.DataLoader:
-    dataset = TrainingSamples(SplitDataset(open_split(shards, split)), layout.seed, hflip, rank)
+    # a worker keeps open the shards the epoch order is reading (a group of shuffle_shards), no more
+    dataset = TrainingSamples(SplitDataset(split, max_open=layout.shuffle_shards), layout.seed, hflip, rank)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=RankBatches(layout, rank, start),
+        batch_sampler=RankBatches(layout, rank, start, on_step),
         collate_fn=collate,
         worker_init_fn=guard_worker,  # SIGTERM from SLURM left to the rank; dies with the rank
         num_workers=workers,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,10 +48,12 @@ from pipeline.training.engine import (
 from pipeline.training.faults import TrainingStopped
 from pipeline.training.lr_schedule import lr_factor
 from pipeline.training.network_skip import NetworkSkip
+from pipeline.training.prefetch import ShardPrefetcher
 from pipeline.training.run_log import RunLog
 from shards.errors import UserError
 from shards.random_access import SplitDataset, first_images
 from shards.reader import ShardSplit
+from shards.remote import FETCH_COUNTS, take_counters
 
 
 class Trainer:
@@ -94,6 +97,8 @@ class Trainer:
         self.images_seen = 0
         self.bad_samples = 0  # unreadable samples left out so far, all ranks (counted at each log and checkpoint)
         self.bad_samples_here = 0  # ... met by this rank since the last count
+        self.fetch_counts: dict[str, int] = {}  # a remote split's fetches so far, all ranks (shards.remote.counters)
+        self.fetch_counts_here: Counter[str] = Counter()  # ... by this rank and its workers since the last count
         self.skipped_in_a_row = 0  # updates skipped for a non-finite gradient, up to the last step
         self.output_dir = Path(config.output_dir)
         self.checkpointer = Checkpointer(
@@ -147,21 +152,24 @@ class Trainer:
             accelerator.wait_for_everyone()
             return
         grid_inputs = self._grid_inputs()
+        prefetcher = self._start_prefetcher()
         loader = training_loader(
-            str(config.data.shards),
-            config.data.split,
+            self.split,
             self.layout,
             accelerator.process_index,
             start=self.micro_step,
             workers=config.data.workers,
             hflip=config.data.hflip,
             pin_memory=torch.cuda.is_available(),
+            on_step=prefetcher.advance if prefetcher else None,
         )
         log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)  # its clock starts here
         try:
             self._loop(loader, log, grid_inputs, stop)
         finally:
             log.stop()
+            if prefetcher is not None:
+                prefetcher.stop()
         # Every rank must be done before end_training() destroys the process group: without this
         # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
         accelerator.wait_for_everyone()
@@ -206,7 +214,10 @@ class Trainer:
         accumulation boundary, after which `self.step` has advanced. Returns the detached metrics (none
         when every sample of the micro-batch was unreadable)."""
         accelerator = self.accelerator
+        if batch.failure is not None:
+            raise UserError(batch.failure)
         self.bad_samples_here += batch.bad_samples
+        self.fetch_counts_here.update(batch.fetch_counts)
         if batch.images is None:
             size, channels = self.split.image["size"], self.split.image["channels"]
             images, labels = torch.empty(0, channels, size, size), torch.empty(0, dtype=torch.int64)
@@ -305,7 +316,26 @@ class Trainer:
             metrics[f"lr/{group['network']}"] = group["lr"]
         metrics["bad_samples"] = self._count_bad_samples()
         metrics["skipped_steps"] = self.engine.skipped_steps
+        if self.split.remote is not None:
+            metrics.update(self._count_fetches())
         return metrics
+
+    def _count_fetches(self) -> dict[str, int]:
+        """All ranks' remote-shard fetches so far: bytes, shards, retries, evictions. A collective."""
+        self.fetch_counts_here.update(take_counters())  # the prefetcher's, in this process
+        here = torch.tensor([float(self.fetch_counts_here[name]) for name in FETCH_COUNTS], dtype=torch.float64)
+        totals = self.accelerator.reduce(here.to(self.accelerator.device), reduction="sum").tolist()
+        self.fetch_counts_here.clear()
+        for name, total in zip(FETCH_COUNTS, totals, strict=True):
+            self.fetch_counts[name] = self.fetch_counts.get(name, 0) + int(total)
+        return dict(self.fetch_counts)
+
+    def _start_prefetcher(self) -> ShardPrefetcher | None:
+        data = self.config.data
+        depth = 2 * data.shuffle_shards if data.prefetch_shards is None else data.prefetch_shards
+        if self.split.remote is None or depth == 0:
+            return None
+        return ShardPrefetcher(self.split, self.layout, self.micro_step, depth)
 
     def _count_bad_samples(self) -> int:
         """All ranks' unreadable samples so far. A collective."""
@@ -319,8 +349,9 @@ class Trainer:
         (unreadable ones are reported by the training stream)."""
         dataset = SplitDataset(self.split)
         images = [image for image, _ in first_images(dataset, self.config.grid_size, skip_unreadable=True)]
+        dataset.close()  # a remote shard held open here could never leave the cache
         if not images:
-            raise UserError(f"{self.split.root}: no sample of split {self.split.split!r} is readable")
+            raise UserError(f"{self.split.location}: no sample of split {self.split.split!r} is readable")
         return torch.stack(images)
 
     @torch.no_grad()

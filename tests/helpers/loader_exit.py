@@ -21,9 +21,10 @@ from pipeline.training.data import StreamLayout, training_loader
 from shards.reader import open_split
 
 shards, report, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-counts = tuple(shard["count"] for shard in open_split(shards).shards)
+split = open_split(shards)
+counts = tuple(shard["count"] for shard in split.shards)
 layout = StreamLayout(counts, seed=3, shuffle_shards=2, world_size=1, batch_size=2)
-batches = iter(training_loader(shards, "train", layout, rank=0, start=0, workers=2))
+batches = iter(training_loader(split, layout, rank=0, start=0, workers=2))
 next(batches), next(batches)
 workers = [child.pid for child in multiprocessing.active_children()]
 report.write_text(json.dumps({"workers": workers, "parent": os.getpid()}))

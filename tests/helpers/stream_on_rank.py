@@ -18,9 +18,10 @@ shards, batch, workers, start, steps, report = (
 )
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-counts = tuple(shard["count"] for shard in open_split(shards).shards)
+split = open_split(shards)
+counts = tuple(shard["count"] for shard in split.shards)
 layout = StreamLayout(counts, seed=3, shuffle_shards=2, world_size=world, batch_size=batch)
-loader = training_loader(shards, "train", layout, rank, start=start, workers=workers)
+loader = training_loader(split, layout, rank, start=start, workers=workers)
 seen = []
 for _, batch in zip(range(steps), loader, strict=False):
     seen.append([hashlib.sha256(image.numpy().tobytes()).hexdigest()[:16] for image in batch.images])
