@@ -45,6 +45,7 @@ class ShardFile:
         self.location = split.shard_location(index)
         self._members: list[dict[str, tar_index.Member]] | None = None
         self._damage = ""  # why the listing ended early, if it did
+        self._unfetchable = ""  # why this process cannot get the (remote) shard at all, if it cannot
         self._file = None
         self._pid = -1
 
@@ -82,10 +83,13 @@ class ShardFile:
         return len(self._members)
 
     def read(self, position: int) -> dict[str, bytes]:
+        if self._unfetchable:
+            raise SampleError(self.location, position, self._unfetchable)
         try:
             return self._read(position)
-        except DamagedShard as error:  # a remote shard whose download never matched its manifest
-            raise SampleError(self.location, position, str(error)) from None
+        except DamagedShard as error:  # a remote shard whose download never matched: not fetched again here
+            self._unfetchable = str(error)
+            raise SampleError(self.location, position, self._unfetchable) from None
 
     def _read(self, position: int) -> dict[str, bytes]:
         count = len(self)

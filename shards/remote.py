@@ -31,6 +31,7 @@ from shards.errors import UserError
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 EXTRA_OF_SCHEME = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}  # pip install '.[s3]' ...
+LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 CHUNK = 8 * 2**20  # one ranged read; a dropped connection costs at most this much again
 DEFAULT_RETRY_SECONDS = 120.0
 FIRST_DELAY, MAX_DELAY = 0.25, 15.0  # seconds: the backoff's first and largest step (before jitter)
@@ -80,8 +81,17 @@ def http_status(error: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+def underlying(error: BaseException) -> BaseException:
+    """fsspec's HTTP file system reports any failure to reach a file's size as FileNotFoundError, the
+    real failure (a refused connection, a 404) as its cause."""
+    while isinstance(error, FileNotFoundError) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: the store or the network may answer next time."""
+    error = underlying(error)
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
         return False
     status = http_status(error)
@@ -89,18 +99,18 @@ def is_transient(error: BaseException) -> bool:
         return status == 429 or status >= 500 or status == 408
     if isinstance(error, socket.gaierror) or "Name or service not known" in str(error):
         return False  # a host that does not resolve: a typo in the URL, not an outage
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-        return False  # our own disk, not the store
     return isinstance(error, OSError | TimeoutError | ConnectionError) or type(error).__module__.startswith(
         ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests")
     )
 
 
 def is_not_found(error: BaseException) -> bool:
+    error = underlying(error)
     return isinstance(error, FileNotFoundError) or http_status(error) == 404
 
 
 def what_to_check(error: BaseException) -> str:
+    error = underlying(error)
     status = http_status(error)
     if is_not_found(error):
         return "not found: check the URL (is the folder built and uploaded?)"
@@ -115,13 +125,16 @@ def what_to_check(error: BaseException) -> str:
 
 def retrying(call: Callable[[], T], url: str, budget: float, warn: Callable[[str], None] | None = None) -> T:
     """call(), retried on transient failures with exponential backoff and full jitter for up to `budget`
-    seconds. Full jitter: many ranks and workers that failed together must not retry together."""
+    seconds. Full jitter: many ranks and workers that failed together must not retry together. A full
+    local disk (writing what was read) is raised as it is: the caller's to report, not the store's."""
     deadline = time.monotonic() + budget
     attempt = 0
     while True:
         try:
             return call()
         except Exception as error:
+            if isinstance(error, OSError) and error.errno in LOCAL_DISK_ERRORS:
+                raise
             if not is_transient(error):
                 refusal = StoreNotFound if is_not_found(error) else StoreError
                 raise refusal(f"{url}: {what_to_check(error)}") from None
@@ -188,7 +201,8 @@ class RemoteFolder:
 
         def read_rest() -> None:
             nonlocal done
-            with self.fs.open(self.path_of(name), "rb", block_size=CHUNK, cache_type="none") as source:
+            known_size = {"size": size} if "http" in self.fs.protocol else {}  # no HEAD request for it
+            with self.fs.open(self.path_of(name), "rb", block_size=CHUNK, cache_type="none", **known_size) as source:
                 source.seek(done)
                 while done < size:
                     chunk = source.read(min(CHUNK, size - done))

@@ -15,7 +15,6 @@ removes a file whose exclusive flock it can take without waiting.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import shutil
@@ -26,9 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from shards.errors import UserError
-from shards.remote import RemoteFolder, counters
-
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+from shards.remote import LOCAL_DISK_ERRORS, RemoteFolder, counters
 
 
 class CacheFull(UserError):
@@ -119,7 +116,7 @@ class ShardCache:
                     counters["fetched_shards"] += 1
                     return
             except OSError as error:
-                if error.errno in FULL_DISK:
+                if error.errno in LOCAL_DISK_ERRORS:
                     raise CacheFull(
                         f"the shard cache's disk is full: {self.folder} cannot take {name} ({size} bytes, "
                         f"{shutil.disk_usage(self.folder).free} free): free space there, or set data.cache_dir "

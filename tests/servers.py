@@ -150,8 +150,9 @@ def moto_available() -> bool:
     return False
 
 
-# what a FaultyProxy does with one request: None (forward it), "503", or "cut" (half the body, then close)
-Fault = Callable[[str, str, int], str | None]  # (method, path, how many times this path was asked before)
+# what a FaultyProxy does with one request: None (forward it), "503" or "429", "cut" (half the body, then
+# close), or "corrupt" (one byte of the body changed)
+Fault = Callable[[str, str, int], str | None]  # (method, path, how many such requests came before)
 
 
 class FaultyProxy(Server):
@@ -160,7 +161,7 @@ class FaultyProxy(Server):
     def __init__(self, upstream_port: int, fault: Fault) -> None:
         super().__init__(free_port())
         self.upstream_port, self.fault = upstream_port, fault
-        self.seen: dict[str, int] = {}
+        self.seen: dict[tuple[str, str], int] = {}
         self.faults: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
@@ -182,13 +183,13 @@ class FaultyProxy(Server):
 
             def forward(self, method: str) -> None:
                 with proxy.lock:
-                    asked = proxy.seen.get(self.path, 0)
-                    proxy.seen[self.path] = asked + 1
+                    asked = proxy.seen.get((method, self.path), 0)
+                    proxy.seen[(method, self.path)] = asked + 1
                     fault = proxy.fault(method, self.path, asked)
                     if fault:
                         proxy.faults.append((fault, self.path))
-                if fault == "503":
-                    self.send_response(503)
+                if fault in ("503", "429"):
+                    self.send_response(int(fault))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -198,6 +199,8 @@ class FaultyProxy(Server):
                 answer = upstream.getresponse()
                 body = answer.read()
                 upstream.close()
+                if fault == "corrupt" and body:
+                    body = bytes([body[0] ^ 1]) + body[1:]
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in ("connection", "keep-alive", "transfer-encoding"):
