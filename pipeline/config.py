@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -99,6 +101,15 @@ def _shards_location(value: Any) -> Any:
 ShardsLocation = Annotated[Path | str, BeforeValidator(_shards_location)]
 
 
+SECRET_KEY = re.compile(r"key|secret|token|password|credential|session|authorization", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: "<redacted>" if SECRET_KEY.search(str(key)) else redacted(item) for key, item in value.items()}
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -120,6 +131,12 @@ class DataConfig(Strict):
     prefetch_shards: Integer | None = Field(
         None, ge=0, le=2**20, description="shards fetched ahead of training (default: 2 x shuffle_shards)"
     )
+
+    @field_serializer("storage_options")
+    def _without_secrets(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Every copy of the config a run writes (config.yaml, each checkpoint) leaves out what looks like a
+        credential: those belong in the store's own variables and files, not in run folders."""
+        return redacted(options)
 
     def remote_access(self) -> RemoteAccess:
         return RemoteAccess(self.storage_options, self.cache_dir, self.cache_limit, self.retry_seconds)

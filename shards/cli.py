@@ -108,6 +108,19 @@ def byte_size(text: str) -> int:
     return size
 
 
+def shard_folder(text: str) -> str | Path:
+    """A shard folder argument: a local path, or a remote folder's URL (s3://, gs://, http(s)://)."""
+    from shards.remote import is_remote
+
+    return text if is_remote(text) else Path(text)
+
+
+SHARD_FOLDER_HELP = (
+    "a shard folder, or its URL: s3://, gs://, http(s):// (credentials as the store's own tools read them; "
+    "an S3-compatible endpoint from AWS_ENDPOINT_URL)"
+)
+
+
 def _first_existing(path: Path) -> Path:
     while not path.exists() and path.parent != path:
         path = path.parent
@@ -237,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="summary of a shard folder, optionally a contact sheet",
         description="Print a summary table of OUT; with --grid, save a contact sheet of samples.",
     )
-    inspect.add_argument("out", type=Path, metavar="OUT")
+    inspect.add_argument("out", type=shard_folder, metavar="OUT", help=SHARD_FOLDER_HELP)
     inspect.add_argument(
         "--grid", type=grid_file, metavar="FILE.png", help="write a contact sheet of samples here (.png, .jpg, .webp)"
     )
@@ -252,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit 0 when every shard matches the manifest and every sample decodes; "
         "otherwise exit 1 and name each bad shard (one `BAD` line each on stdout).",
     )
-    verify.add_argument("out", type=Path, metavar="OUT")
+    verify.add_argument("out", type=shard_folder, metavar="OUT", help=SHARD_FOLDER_HELP)
     verify.add_argument("--workers", type=bounded(int, 0, MAX_WORKERS), default=default_workers())
 
     demo = commands.add_parser(
@@ -319,10 +332,12 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from shards.manifest import read_manifest
+    from shards.folder import ShardFolder
     from shards.report import contact_sheet, skipped_table, summary_table
+    from shards.shard_cache import DamagedShard
 
-    manifest = read_manifest(args.out)
+    folder = ShardFolder.at(args.out)
+    manifest = folder.manifest()
     if args.grid:
         check_output_file(args.grid)
         if not manifest["splits"][args.split]["count"]:
@@ -333,8 +348,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         output.print(skipped)
     if args.grid:
         try:
-            sheet = contact_sheet(args.out, manifest, args.split, args.count)
-        except (OSError, tarfile.TarError, EOFError) as error:
+            sheet = contact_sheet(folder, manifest, args.split, args.count)
+        except (OSError, tarfile.TarError, EOFError, DamagedShard) as error:
             raise UserError(f"cannot read the shards of {args.out} ({error}); run `shards verify`") from None
         try:
             args.grid.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -20,8 +19,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from shards.manifest import MANIFEST_NAME, SPLITS, ManifestError, parse_manifest, read_manifest
-from shards.remote import RemoteAccess, RemoteFolder, StoreNotFound, is_remote
+from shards.folder import ShardFolder
+from shards.manifest import SPLITS, ManifestError
+from shards.remote import RemoteAccess, RemoteFolder
 from shards.samples import SHARD_FORMATS
 from shards.shard_cache import ShardCache
 
@@ -30,32 +30,31 @@ NO_LABEL = -1
 
 @dataclass(frozen=True)
 class ShardSplit:
-    """One split of a shard folder, as its manifest describes it. The folder is local (`root`) or remote
-    (`remote`, read through the node-local `cache`)."""
+    """One split of a shard folder (local or remote, shards/folder.py), as its manifest describes it."""
 
-    root: Path | None
+    folder: ShardFolder
     split: str
     shards: tuple[dict, ...]
     image: dict
     labels: tuple[str, ...] | None
-    remote: RemoteFolder | None = None
-    cache: ShardCache | None = None
 
     @property
     def location(self) -> str:
-        """The folder as a user names it: a path or a URL."""
-        return self.remote.url if self.remote is not None else str(self.root)
+        return self.folder.location
+
+    @property
+    def remote(self) -> RemoteFolder | None:
+        return self.folder.remote
+
+    @property
+    def cache(self) -> ShardCache | None:
+        return self.folder.cache
 
     def shard_location(self, index: int) -> str:
-        name = self.shards[index]["name"]
-        return self.remote.url_of(name) if self.remote is not None else str(self.root / name)
+        return self.folder.shard_location(self.shards[index]["name"])
 
     def open_shard(self, index: int) -> BinaryIO:
-        """Shard `index` opened for reading: the local file, or its copy in the node-local cache (fetched
-        first if need be), held in use until closed."""
-        if self.remote is None:
-            return open(self.root / self.shards[index]["name"], "rb")
-        return self.cache.open(self.remote, self.shards[index])
+        return self.folder.open(self.shards[index])
 
     @property
     def urls(self) -> list[str]:
@@ -74,43 +73,12 @@ def open_split(
     with `check_shards`, a request per shard, which one rank of a run is enough to make)."""
     if split not in SPLITS:
         raise ManifestError(f"unknown split {split!r}; a shard folder has {', '.join(SPLITS)}")
-    if is_remote(out):
-        return open_remote_split(str(out), split, access or RemoteAccess(), check_shards)
-    root = Path(out).resolve()  # absolute: webdataset must never see a name it could take for pipe: or a URL
-    manifest = read_manifest(root)
-    shards = split_shards(manifest, split, root)
-    missing = [shard["name"] for shard in shards if not (root / shard["name"]).is_file()]
-    if missing:
-        raise ManifestError(f"{root}: {len(missing)} shard(s) of the manifest are missing, first {missing[0]}")
-    return ShardSplit(root, split, shards, manifest["image"], labels_of(manifest))
-
-
-def open_remote_split(url: str, split: str, access: RemoteAccess, check_shards: bool) -> ShardSplit:
-    remote = RemoteFolder(url, access.storage_options, access.retry_seconds)
-    manifest = parse_manifest(remote.read_bytes(MANIFEST_NAME), remote.url_of(MANIFEST_NAME))
-    shards = split_shards(manifest, split, remote.url)
-    wrong = remote_shards_not_as_built(remote, shards) if check_shards else []
-    if wrong:
-        raise ManifestError(
-            f"{remote.url}: {len(wrong)} shard(s) of the manifest are missing or not their size, first {wrong[0]}"
-        )
-    cache = ShardCache(access.cache_dir, access.cache_limit)
-    return ShardSplit(None, split, shards, manifest["image"], labels_of(manifest), remote, cache)
-
-
-def remote_shards_not_as_built(remote: RemoteFolder, shards: tuple[dict, ...]) -> list[str]:
-    """The shards missing from the remote folder or of another size than the manifest's, checked before
-    training starts (a few concurrent metadata requests: no shard is read)."""
-
-    def wrong(shard: dict) -> str | None:
-        try:
-            size = remote.size(shard["name"])
-        except StoreNotFound:
-            return f"{shard['name']} (not found)"
-        return None if size == shard["bytes"] else f"{shard['name']} ({size} bytes, the manifest says {shard['bytes']})"
-
-    with ThreadPoolExecutor(max_workers=min(16, len(shards))) as pool:
-        return [problem for problem in pool.map(wrong, shards) if problem]
+    folder = ShardFolder.at(out, access)
+    manifest = folder.manifest()
+    shards = split_shards(manifest, split, folder.location)
+    if check_shards or folder.remote is None:
+        folder.check_shards(shards)
+    return ShardSplit(folder, split, shards, manifest["image"], labels_of(manifest))
 
 
 def split_shards(manifest: dict, split: str, where: object) -> tuple[dict, ...]:

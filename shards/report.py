@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 
 from PIL import Image
 from rich.markup import escape
 from rich.table import Table
 
+from shards.folder import ShardFolder
 from shards.manifest import SPLITS
 from shards.samples import decode_image
 from shards.tar_index import DamagedTar, read_samples
@@ -45,12 +45,13 @@ def skipped_table(manifest: dict) -> Table | None:
     return table
 
 
-def contact_sheet(out: Path, manifest: dict, split: str, count: int) -> Image.Image:
-    """The first `count` samples of the split, in shard order, in a square-ish grid."""
+def contact_sheet(folder: ShardFolder, manifest: dict, split: str, count: int) -> Image.Image:
+    """The first `count` samples of the split, in shard order, in a square-ish grid (only the shards
+    they are in are read, or fetched)."""
     size, image_format = manifest["image"]["size"], manifest["image"]["format"]
     tiles = []
     for shard in manifest["splits"][split]["shards"]:
-        for key, members in read_samples(out / shard["name"]):
+        for key, members in read_samples(folder.local_path(shard)):
             if image_format not in members:
                 raise DamagedTar(f"{shard['name']}: sample {key} has no .{image_format}")
             tile = decode_image(members[image_format])

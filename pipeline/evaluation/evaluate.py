@@ -37,7 +37,7 @@ from pipeline.checkpoints.weights import check_output_beside, load_model, read_d
 from pipeline.evaluation.feature_distances import KernelDistance, frechet_distance, kernel_distance
 from pipeline.evaluation.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
 from pipeline.plugin import ModelPlugin, PluginError, capabilities, load_plugin_class, options_of_folder
-from shards.cli import bounded, one_line, output, seed
+from shards.cli import SHARD_FOLDER_HELP, bounded, one_line, output, seed, shard_folder
 from shards.errors import UserError
 from shards.progress import progress_bar
 from shards.random_access import SplitDataset, first_images
@@ -225,7 +225,7 @@ def evaluate(args: argparse.Namespace) -> int:
         }
     result = {
         **weights_description(args.weights),
-        "shards": str(args.shards.resolve()),
+        "shards": args.shards if isinstance(args.shards, str) else str(args.shards.resolve()),
         "split": args.split,
         "samples": sample_distances,  # null: the plugin cannot sample
         "reconstructions": reconstruction_distances,  # null: the plugin cannot reconstruct
@@ -314,7 +314,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "weights", type=Path, metavar="CHECKPOINT", help="a checkpoint (OUTPUT/checkpoints/latest) or an export"
     )
-    parser.add_argument("--shards", type=Path, required=True, help="a shards folder holding the held-out images")
+    parser.add_argument("--shards", type=shard_folder, required=True, help=f"the held-out images: {SHARD_FOLDER_HELP}")
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument(
         "--count",

@@ -16,7 +16,7 @@ import torch
 from pipeline import grids
 from pipeline.checkpoints.weights import check_output_beside, load_model
 from pipeline.plugin import require
-from shards.cli import MAX_GRID, bounded, one_line, seed
+from shards.cli import MAX_GRID, SHARD_FOLDER_HELP, bounded, one_line, seed, shard_folder
 from shards.errors import UserError
 from shards.random_access import SplitDataset, first_images
 from shards.reader import open_split
@@ -112,7 +112,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         )
         parser.add_argument("out", type=Path, metavar="OUT.png", help="the PNG to write (missing folders are made)")
         if data:
-            parser.add_argument("--shards", type=Path, required=True, help="a shards folder to take images from")
+            parser.add_argument(
+                "--shards", type=shard_folder, required=True, help=f"images to take: {SHARD_FOLDER_HELP}"
+            )
             parser.add_argument("--split", default="val", choices=("train", "val"))
         parser.set_defaults(handler=handler)
         return parser
