@@ -13,7 +13,7 @@ import errno
 import fcntl
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,17 +21,10 @@ from shards import __version__
 from shards.errors import UserError
 from shards.imageops import ImageSpec, prepare_chunk
 from shards.journal import Journal
-from shards.manifest import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    SHARD_NAME,
-    SPLITS,
-    read_manifest,
-    shard_name,
-    write_manifest,
-)
+from shards.manifest import FORMAT_VERSION, SPLITS, shard_name
 from shards.parallel import chunked, ordered_map
-from shards.progress import console, progress_bar
+from shards.progress import progress_bar
+from shards.publish import publisher_for
 from shards.shard_writer import ShardWriter
 from shards.sources import Entry, Listing, list_sources
 
@@ -75,9 +68,17 @@ def plan_splits(entries: Sequence[Entry], val_fraction: float, seed: int) -> dic
 class SplitWriter:
     """Cuts one split's stream of samples into shards and journals each finished one."""
 
-    def __init__(self, split: str, out: Path, work_dir: Path, journal: Journal, options: BuildOptions):
+    def __init__(
+        self,
+        split: str,
+        out: Path,
+        work_dir: Path,
+        journal: Journal,
+        options: BuildOptions,
+        publish: Callable[[Path], None] = lambda path: None,
+    ):
         self.split, self.out, self.work_dir = split, out, work_dir
-        self.journal, self.options = journal, options
+        self.journal, self.options, self.publish = journal, options, publish
         done = journal.split_records(split)
         self.finished = bool(done) and done[-1].get("end", False)
         self.position = done[-1]["next"] if done else 0
@@ -105,6 +106,9 @@ class SplitWriter:
     def _close(self) -> None:
         assert self.shard is not None
         record = self.shard.finish()
+        # published before it is journalled: a crash in between redoes the shard (byte-identical), never
+        # skips one that a remote OUT lacks
+        self.publish(self.shard.final_path)
         self.journal.append({"split": self.split, "next": self.position, "skipped": self.skipped, **record})
         self.shard, self.skipped = None, []
 
@@ -120,19 +124,24 @@ class SplitWriter:
         self.finished = True
 
 
-def build(src: Path, out: Path, options: BuildOptions, workers: int, overwrite: bool = False) -> dict:
-    """Build (or finish building) OUT from SRC; returns the manifest."""
-    listing = list_sources(src, labels_from_folders=options.labels == "folder", exclude=out)
+def build(src: Path, out: Path | str, options: BuildOptions, workers: int, overwrite: bool = False) -> dict:
+    """Build (or finish building) OUT from SRC; returns the manifest. OUT may be a remote folder
+    (s3://, gs://, http(s)://, shards/publish.py): the shards are made in a local staging folder and
+    uploaded as each is finished, the manifest last."""
+    publisher = publisher_for(out)
+    listing = list_sources(src, labels_from_folders=options.labels == "folder", exclude=publisher.local_out)
     if not listing.entries:
         raise UserError(f"no image files found in {src} ({len(listing.rejected)} other files skipped)")
+    out = publisher.local_out
     work_dir = _make_work_dir(out)
-    with _exclusive(work_dir, out):
-        existing = _finished_build(out, options, listing.fingerprint, overwrite)
+    with _exclusive(work_dir, publisher.location):
+        existing = publisher.finished_build(options, listing.fingerprint, overwrite)
         if existing is not None:
             shutil.rmtree(work_dir)
+            publisher.done()
             return existing
         try:
-            manifest = _write_shards(out, work_dir, listing, options, workers)
+            manifest = _write_shards(out, work_dir, listing, options, workers, publisher.publish_shard)
         except OSError as error:
             if error.errno not in OUT_WRITE_ERRORS:
                 raise
@@ -141,18 +150,26 @@ def build(src: Path, out: Path, options: BuildOptions, workers: int, overwrite: 
             shutil.rmtree(work_dir)
             reasons = _top_reasons(manifest)
             raise UserError(f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({reasons})")
-        _remove_stale_files(out, manifest)
-        write_manifest(out, manifest)
+        publisher.remove_stale_shards(manifest)
+        publisher.publish_manifest(manifest)
         shutil.rmtree(work_dir)
+        publisher.done()
     return manifest
 
 
-def _write_shards(out: Path, work_dir: Path, listing: Listing, options: BuildOptions, workers: int) -> dict:
+def _write_shards(
+    out: Path,
+    work_dir: Path,
+    listing: Listing,
+    options: BuildOptions,
+    workers: int,
+    publish: Callable[[Path], None],
+) -> dict:
     header = {"format_version": FORMAT_VERSION, "options": options.as_dict(), "sources": listing.fingerprint}
     journal = Journal(work_dir, header)
     label_index = {name: index for index, name in enumerate(listing.label_names or [])}
     plan = plan_splits(listing.entries, options.val_fraction, options.seed)
-    writers = {split: SplitWriter(split, out, work_dir, journal, options) for split in SPLITS}
+    writers = {split: SplitWriter(split, out, work_dir, journal, options, publish) for split in SPLITS}
     remaining = sum(len(plan[split]) - writers[split].position for split in SPLITS if not writers[split].finished)
     resumed = " (resuming)" if journal.resumed else ""
     with progress_bar() as progress:
@@ -188,7 +205,7 @@ def _make_work_dir(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(work_dir: Path, out: Path) -> Iterator[None]:
+def _exclusive(work_dir: Path, out: str) -> Iterator[None]:
     """One build per OUT at a time: two would share the journal and the temporary shard names."""
     with open(work_dir / "lock", "w") as lock:
         try:
@@ -196,30 +213,6 @@ def _exclusive(work_dir: Path, out: Path) -> Iterator[None]:
         except BlockingIOError:
             raise UserError(f"{out} is being built by another process; wait for it or choose another OUT") from None
         yield
-
-
-def _finished_build(out: Path, options: BuildOptions, fingerprint: str, overwrite: bool) -> dict | None:
-    """The manifest when OUT already holds this very build, complete; None when there is work to do."""
-    path = out / MANIFEST_NAME
-    if not path.exists():
-        return None
-    if overwrite:
-        path.unlink()
-        return None
-    existing = read_manifest(out)
-    if existing["options"] != options.as_dict():
-        raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
-    shards = [shard for split in SPLITS for shard in existing["splits"][split]["shards"]]
-    intact = all(_has_size(out / shard["name"], shard.get("bytes")) for shard in shards)
-    if intact and existing.get("source", {}).get("fingerprint") == fingerprint:
-        return existing
-    console.print(f"[yellow]{out}: SRC changed or shards are missing since the last build; rebuilding[/]")
-    path.unlink()
-    return None
-
-
-def _has_size(path: Path, size: int | None) -> bool:
-    return path.is_file() and (size is None or path.stat().st_size == size)
 
 
 def _manifest(listing: Listing, journal: Journal, options: BuildOptions) -> dict:
@@ -251,11 +244,3 @@ def _top_reasons(manifest: dict) -> str:
         counts[item["reason"]] = counts.get(item["reason"], 0) + 1
     top = sorted(counts.items(), key=lambda pair: -pair[1])[:3]
     return ", ".join(f"{count} {reason}" for reason, count in top)
-
-
-def _remove_stale_files(out: Path, manifest: dict) -> None:
-    """Shards of an earlier, different build that the new manifest does not list."""
-    listed = {shard["name"] for split in SPLITS for shard in manifest["splits"][split]["shards"]}
-    for path in out.iterdir():
-        if SHARD_NAME.fullmatch(path.name) and path.name not in listed:
-            path.unlink()

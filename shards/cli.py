@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerunning after an interruption finishes only what is missing.",
     )
     build.add_argument("src", type=Path, metavar="SRC", help="folder of images, or .txt/.csv list of paths")
-    build.add_argument("out", type=Path, metavar="OUT", help="output folder")
+    build.add_argument(
+        "out", type=shard_folder, metavar="OUT", help="output folder, or s3:// or gs:// (uploaded as shards finish)"
+    )
     build.add_argument(
         "--size", type=bounded(int, 1, 8192), default=64, help="side of the square output images (default 64)"
     )
@@ -280,15 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_build_out(out: Path, options, overwrite: bool) -> None:
+def check_build_out(out: Path | str, options, overwrite: bool) -> None:
     """OUT as it is now, before SRC is even listed: a folder (or creatable), and not another build's
     shards unless --overwrite (so that a refused build leaves nothing behind)."""
-    from shards.manifest import MANIFEST_NAME, read_manifest
+    from shards.folder import ShardFolder
+    from shards.manifest import MANIFEST_NAME
+    from shards.publish import publisher_for
+    from shards.remote import StoreNotFound
 
-    check_output_folder(out)
-    if overwrite or not (out / MANIFEST_NAME).exists():
+    publisher_for(out)  # refuses an OUT it cannot write to
+    if isinstance(out, Path):
+        check_output_folder(out)
+        if not (out / MANIFEST_NAME).exists():
+            return
+    if overwrite:
         return
-    if read_manifest(out)["options"] != options.as_dict():
+    try:
+        existing = ShardFolder.at(out).manifest()
+    except StoreNotFound:
+        return
+    if existing["options"] != options.as_dict():
         raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
 
 
@@ -315,7 +328,8 @@ def run_build(args: argparse.Namespace) -> int:
         labels=args.labels,
     )
     check_build_out(args.out, options, args.overwrite)
-    missing = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]
+    local = isinstance(args.out, Path)
+    missing = [folder for folder in (args.out, *args.out.parents) if not folder.exists()] if local else []
     try:
         manifest = build(args.src, args.out, options, workers=args.workers, overwrite=args.overwrite)
     except UserError:
@@ -327,7 +341,7 @@ def run_build(args: argparse.Namespace) -> int:
     skipped = skipped_table(manifest)
     if skipped:
         output.print(skipped)
-    print(f"wrote {one_line(str(args.out / 'manifest.json'))}")
+    print(f"wrote {one_line(str(args.out / 'manifest.json') if local else args.out.rstrip('/') + '/manifest.json')}")
     return 0
 
 

@@ -34,9 +34,13 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
 def write_manifest(out: Path, manifest: dict) -> None:
     temp = out / (MANIFEST_NAME + ".tmp")
-    temp.write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    temp.write_bytes(manifest_bytes(manifest))
     os.replace(temp, out / MANIFEST_NAME)
     sync_folder(out)  # the rename itself must survive a power loss
 

@@ -14,6 +14,7 @@ built, and an async HTTP session must not cross a fork.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -219,6 +220,22 @@ class RemoteFolder:
     def upload(self, local: Path, name: str) -> None:
         """Put a finished local file under `name`. Object stores make it visible whole or not at all."""
         self.retrying(lambda: self.fs.put_file(str(local), self.path_of(name)), name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.retrying(lambda: self.fs.pipe_file(self.path_of(name), data), name)
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(StoreNotFound):
+            self.retrying(lambda: self.fs.rm_file(self.path_of(name)), name)
+
+    def names(self) -> list[str]:
+        """The names of the files directly in the folder ([] when there is none yet)."""
+        self.fs.invalidate_cache()  # s3fs caches listings: this one must be of the store as it is now
+        try:
+            found = self.retrying(lambda: self.fs.ls(self.path_of("").rstrip("/"), detail=False), "")
+        except StoreNotFound:
+            return []
+        return [path.rstrip("/").rsplit("/", 1)[-1] for path in found]
 
 
 def file_system(url: str, storage_options: dict[str, Any]):

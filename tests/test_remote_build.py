@@ -1,0 +1,99 @@
+"""`shards build SRC s3://...` against moto's S3 server on 127.0.0.1: the objects are byte for byte a local
+build's files, the manifest is uploaded last (a build killed with SIGKILL leaves shards but no manifest),
+and a rerun resumes from the local journal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, folder_bytes, run_process, started, write_images
+from servers import MotoS3
+
+OPTIONS = ["--shard-size", "4", "--workers", "1", "--val-fraction", "0.2", "--size", "16"]
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    with MotoS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path_factory.mktemp("remote-build")
+    write_images(root / "src", 40, size=(40, 30))
+    result = run_process([sys.executable, "-m", "shards", "build", root / "src", root / "local", *OPTIONS], 120)
+    assert result.returncode == 0, result.stderr
+    return root / "src", folder_bytes(root / "local")
+
+
+def environment(moto: MotoS3, tmp_path: Path) -> dict[str, str]:
+    """The store's own variables (credentials, endpoint); the staging folder under this test's TMPDIR."""
+    return {**os.environ, **moto.environment(), "TMPDIR": str(tmp_path)}
+
+
+def bucket_bytes(moto: MotoS3, prefix: str) -> dict[str, bytes]:
+    import s3fs
+
+    store = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto.url, skip_instance_cache=True)
+    return {path.rsplit("/", 1)[1]: store.cat_file(path) for path in store.find(prefix)}
+
+
+def make_bucket(moto: MotoS3, name: str) -> None:
+    import s3fs
+
+    s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto.url, skip_instance_cache=True).mkdir(name)
+
+
+def shards(moto: MotoS3, tmp_path: Path, *args):
+    """`shards ARGS` as a real process that reaches moto the way a user reaches S3."""
+    return run_process([sys.executable, "-m", "shards", *map(str, args)], 120, env=environment(moto, tmp_path))
+
+
+def test_build_to_s3_uploads_a_local_builds_bytes(tmp_path: Path, moto, corpus) -> None:
+    source, local = corpus
+    make_bucket(moto, "whole")
+    result = shards(moto, tmp_path, "build", source, "s3://whole/shards", *OPTIONS)
+    assert result.returncode == 0, result.stderr
+    assert "wrote s3://whole/shards/manifest.json" in result.stdout
+    assert bucket_bytes(moto, "whole/shards") == local
+    assert not list(tmp_path.glob("shards-build-staging-*/*"))  # the staging folder is gone
+
+    again = shards(moto, tmp_path, "build", source, "s3://whole/shards", *OPTIONS)
+    assert again.returncode == 0 and "rebuilding" not in again.stderr  # already built: nothing to do
+    verify = shards(moto, tmp_path, "verify", "s3://whole/shards")
+    assert verify.returncode == 0, verify.stderr
+
+
+@pytest.mark.parametrize("kill_after_samples", [9, 30])
+def test_a_killed_build_to_s3_has_no_manifest_and_resumes(tmp_path: Path, moto, corpus, kill_after_samples) -> None:
+    source, local = corpus
+    bucket = f"killed-{kill_after_samples}"
+    make_bucket(moto, bucket)
+    out = f"s3://{bucket}/shards"
+    command = [sys.executable, str(REPO / "tests" / "helpers" / "killed_build.py"), "build", str(source), out]
+    env = {**environment(moto, tmp_path), "KILL_AFTER_SAMPLES": str(kill_after_samples)}
+    with started([*command, *OPTIONS], env=env, start_new_session=True) as process:
+        assert process.wait(timeout=120) == -signal.SIGKILL
+    uploaded = bucket_bytes(moto, f"{bucket}/shards")
+    assert "manifest.json" not in uploaded and uploaded  # finished shards are up, the manifest is not
+    assert all(local[name] == data for name, data in uploaded.items())
+
+    rerun = shards(moto, tmp_path, "build", source, out, *OPTIONS)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    assert bucket_bytes(moto, f"{bucket}/shards") == local
+
+
+def test_build_to_http_is_refused_in_one_line(tmp_path: Path, corpus) -> None:
+    source, _ = corpus
+    result = run_process([sys.executable, "-m", "shards", "build", str(source), "http://127.0.0.1:9/shards"], 60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "shards build: error: http://127.0.0.1:9/shards: shards build writes to a folder, s3:// or gs://; "
+        "HTTP has no upload to write to"
+    )
