@@ -193,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(optional second column: label), into OUT/{train,val}-NNNNNN.tar and OUT/manifest.json. "
         "Rerunning after an interruption finishes only what is missing.",
     )
-    build.add_argument("src", type=Path, metavar="SRC", help="folder of images, or .txt/.csv list of paths")
+    build.add_argument(
+        "src",
+        type=shard_folder,
+        metavar="SRC",
+        help="folder of images, or .txt/.csv list of paths; or s3:// or gs:// prefix, or a list's URL",
+    )
     build.add_argument(
         "out", type=shard_folder, metavar="OUT", help="output folder, or s3:// or gs:// (uploaded as shards finish)"
     )

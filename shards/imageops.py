@@ -52,6 +52,10 @@ class ImageSpec:
 
 
 def read_source(path: str | Path) -> bytes:
+    if isinstance(path, str) and "://" in path:
+        from shards.remote_sources import read_remote_image
+
+        return read_remote_image(path)
     try:
         status = os.stat(path)
         if not stat.S_ISREG(status.st_mode):

@@ -238,12 +238,13 @@ class RemoteFolder:
         return [path.rstrip("/").rsplit("/", 1)[-1] for path in found]
 
 
-def file_system(url: str, storage_options: dict[str, Any]):
-    """fsspec's file system for `url` and the path of the folder in it; a missing extra is one line."""
+def file_system(url: str, storage_options: dict[str, Any], shared: bool = False):
+    """fsspec's file system for `url` and the path in it; a missing extra is one line. `shared`: fsspec's
+    instance for these options in this process (one session for many small reads), else a new one."""
     import fsspec.core
 
     try:
-        return fsspec.core.url_to_fs(url, skip_instance_cache=True, **storage_options)
+        return fsspec.core.url_to_fs(url, skip_instance_cache=not shared, **storage_options)
     except ImportError as error:
         scheme = url.split("://", 1)[0].lower()
         extra = EXTRA_OF_SCHEME.get(scheme)

@@ -57,8 +57,18 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def list_sources(src: Path, labels_from_folders: bool = False, exclude: Path | None = None) -> Listing:
-    """exclude: a folder under SRC to leave out (OUT, when it lies inside SRC)."""
+def list_sources(src: Path | str, labels_from_folders: bool = False, exclude: Path | None = None) -> Listing:
+    """exclude: a folder under SRC to leave out (OUT, when it lies inside SRC). SRC may be remote
+    (shards/remote_sources.py)."""
+    from shards.remote import is_remote
+
+    if is_remote(src):
+        from shards.remote_sources import list_remote_sources
+
+        listing = list_remote_sources(str(src), labels_from_folders)
+        listing.entries.sort(key=lambda entry: entry.relpath)
+        listing.rejected.sort()
+        return listing
     if not src.exists():
         raise SourceError(f"SRC does not exist: {src}")
     if src.is_dir():
@@ -100,7 +110,7 @@ def _walk_folder(root: Path, labels_from_folders: bool, exclude: Path | None) ->
             if child.is_symlink() and child.is_dir():
                 listing.rejected.append((printable(relpath), "symbolic link to a folder (not followed)"))
                 continue
-            reason = _name_problem(relpath)
+            reason = name_problem(relpath)
             label = relpath.split(os.sep, 1)[0] if labels_from_folders and os.sep in relpath else None
             if reason is None and labels_from_folders and label is None:
                 reason = "not inside a label folder (--labels folder)"
@@ -111,7 +121,7 @@ def _walk_folder(root: Path, labels_from_folders: bool, exclude: Path | None) ->
     return listing
 
 
-def _name_problem(relpath: str) -> str | None:
+def name_problem(relpath: str) -> str | None:
     try:
         relpath.encode("utf-8")
     except UnicodeEncodeError:
@@ -129,25 +139,29 @@ HEADER_WORDS = frozenset({"path", "file", "filename", "image", "label", "class",
 
 
 def _list_rows(list_file: Path) -> list[list[str]]:
-    """Rows of a list file: `.csv` is CSV (path, optional label); `.txt`/`.lst` hold one path a line,
-    with an optional label after a tab. A header row of column names is dropped."""
     try:
         text = list_file.read_text(encoding="utf-8-sig")  # -sig: spreadsheet programs prefix a BOM
     except (OSError, UnicodeDecodeError) as error:
         raise SourceError(f"cannot read list file {list_file}: {error}") from None
+    return parse_list_rows(text, list_file.suffix.lower() == ".csv", list_file)
+
+
+def parse_list_rows(text: str, is_csv: bool, where: object) -> list[list[str]]:
+    """Rows of a list file: `.csv` is CSV (path, optional label); `.txt`/`.lst` hold one path a line,
+    with an optional label after a tab. A header row of column names is dropped."""
     try:
-        if list_file.suffix.lower() == ".csv":
-            rows = list(csv.reader(text.splitlines()))
-        else:
-            rows = [line.split("\t", 1) for line in text.splitlines()]
+        lines = text.splitlines()
+        rows = list(csv.reader(lines)) if is_csv else [line.split("\t", 1) for line in lines]
     except csv.Error as error:
-        raise SourceError(f"cannot parse list file {list_file}: {error}") from None
+        raise SourceError(f"cannot parse list file {where}: {error}") from None
     if rows and rows[0] and all(cell.strip().lower() in HEADER_WORDS for cell in rows[0] if cell.strip()):
         rows = rows[1:]
     return rows
 
 
 def _read_list(list_file: Path) -> Listing:
+    from shards.remote import is_remote
+
     root = list_file.parent.resolve()
     listing = Listing(entries=[])
     seen: set[str] = set()
@@ -156,6 +170,13 @@ def _read_list(list_file: Path) -> Listing:
             continue
         given = row[0].strip()
         label = row[1].strip() if len(row) > 1 and row[1].strip() else None
+        if is_remote(given):  # read by the workers from the store (shards/remote_sources.py)
+            if given in seen:
+                listing.rejected.append((given, "listed twice"))
+            else:
+                seen.add(given)
+                listing.entries.append(Entry(relpath=given, path=given, label=label))
+            continue
         path = os.path.normpath(os.path.join(root, given))
         inside = path == str(root) or path.startswith(str(root) + os.sep)
         # paths under the list's folder are recorded relative to it; absolute paths elsewhere as given

@@ -97,3 +97,59 @@ def test_build_to_http_is_refused_in_one_line(tmp_path: Path, corpus) -> None:
         "shards build: error: http://127.0.0.1:9/shards: shards build writes to a folder, s3:// or gs://; "
         "HTTP has no upload to write to"
     )
+
+
+def without_fingerprint(files: dict[str, bytes]) -> dict[str, object]:
+    """A build's files, its manifest parsed and without SRC's fingerprint (a listing's own, per kind of SRC)."""
+    import json
+
+    manifest = json.loads(files["manifest.json"])
+    manifest["source"].pop("fingerprint")
+    return {**files, "manifest.json": manifest}
+
+
+def test_build_from_an_s3_prefix_and_from_lists_of_urls(tmp_path: Path, moto, corpus) -> None:
+    """The same images read from S3 (a prefix; a remote list of relative paths; a local list of s3://
+    URLs) make the same shards as the local folder."""
+    import s3fs
+
+    source, local = corpus
+    store = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto.url, skip_instance_cache=True)
+    store.mkdir("images")
+    store.put(str(source) + "/", "images/src/", recursive=True)
+    names = sorted(path.name for path in source.iterdir())
+    store.pipe_file("images/src/list.txt", "\n".join(names).encode())
+    (tmp_path / "urls.txt").write_text("".join(f"s3://images/src/{name}\n" for name in names))
+
+    for src in ("s3://images/src", "s3://images/src/list.txt"):
+        result = shards(moto, tmp_path, "build", src, tmp_path / "from-s3", *OPTIONS, "--overwrite")
+        assert result.returncode == 0, result.stderr
+        built = folder_bytes(tmp_path / "from-s3")
+        if src.endswith(".txt"):
+            assert without_fingerprint(built) == without_fingerprint(local)
+        else:  # the prefix also holds list.txt: not an image file name, skipped and named
+            skipped = without_fingerprint(built)["manifest.json"]["skipped"]
+            assert skipped == [{"path": "list.txt", "reason": "not an image file name (.txt)"}]
+            assert {name: data for name, data in built.items() if name.endswith(".tar")} == {
+                name: data for name, data in local.items() if name.endswith(".tar")
+            }
+
+    result = shards(moto, tmp_path, "build", tmp_path / "urls.txt", tmp_path / "from-urls", *OPTIONS)
+    assert result.returncode == 0, result.stderr
+    manifest = without_fingerprint(folder_bytes(tmp_path / "from-urls"))["manifest.json"]
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == len(names)
+    assert sources_in(tmp_path / "from-urls") == {f"s3://images/src/{name}" for name in names}  # as listed
+
+
+def sources_in(out: Path) -> set[str]:
+    """The `source` every sample's .json records."""
+    import json
+    import tarfile
+
+    found = set()
+    for shard in out.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    found.add(json.loads(tar.extractfile(member).read())["source"])
+    return found
