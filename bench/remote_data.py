@@ -74,6 +74,16 @@ def train(name: str, shards: str, split_images: int, **data) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_over_http(name: str, shards: Path, images: int, **data) -> tuple[list[dict], int]:
+    """`train` on the shards served by a fresh nginx, with an empty cache; also the shard bytes nginx sent."""
+    cache = OUT / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(OUT / f"nginx-{name}", ignore_errors=True)
+    with Nginx(shards.parent, OUT / f"nginx-{name}") as server:
+        records = train(name, f"{server.url}/shards", images, cache_dir=str(cache), **data)
+        return records, shard_bytes_sent(server)
+
+
 def epoch_rate(records: list[dict], epoch: int, steps_per_epoch: float) -> float:
     """Images/s over the epoch's steps: images over the sum of each step's time."""
     chosen = [r for r in records if int((r["step"] - 1) // steps_per_epoch) == epoch and r["step"] > 1]
@@ -103,12 +113,14 @@ def bench_build(listing: Path, rounds: int) -> tuple[float, float]:
 
     local, remote = [], []
     with MotoS3() as moto:
-        s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto.url, skip_instance_cache=True).mkdir("b")
+        s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto.url, skip_instance_cache=True).mkdir(
+            "bench-shards"
+        )
         env = environment(**moto.environment(), TMPDIR=str(OUT / "tmp"))
         (OUT / "tmp").mkdir(exist_ok=True)
         for _ in range(rounds):
             local.append(time_build(listing, str(OUT / "build-local"), env))
-            remote.append(time_build(listing, "s3://b/shards", env))
+            remote.append(time_build(listing, "s3://bench-shards/shards", env))
     return min(local), min(remote)
 
 
@@ -116,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000, help="images in the split (default 1000)")
     parser.add_argument("--shard-size", type=int, default=125, help="images a shard (default 125)")
+    parser.add_argument("--build-images", type=int, default=10000, help="images `shards build` makes shards of")
     parser.add_argument("--build-rounds", type=int, default=3)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -127,17 +140,9 @@ def main() -> None:
     steps_per_epoch = images / 64
 
     local = train("local", str(shards), images)
-    cache = OUT / "cache"
-    with Nginx(shards.parent, OUT / "nginx") as server:
-        shutil.rmtree(cache, ignore_errors=True)
-        remote = train("http", f"{server.url}/shards", images, cache_dir=str(cache))
-        sent_full = shard_bytes_sent(server)
-        shutil.rmtree(cache, ignore_errors=True)
-        quarter = train(
-            "http-quarter", f"{server.url}/shards", images, cache_dir=str(cache), cache_limit=split_bytes // 4
-        )
-        sent_quarter = shard_bytes_sent(server) - sent_full
-    build_local, build_s3 = bench_build(listing, args.build_rounds)
+    remote, sent_full = train_over_http("http", shards, images)
+    quarter, sent_quarter = train_over_http("http-quarter", shards, images, cache_limit=split_bytes // 4)
+    build_local, build_s3 = bench_build(subset(args.build_images), args.build_rounds)
 
     rates = {
         name: [epoch_rate(records, epoch, steps_per_epoch) for epoch in (0, 1)]
@@ -165,7 +170,7 @@ def main() -> None:
     ]
     table = markdown_table(header, rows)
     build_table = markdown_table(
-        ["shards build OUT", "best of", "seconds", "rate vs local"],
+        [f"shards build of {args.build_images} images to", "best of", "seconds", "rate vs local"],
         [
             ["local folder", str(args.build_rounds), f"{build_local:.2f}", "1"],
             ["s3:// (moto)", str(args.build_rounds), f"{build_s3:.2f}", f"{build_local / build_s3:.3f}x"],

@@ -13,7 +13,7 @@ import errno
 import fcntl
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from shards.journal import Journal
 from shards.manifest import FORMAT_VERSION, SPLITS, shard_name
 from shards.parallel import chunked, ordered_map
 from shards.progress import progress_bar
-from shards.publish import publisher_for
+from shards.publish import Publisher, publisher_for
 from shards.shard_writer import ShardWriter
 from shards.sources import Entry, Listing, list_sources
 
@@ -75,10 +75,10 @@ class SplitWriter:
         work_dir: Path,
         journal: Journal,
         options: BuildOptions,
-        publish: Callable[[Path], None] = lambda path: None,
+        publisher: Publisher,
     ):
         self.split, self.out, self.work_dir = split, out, work_dir
-        self.journal, self.options, self.publish = journal, options, publish
+        self.journal, self.options, self.publisher = journal, options, publisher
         done = journal.split_records(split)
         self.finished = bool(done) and done[-1].get("end", False)
         self.position = done[-1]["next"] if done else 0
@@ -106,10 +106,10 @@ class SplitWriter:
     def _close(self) -> None:
         assert self.shard is not None
         record = self.shard.finish()
-        # published before it is journalled: a crash in between redoes the shard (byte-identical), never
-        # skips one that a remote OUT lacks
-        self.publish(self.shard.final_path)
-        self.journal.append({"split": self.split, "next": self.position, "skipped": self.skipped, **record})
+        # journalled once published: a crash in between redoes the shard (byte-identical), never skips one
+        # that a remote OUT lacks
+        entry = {"split": self.split, "next": self.position, "skipped": self.skipped, **record}
+        self.publisher.publish_shard(self.shard.final_path, lambda: self.journal.append(entry))
         self.shard, self.skipped = None, []
 
     def abort(self) -> None:
@@ -120,7 +120,8 @@ class SplitWriter:
     def end(self) -> None:
         if self.shard:
             self._close()
-        self.journal.append({"split": self.split, "end": True, "next": self.position, "skipped": self.skipped})
+        entry = {"split": self.split, "end": True, "next": self.position, "skipped": self.skipped}
+        self.publisher.after_published(lambda: self.journal.append(entry))
         self.finished = True
 
 
@@ -141,7 +142,7 @@ def build(src: Path, out: Path | str, options: BuildOptions, workers: int, overw
             publisher.done()
             return existing
         try:
-            manifest = _write_shards(out, work_dir, listing, options, workers, publisher.publish_shard)
+            manifest = _write_shards(out, work_dir, listing, options, workers, publisher)
         except OSError as error:
             if error.errno not in OUT_WRITE_ERRORS:
                 raise
@@ -163,16 +164,16 @@ def _write_shards(
     listing: Listing,
     options: BuildOptions,
     workers: int,
-    publish: Callable[[Path], None],
+    publisher: Publisher,
 ) -> dict:
     header = {"format_version": FORMAT_VERSION, "options": options.as_dict(), "sources": listing.fingerprint}
     journal = Journal(work_dir, header)
     label_index = {name: index for index, name in enumerate(listing.label_names or [])}
     plan = plan_splits(listing.entries, options.val_fraction, options.seed)
-    writers = {split: SplitWriter(split, out, work_dir, journal, options, publish) for split in SPLITS}
+    writers = {split: SplitWriter(split, out, work_dir, journal, options, publisher) for split in SPLITS}
     remaining = sum(len(plan[split]) - writers[split].position for split in SPLITS if not writers[split].finished)
     resumed = " (resuming)" if journal.resumed else ""
-    with progress_bar() as progress:
+    with progress_bar() as progress, publisher.uploading():
         task = progress.add_task(f"building{resumed}", total=remaining)
         for split in SPLITS:
             writer = writers[split]

@@ -11,10 +11,14 @@ shards byte-identical to the ones already there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +37,7 @@ from shards.progress import console
 from shards.remote import RemoteFolder, StoreNotFound, is_remote
 
 WRITABLE_SCHEMES = ("s3://", "gs://", "gcs://")
+UPLOADS_AHEAD = 4  # finished shards waiting for their upload, at most
 
 
 class Publisher(Protocol):
@@ -40,7 +45,9 @@ class Publisher(Protocol):
     local_out: Path  # where the build writes shards and its journal
 
     def finished_build(self, options, fingerprint: str, overwrite: bool) -> dict | None: ...
-    def publish_shard(self, path: Path) -> None: ...
+    def uploading(self) -> contextlib.AbstractContextManager: ...  # publish_shard's work is done at its end
+    def publish_shard(self, path: Path, then: Callable[[], None]) -> None: ...  # then(): once it is published
+    def after_published(self, then: Callable[[], None]) -> None: ...  # then(): once all before it are
     def remove_stale_shards(self, manifest: dict) -> None: ...
     def publish_manifest(self, manifest: dict) -> None: ...
     def done(self) -> None: ...
@@ -89,8 +96,14 @@ class LocalOut:
         path.unlink()
         return None
 
-    def publish_shard(self, path: Path) -> None:
-        pass  # renamed into place by its writer already
+    def uploading(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def publish_shard(self, path: Path, then: Callable[[], None]) -> None:
+        then()  # renamed into place by its writer already
+
+    def after_published(self, then: Callable[[], None]) -> None:
+        then()
 
     def remove_stale_shards(self, manifest: dict) -> None:
         """Shards of an earlier, different build that the new manifest does not list."""
@@ -129,9 +142,42 @@ class RemoteOut:
         self.remote.delete(MANIFEST_NAME)  # first: no reader may trust it while the shards change
         return None
 
-    def publish_shard(self, path: Path) -> None:
-        self.remote.upload(path, path.name)
-        path.unlink()  # the staging folder holds at most the shard being written
+    @contextlib.contextmanager
+    def uploading(self) -> Iterator[None]:
+        """Uploads run in a thread of their own, in order, while the build goes on making shards; at most
+        UPLOADS_AHEAD wait (the staging folder holds no more than that). The block ends when every upload
+        has, and raises the first failure; after a failure nothing later is uploaded or journalled."""
+        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+        self._slots = threading.BoundedSemaphore(UPLOADS_AHEAD)
+        self._failure: BaseException | None = None
+        try:
+            yield
+        finally:
+            self._uploads.shutdown(wait=True)
+            if self._failure is not None:
+                raise self._failure
+
+    def publish_shard(self, path: Path, then: Callable[[], None]) -> None:
+        def upload() -> None:
+            self.remote.upload(path, path.name)
+            path.unlink()
+            then()
+
+        self._slots.acquire()  # waits while UPLOADS_AHEAD shards are queued
+        self._uploads.submit(self._in_order, upload)
+
+    def after_published(self, then: Callable[[], None]) -> None:
+        self._slots.acquire()
+        self._uploads.submit(self._in_order, then)
+
+    def _in_order(self, work: Callable[[], None]) -> None:
+        try:
+            if self._failure is None:
+                work()
+        except BaseException as error:
+            self._failure = error
+        finally:
+            self._slots.release()
 
     def remove_stale_shards(self, manifest: dict) -> None:
         listed = _listed(manifest)

@@ -80,12 +80,17 @@ def test_a_killed_build_to_s3_has_no_manifest_and_resumes(tmp_path: Path, moto, 
     with started([*command, *OPTIONS], env=env, start_new_session=True) as process:
         assert process.wait(timeout=120) == -signal.SIGKILL
     uploaded = bucket_bytes(moto, f"{bucket}/shards")
-    assert "manifest.json" not in uploaded and uploaded  # finished shards are up, the manifest is not
+    assert "manifest.json" not in uploaded  # the manifest goes last
     assert all(local[name] == data for name, data in uploaded.items())
+    # uploads run behind the build, at most 4 waiting: of the 7 shards finished by sample 30, 3 at least
+    # were uploaded and journalled (at sample 9, perhaps none)
+    if kill_after_samples == 30:
+        assert len(uploaded) >= 3
 
     rerun = shards(moto, tmp_path, "build", source, out, *OPTIONS)
     assert rerun.returncode == 0, rerun.stderr
-    assert "resuming" in rerun.stderr
+    if kill_after_samples == 30:
+        assert "resuming" in rerun.stderr
     assert bucket_bytes(moto, f"{bucket}/shards") == local
 
 
