@@ -40,6 +40,8 @@ FIRST_DELAY, MAX_DELAY = 0.25, 15.0  # seconds: the backoff's first and largest 
 # this process's fetch counters, read and reset by whoever reports them (the trainer's log)
 counters: Counter[str] = Counter()
 FETCH_COUNTS = ("fetched_bytes", "fetched_shards", "fetch_retries", "evicted_shards")
+# a forked DataLoader worker starts counting from zero: its parent's counts are its parent's to report
+os.register_at_fork(after_in_child=counters.clear)
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -102,19 +102,15 @@ def resume_micro_step(position: dict[str, int], layout: StreamLayout) -> int:
 
 class RankBatches(torch.utils.data.Sampler[list[int]]):
     """This rank's micro-batches, from global micro-step `start` on, for ever. Each item is
-    epoch x samples + sample index, so that per-epoch augmentation can be keyed on the sample.
-    `on_step(micro_step)` is told each micro-step as its batch is handed out (the shard prefetcher's
-    clock; the DataLoader runs the sampler in the rank's own process)."""
+    epoch x samples + sample index, so that per-epoch augmentation can be keyed on the sample."""
 
-    def __init__(
-        self, layout: StreamLayout, rank: int, start: int = 0, on_step: Callable[[int], None] | None = None
-    ) -> None:
+    def __init__(self, layout: StreamLayout, rank: int, start: int = 0) -> None:
         if layout.steps_per_epoch == 0:
             raise ValueError(
                 f"the split has {sum(layout.counts)} samples, fewer than one global micro-batch "
                 f"({layout.world_size} ranks x {layout.batch_size})"
             )
-        self.layout, self.rank, self.start, self.on_step = layout, rank, start, on_step
+        self.layout, self.rank, self.start = layout, rank, start
 
     def __iter__(self) -> Iterator[list[int]]:
         layout, step = self.layout, self.start
@@ -123,8 +119,6 @@ class RankBatches(torch.utils.data.Sampler[list[int]]):
             order = epoch_order(layout, epoch, skip=in_epoch * layout.global_batch)
             offset = epoch * sum(layout.counts)
             for _ in range(in_epoch, layout.steps_per_epoch):
-                if self.on_step is not None:
-                    self.on_step(step)
                 micro_batch = [offset + next(order) for _ in range(layout.global_batch)]
                 yield micro_batch[self.rank * layout.batch_size : (self.rank + 1) * layout.batch_size]
                 step += 1
@@ -212,13 +206,12 @@ def training_loader(
     workers: int,
     hflip: bool = False,
     pin_memory: bool = False,
-    on_step: Callable[[int], None] | None = None,
 ) -> torch.utils.data.DataLoader:
     # a worker keeps open the shards the epoch order is reading (a group of shuffle_shards), no more
     dataset = TrainingSamples(SplitDataset(split, max_open=layout.shuffle_shards), layout.seed, hflip, rank)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=RankBatches(layout, rank, start, on_step),
+        batch_sampler=RankBatches(layout, rank, start),
         collate_fn=collate,
         worker_init_fn=guard_worker,  # SIGTERM from SLURM left to the rank; dies with the rank
         num_workers=workers,

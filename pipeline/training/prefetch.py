@@ -56,7 +56,7 @@ class ShardPrefetcher:
         self.thread.start()
 
     def advance(self, micro_step: int) -> None:
-        """The sampler's hook: micro-step `micro_step` is being handed out to the workers."""
+        """The trainer has consumed `micro_step` micro-batches."""
         with self.changed:
             self.micro_step = micro_step
             self.changed.notify()

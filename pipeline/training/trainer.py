@@ -161,11 +161,10 @@ class Trainer:
             workers=config.data.workers,
             hflip=config.data.hflip,
             pin_memory=torch.cuda.is_available(),
-            on_step=prefetcher.advance if prefetcher else None,
         )
         log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)  # its clock starts here
         try:
-            self._loop(loader, log, grid_inputs, stop)
+            self._loop(loader, log, grid_inputs, stop, prefetcher)
         finally:
             log.stop()
             if prefetcher is not None:
@@ -174,7 +173,14 @@ class Trainer:
         # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
         accelerator.wait_for_everyone()
 
-    def _loop(self, loader, log: RunLog, grid_inputs: torch.Tensor, stop: faults.StopRequest) -> None:
+    def _loop(
+        self,
+        loader,
+        log: RunLog,
+        grid_inputs: torch.Tensor,
+        stop: faults.StopRequest,
+        prefetcher: ShardPrefetcher | None,
+    ) -> None:
         config, accelerator = self.config, self.accelerator
         first_step = self.step
         sums: dict[str, torch.Tensor] = {}
@@ -182,6 +188,8 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         for batch in loader:
             metrics = self.train_step(batch)
+            if prefetcher is not None:
+                prefetcher.advance(self.micro_step)
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
             micro_steps_summed += bool(metrics)
