@@ -8,11 +8,12 @@ bash scripts/setup.sh
 if ! ldconfig -p | grep 'libGL\.so\.1' >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get install -y -qq libgl1 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libgl1 >/dev/null; }
 fi
-# tests/test_remote_*.py serve shards with a real nginx (bound to 127.0.0.1 by the tests; the package's own
+# the remote-shard tests (tests/test_remote_*.py, test_shard_cache.py) serve shards with a real nginx (bound to 127.0.0.1 by the tests; the package's own
 # service is not started)
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     export RUNLEVEL=1  # invoke-rc.d: do not start the system service on port 80
-    apt-get install -y -qq nginx-light >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }
+    apt-get install -y -qq nginx-light >/dev/null 2>&1 || apt-get install -y -qq nginx >/dev/null 2>&1 \
+        || { apt-get update -qq && { apt-get install -y -qq nginx-light >/dev/null 2>&1 || apt-get install -y -qq nginx >/dev/null; }; }
     service nginx stop >/dev/null 2>&1 || true
 fi
 .venv/bin/ruff check .
