@@ -84,8 +84,9 @@ def test_http_training_killed_and_resumed_equals_the_local_run(tmp_path: Path, s
     assert last["fetched_shards"] == 0 and last["fetch_retries"] == 0  # the resumed run found all in the cache
 
 
-def test_s3_training_equals_the_local_run(tmp_path: Path, shards: Path, straight) -> None:
-    """Shards in moto's S3, the endpoint given as data.storage_options, the credentials as AWS_* variables."""
+def test_s3_training_killed_and_resumed_equals_the_local_run(tmp_path: Path, shards: Path, straight) -> None:
+    """Shards in moto's S3, the endpoint given as data.storage_options, the credentials as AWS_* variables:
+    SIGKILL mid-step 3, resume=auto, bit-identical to the uninterrupted local run."""
     import s3fs
 
     with MotoS3() as moto:
@@ -100,6 +101,8 @@ def test_s3_training_equals_the_local_run(tmp_path: Path, shards: Path, straight
             storage_options={"endpoint_url": moto.url},
         )
         credentials = {key: value for key, value in moto.environment().items() if key != "AWS_ENDPOINT_URL"}
+        assert launch_killed(config, "micro_step:5", **credentials).returncode != 0
+        assert latest(tmp_path / "run").name == "step-00000002"
         assert_ok(launch(config, env={**environment(), **credentials}))
     assert_bit_identical(latest(straight), latest(tmp_path / "run"))
 
