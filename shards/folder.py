@@ -57,6 +57,8 @@ class ShardFolder:
     def check_shards(self, shards: tuple[dict, ...]) -> None:
         """Every shard is there (a remote one at its manifest size): one metadata request per remote shard,
         a few at a time; no shard is read."""
+        if not shards:
+            return
         if self.remote is None:
             missing = [shard["name"] for shard in shards if not (self.root / shard["name"]).is_file()]
             if missing:

@@ -125,14 +125,14 @@ class RemoteOut:
         self.location, self.local_out = self.remote.url, staging_folder(self.remote.url)
 
     def finished_build(self, options, fingerprint: str, overwrite: bool) -> dict | None:
+        folder = ShardFolder(None, self.remote)
         try:
-            existing = ShardFolder(None, self.remote).manifest()
+            existing = folder.manifest()
         except StoreNotFound:
             return None
         if not overwrite:
-            shards = tuple(shard for split in SPLITS for shard in existing["splits"][split]["shards"])
             try:
-                ShardFolder(None, self.remote).check_shards(shards) if shards else None
+                folder.check_shards(tuple(shard for split in SPLITS for shard in existing["splits"][split]["shards"]))
                 intact = True
             except ManifestError:
                 intact = False

@@ -62,10 +62,6 @@ class ShardFile:
             self._file.close()
         self._file = None
 
-    @property
-    def is_open(self) -> bool:
-        return self._file is not None and self._pid == os.getpid()
-
     def _index(self) -> list[dict[str, tar_index.Member]]:
         """The members of each sample, from the tar headers. A truncation or a damaged header ends the
         listing: what comes before stays readable, what is missing fails in read()."""

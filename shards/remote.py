@@ -92,6 +92,11 @@ def underlying(error: BaseException) -> BaseException:
     return error
 
 
+def does_not_resolve(error: BaseException) -> bool:
+    # aiohttp wraps the resolver's gaierror in its own error; its message keeps the resolver's words
+    return isinstance(error, socket.gaierror) or "Name or service not known" in str(error)
+
+
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: the store or the network may answer next time."""
     error = underlying(error)
@@ -100,8 +105,8 @@ def is_transient(error: BaseException) -> bool:
     status = http_status(error)
     if status is not None:
         return status == 429 or status >= 500 or status == 408
-    if isinstance(error, socket.gaierror) or "Name or service not known" in str(error):
-        return False  # a host that does not resolve: a typo in the URL, not an outage
+    if does_not_resolve(error):
+        return False  # a typo in the URL, not an outage
     return isinstance(error, OSError | TimeoutError | ConnectionError) or type(error).__module__.startswith(
         ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests")
     )
@@ -119,14 +124,14 @@ def what_to_check(error: BaseException) -> str:
         return "not found: check the URL (is the folder built and uploaded?)"
     if isinstance(error, PermissionError) or status in (401, 403):
         return "access denied: check the credentials (AWS_* variables or profile, gcloud) and the bucket's policy"
-    if isinstance(error, socket.gaierror) or "Name or service not known" in str(error):
+    if does_not_resolve(error):
         return "the host does not resolve: check the URL or data.storage_options' endpoint_url"
     if status is not None:
         return f"HTTP {status} {getattr(error, 'message', '')}".rstrip()
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else 'no detail'}"
 
 
-def retrying(call: Callable[[], T], url: str, budget: float, warn: Callable[[str], None] | None = None) -> T:
+def retrying(call: Callable[[], T], url: str, budget: float) -> T:
     """call(), retried on transient failures with exponential backoff and full jitter for up to `budget`
     seconds. Full jitter: many ranks and workers that failed together must not retry together. A full
     local disk (writing what was read) is raised as it is: the caller's to report, not the store's."""
@@ -149,12 +154,9 @@ def retrying(call: Callable[[], T], url: str, budget: float, warn: Callable[[str
                 ) from None
             attempt += 1
             counters["fetch_retries"] += 1
-            (warn or _warn)(f"warning: {url}: {what_to_check(error)}; retry {attempt} in {delay:.1f} s")
+            line = f"warning: {url}: {what_to_check(error)}; retry {attempt} in {delay:.1f} s"
+            print(line, file=sys.stderr, flush=True)
             time.sleep(delay)
-
-
-def _warn(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 class RemoteFolder:
@@ -193,9 +195,6 @@ class RemoteFolder:
 
     def size(self, name: str) -> int:
         return int(self.retrying(lambda: self.fs.info(self.path_of(name))["size"], name))
-
-    def exists(self, name: str) -> bool:
-        return bool(self.retrying(lambda: self.fs.exists(self.path_of(name)), name))
 
     def download(self, name: str, size: int, into: BinaryIO) -> str:
         """Write the file's `size` bytes into `into`; returns their sha256. A failure mid-file resumes at

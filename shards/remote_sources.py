@@ -18,7 +18,6 @@ from shards.remote import (
     RemoteFolder,
     StoreError,
     StoreNotFound,
-    StoreUnavailable,
     file_system,
     retrying,
 )
@@ -114,8 +113,6 @@ def read_remote_image(url: str) -> bytes:
         raise SkipImage("file not found") from None
     except StoreError as error:
         raise SkipImage(f"unreadable: {str(error).split(': ', 1)[-1]}") from None
-    except StoreUnavailable:
-        raise
     if not data:
         raise SkipImage("empty file")
     return data

@@ -57,6 +57,16 @@ def image_folder(tmp_path: Path) -> Path:
     return source
 
 
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, shards: Path):
+    """nginx on 127.0.0.1 serving the folder that holds the module's `shards` fixture (its shards at
+    /shards/), for the module's tests; stopped after them (tests/servers.py)."""
+    from servers import Nginx
+
+    with Nginx(shards.parent, tmp_path_factory.mktemp("nginx")) as server:
+        yield server
+
+
 TAG = "PIPELINE_TESTS_PROCESS_TAG"
 
 

@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pytest
 from conftest import run_process
-from servers import Nginx
 from trainer_helpers import build_small_shards, environment, write_config
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return build_small_shards(tmp_path_factory.mktemp("commands"))
-
-
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory, shards: Path):
-    with Nginx(shards.parent, tmp_path_factory.mktemp("nginx")) as server:
-        yield server
 
 
 def run(tmp_path: Path, *args: str | Path):

@@ -29,12 +29,6 @@ def shards(tmp_path_factory) -> Path:
     return build_small_shards(tmp_path_factory.mktemp("remote"))
 
 
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory, shards: Path):
-    with Nginx(shards.parent, tmp_path_factory.mktemp("nginx")) as server:
-        yield server
-
-
 def run_config(tmp_path: Path, shards: str | Path, name: str, **data) -> Path:
     """2 ranks x 2 micro-batches of 2 under ZeRO-2, a data worker per rank, shards read two at a time
     (so that a run reads them in turn), a checkpoint every 2 steps, input noise from each rank's RNG."""

@@ -34,12 +34,6 @@ def shards(tmp_path_factory) -> Path:
     return build_small_shards(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory, shards: Path):
-    with Nginx(shards.parent, tmp_path_factory.mktemp("nginx")) as server:
-        yield server
-
-
 def sample_hashes(dataset: SplitDataset) -> list[str]:
     return [hashlib.sha256(dataset[index][0].numpy().tobytes()).hexdigest() for index in range(len(dataset))]
 
