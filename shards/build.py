@@ -1,9 +1,11 @@
 """`shards build`: list SRC, split and order the images, transform them in parallel, write shards.
 
-Order of work: the images of a split are shuffled by `seed` and streamed, in that order, through
-worker processes; this process writes them into shards of `shard_size` samples (or `shard_bytes`).
-Each finished shard is renamed into place and recorded in the journal, so an interrupted build
-resumes after its last recorded shard and ends byte-identical to an uninterrupted one.
+Order of work: the images of a split are shuffled by `seed`, and shard k of a split is planned to hold
+inputs [k x shard_size, (k+1) x shard_size) of that order, before any image is read. The inputs stream
+through local worker processes (or run as one task per shard on Ray, shards/ray_executor.py, or as
+parts of a planned build, shards/plan.py); each finished shard is renamed into place and recorded in
+the journal, so an interrupted build makes only what is missing, and every way of building gives
+byte-identical shards and manifest.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import errno
 import fcntl
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +54,13 @@ class BuildOptions:
         options.update(options.pop("image"))
         return options
 
+    @classmethod
+    def from_dict(cls, options: dict) -> BuildOptions:
+        """The inverse of as_dict (a plan's options, read back)."""
+        image_fields = ImageSpec.__dataclass_fields__
+        image = ImageSpec(**{key: value for key, value in options.items() if key in image_fields})
+        return cls(image=image, **{key: value for key, value in options.items() if key not in image_fields})
+
 
 def split_of(key: str, val_fraction: float) -> str:
     """Deterministic by the key alone, so a sample keeps its split whatever the seed or the set."""
@@ -65,26 +76,78 @@ def plan_splits(entries: Sequence[Entry], val_fraction: float, seed: int) -> dic
     return splits
 
 
+def shard_ranges(total: int, shard_size: int) -> list[tuple[int, int]]:
+    """The planned shards of a split: inputs [start, stop) of its shuffled order. Fixed before any image
+    is read, so that any executor, and any part of a build, makes the same shard from the same inputs;
+    a shard whose inputs were all skipped is not written (its number is left out)."""
+    return [(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive planned shards to make: inputs [start, stop) of one split."""
+
+    split: str
+    start: int
+    stop: int
+
+
+def pending_segments(
+    counts: dict[str, int], records: list[dict], options: BuildOptions, ranges: list[tuple] | None = None
+) -> list[Segment]:
+    """What is left to make, given the journal's records. ranges: (split, start, stop) planned shards
+    to consider (a part's); all of them by default. With --shard-bytes, shards are cut by size as they
+    are made, so only a single, sequential build can make them: what is left is the split's rest."""
+    segments: list[Segment] = []
+    for split in SPLITS:
+        done = {record["next"] for record in records if record["split"] == split}
+        if options.shard_bytes is not None:
+            position = max(done, default=0)
+            if position < counts[split]:
+                segments.append(Segment(split, position, counts[split]))
+            continue
+        planned = shard_ranges(counts[split], options.shard_size)
+        if ranges is not None:
+            planned = [(start, stop) for (of, start, stop) in ranges if of == split]
+        for start, stop in planned:
+            if stop in done:
+                continue
+            if segments and segments[-1].split == split and segments[-1].stop == start:
+                segments[-1] = Segment(split, segments[-1].start, stop)
+            else:
+                segments.append(Segment(split, start, stop))
+    return segments
+
+
 class SplitWriter:
-    """Cuts one split's stream of samples into shards and journals each finished one."""
+    """Cuts one split's stream of samples into shards and journals each finished one.
+
+    Every record says where the inputs it covers end ("next"), the inputs skipped among them and, unless
+    all were, the shard made of the rest. Planned shards (the default) end at every multiple of
+    shard_size; with shard_bytes, at shard_size samples or the byte cap, numbered in order."""
 
     def __init__(
         self,
         split: str,
+        total: int,
         out: Path,
         work_dir: Path,
-        journal: Journal,
+        journal: Journal | RecordList,
         options: BuildOptions,
         publisher: Publisher,
     ):
-        self.split, self.out, self.work_dir = split, out, work_dir
+        self.split, self.total, self.out, self.work_dir = split, total, out, work_dir
         self.journal, self.options, self.publisher = journal, options, publisher
+        self.planned = options.shard_bytes is None
         done = journal.split_records(split)
-        self.finished = bool(done) and done[-1].get("end", False)
-        self.position = done[-1]["next"] if done else 0
-        self.next_index = sum(1 for record in done if "name" in record)
+        self.position = 0
+        self.next_index = sum(1 for record in done if "name" in record)  # --shard-bytes numbering
         self.shard: ShardWriter | None = None
         self.skipped: list[dict] = []
+
+    def start_at(self, position: int) -> None:
+        assert self.shard is None and not self.skipped, "a segment starts where a shard ended"
+        self.position = position
 
     def consume(self, result: tuple) -> None:
         kind, key_or_path, payload = result
@@ -95,21 +158,34 @@ class SplitWriter:
             if self.shard and limit and self.shard.tar_bytes_with(payload.values()) > limit:
                 self._close()
             if self.shard is None:
-                name = shard_name(self.split, self.next_index)
-                self.shard = ShardWriter(self.out / name, self.work_dir)
-                self.next_index += 1
+                self.shard = ShardWriter(self.out / shard_name(self.split, self._new_index()), self.work_dir)
             self.shard.add(key_or_path, payload)
         self.position += 1
-        if self.shard and self.shard.count == self.options.shard_size:
+        if self._shard_ends():
             self._close()
 
+    def _new_index(self) -> int:
+        if self.planned:
+            return self.position // self.options.shard_size
+        self.next_index += 1
+        return self.next_index - 1
+
+    def _shard_ends(self) -> bool:
+        if self.position == self.total:
+            return True
+        if self.planned:
+            return self.position % self.options.shard_size == 0
+        return self.shard is not None and self.shard.count == self.options.shard_size
+
     def _close(self) -> None:
-        assert self.shard is not None
-        record = self.shard.finish()
         # journalled once published: a crash in between redoes the shard (byte-identical), never skips one
         # that a remote OUT lacks
-        entry = {"split": self.split, "next": self.position, "skipped": self.skipped, **record}
-        self.publisher.publish_shard(self.shard.final_path, lambda: self.journal.append(entry))
+        entry = {"split": self.split, "next": self.position, "skipped": self.skipped}
+        if self.shard is None:
+            self.publisher.after_published(lambda: self.journal.append(entry))
+        else:
+            entry.update(self.shard.finish())
+            self.publisher.publish_shard(self.shard.final_path, lambda: self.journal.append(entry))
         self.shard, self.skipped = None, []
 
     def abort(self) -> None:
@@ -117,86 +193,177 @@ class SplitWriter:
             self.shard.abort()
             self.shard = None
 
-    def end(self) -> None:
-        if self.shard:
-            self._close()
-        entry = {"split": self.split, "end": True, "next": self.position, "skipped": self.skipped}
-        self.publisher.after_published(lambda: self.journal.append(entry))
-        self.finished = True
+
+class RecordList:
+    """A journal kept in memory: what one task made, handed back to the process that journals it."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def split_records(self, split: str) -> list[dict]:
+        return [record for record in self.records if record["split"] == split]
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
 
 
-def build(src: Path, out: Path | str, options: BuildOptions, workers: int, overwrite: bool = False) -> dict:
+@dataclass(frozen=True)
+class SourceSummary:
+    """What the manifest says of SRC: all a build needs of the listing once the inputs are planned."""
+
+    fingerprint: str
+    images: int
+    labels: list[str] | None
+    rejected: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, listing: Listing) -> SourceSummary:
+        return cls(listing.fingerprint, len(listing.entries), listing.label_names, listing.rejected)
+
+
+def journal_header(options: BuildOptions, fingerprint: str) -> dict:
+    return {"format_version": FORMAT_VERSION, "options": options.as_dict(), "sources": fingerprint, "layout": 2}
+
+
+def build(
+    src: Path | str,
+    out: Path | str,
+    options: BuildOptions,
+    workers: int,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+) -> dict:
     """Build (or finish building) OUT from SRC; returns the manifest. OUT may be a remote folder
-    (s3://, gs://, http(s)://, shards/publish.py): the shards are made in a local staging folder and
-    uploaded as each is finished, the manifest last."""
+    (s3://, gs://, shards/publish.py): the shards are made in a local staging folder and uploaded as
+    each is finished, the manifest last. ray_address: make the shards as tasks on that Ray cluster
+    (shards/ray_executor.py) instead of in `workers` local processes."""
+    if ray_address is not None and options.shard_bytes is not None:
+        raise UserError("--shard-bytes cuts shards as they are made, which only a local build can do; use --shard-size")
+    from shards.ray_executor import joined
+
     publisher = publisher_for(out)
     listing = list_sources(src, labels_from_folders=options.labels == "folder", exclude=publisher.local_out)
     if not listing.entries:
         raise UserError(f"no image files found in {src} ({len(listing.rejected)} other files skipped)")
-    out = publisher.local_out
-    work_dir = _make_work_dir(out)
-    with _exclusive(work_dir, publisher.location):
+    with joined(ray_address) as ray:  # first: a cluster out of reach leaves OUT as it was
+        return _build(src, listing, publisher, options, workers, overwrite, ray)
+
+
+def _build(src, listing, publisher, options, workers, overwrite, ray) -> dict:
+    work_dir = make_work_dir(publisher.local_out)
+    with exclusive(work_dir, publisher.location):
         existing = publisher.finished_build(options, listing.fingerprint, overwrite)
         if existing is not None:
             shutil.rmtree(work_dir)
             publisher.done()
             return existing
-        try:
-            manifest = _write_shards(out, work_dir, listing, options, workers, publisher)
-        except OSError as error:
-            if error.errno not in OUT_WRITE_ERRORS:
-                raise
-            raise UserError(f"cannot write to {out}: {error.strerror} (finished shards are kept)") from None
-        if not any(manifest["splits"][split]["count"] for split in SPLITS):
-            shutil.rmtree(work_dir)
-            reasons = _top_reasons(manifest)
-            raise UserError(f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({reasons})")
-        publisher.remove_stale_shards(manifest)
-        publisher.publish_manifest(manifest)
+        journal = Journal(work_dir, journal_header(options, listing.fingerprint))
+        plan = plan_splits(listing.entries, options.val_fraction, options.seed)
+        label_index = {name: index for index, name in enumerate(listing.label_names or [])}
+        counts = {split: len(plan[split]) for split in SPLITS}
+        segments = pending_segments(counts, journal.records, options)
+        with writing_to(publisher.location):
+            if ray is not None:
+                from shards.ray_executor import make_on_ray
+
+                make_on_ray(ray, segments, plan, label_index, options, publisher.location, journal)
+            else:
+                inputs = lambda segment: plan[segment.split][segment.start : segment.stop]  # noqa: E731
+                write_segments(segments, inputs, counts, label_index, options, workers, publisher, work_dir, journal)
+        manifest = build_manifest(SourceSummary.of(listing), journal.records, options)
+        publish(manifest, publisher, src)
         shutil.rmtree(work_dir)
         publisher.done()
     return manifest
 
 
-def _write_shards(
-    out: Path,
-    work_dir: Path,
-    listing: Listing,
+def publish(manifest: dict, publisher: Publisher, src: Path | str) -> None:
+    """The build's last step: the manifest, once every shard it names is in OUT."""
+    if not any(manifest["splits"][split]["count"] for split in SPLITS):
+        reasons = _top_reasons(manifest)
+        raise UserError(f"no usable image in {src}: all {len(manifest['skipped'])} inputs were skipped ({reasons})")
+    publisher.remove_stale_shards(manifest)
+    publisher.publish_manifest(manifest)
+
+
+@contextlib.contextmanager
+def writing_to(location: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in OUT_WRITE_ERRORS:
+            raise
+        raise UserError(f"cannot write to {location}: {error.strerror} (finished shards are kept)") from None
+
+
+def write_segments(
+    segments: list[Segment],
+    inputs: Callable[[Segment], Sequence[Entry]],
+    totals: Mapping[str, int],
+    label_index: dict[str, int],
     options: BuildOptions,
     workers: int,
     publisher: Publisher,
-) -> dict:
-    header = {"format_version": FORMAT_VERSION, "options": options.as_dict(), "sources": listing.fingerprint}
-    journal = Journal(work_dir, header)
-    label_index = {name: index for index, name in enumerate(listing.label_names or [])}
-    plan = plan_splits(listing.entries, options.val_fraction, options.seed)
-    writers = {split: SplitWriter(split, out, work_dir, journal, options, publisher) for split in SPLITS}
-    remaining = sum(len(plan[split]) - writers[split].position for split in SPLITS if not writers[split].finished)
+    work_dir: Path,
+    journal: Journal,
+) -> None:
+    """Make the shards of `segments` in `workers` local processes: the inputs stream through them in
+    chunks, in order, and this process cuts the results into shards."""
+    out = publisher.local_out
+    writers = {split: SplitWriter(split, totals[split], out, work_dir, journal, options, publisher) for split in SPLITS}
+    starts: deque[tuple[SplitWriter, int | None]] = deque()  # per chunk sent: its writer, its segment's start
+
+    def chunks() -> Iterator[list[tuple]]:
+        for segment in segments:
+            todo = [(entry, label_index.get(entry.label)) for entry in inputs(segment)]
+            for number, chunk in enumerate(chunked(todo, CHUNK_SIZE)):
+                starts.append((writers[segment.split], segment.start if number == 0 else None))
+                yield chunk
+
     resumed = " (resuming)" if journal.resumed else ""
     with progress_bar() as progress, publisher.uploading():
-        task = progress.add_task(f"building{resumed}", total=remaining)
-        for split in SPLITS:
-            writer = writers[split]
-            if writer.finished:
-                continue
-            todo = [(entry, label_index.get(entry.label)) for entry in plan[split][writer.position :]]
-            try:
-                for results in ordered_map(prepare_chunk, chunked(todo, CHUNK_SIZE), workers, options.image):
-                    for result in results:
-                        writer.consume(result)
-                    progress.advance(task, len(results))
-                writer.end()
-            except BaseException:
+        task = progress.add_task(f"building{resumed}", total=sum(segment.stop - segment.start for segment in segments))
+        try:
+            for results in ordered_map(prepare_chunk, chunks(), workers, options.image):
+                writer, start = starts.popleft()
+                if start is not None:
+                    writer.start_at(start)
+                for result in results:
+                    writer.consume(result)
+                progress.advance(task, len(results))
+        except BaseException:
+            for writer in writers.values():
                 writer.abort()
-                raise
-    return _manifest(listing, journal, options)
+            raise
 
 
-def _make_work_dir(out: Path) -> Path:
+def make_range(split: str, start: int, total: int, todo: list[tuple], options: BuildOptions, out: str) -> list[dict]:
+    """One planned shard made end to end in this process, wherever it runs (a Ray task): its inputs read,
+    transformed and written to OUT (a folder this machine sees, or a store). Returns its journal
+    records. Each attempt writes under its own temporary folder, so a retried task cannot collide."""
+    publisher = publisher_for(out)
+    work_dir = publisher.local_out / WORK_DIR_NAME / "tasks" / uuid.uuid4().hex
+    work_dir.mkdir(parents=True)
+    records = RecordList()
+    writer = SplitWriter(split, total, publisher.local_out, work_dir, records, options, publisher)
+    writer.start_at(start)
+    try:
+        with publisher.uploading():
+            for result in prepare_chunk(todo, options.image):
+                writer.consume(result)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return records.records
+
+
+def make_work_dir(out: Path, name: str = WORK_DIR_NAME) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        work_dir = out / WORK_DIR_NAME
-        work_dir.mkdir(exist_ok=True)
+        work_dir = out / name
+        work_dir.mkdir(parents=True, exist_ok=True)
         probe = work_dir / "write-probe"
         probe.write_bytes(b"")
         probe.unlink()
@@ -206,7 +373,7 @@ def _make_work_dir(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(work_dir: Path, out: str) -> Iterator[None]:
+def exclusive(work_dir: Path, out: str) -> Iterator[None]:
     """One build per OUT at a time: two would share the journal and the temporary shard names."""
     with open(work_dir / "lock", "w") as lock:
         try:
@@ -216,12 +383,15 @@ def _exclusive(work_dir: Path, out: str) -> Iterator[None]:
         yield
 
 
-def _manifest(listing: Listing, journal: Journal, options: BuildOptions) -> dict:
-    skipped = [{"path": path, "reason": reason} for path, reason in listing.rejected]
+def build_manifest(source: SourceSummary, records: list[dict], options: BuildOptions) -> dict:
+    """The manifest from the journal's records, in whatever order they were made: the same inputs and
+    options give the same bytes, whichever executor made the shards."""
+    skipped = [{"path": path, "reason": reason} for path, reason in source.rejected]
     splits = {}
     for split in SPLITS:
+        in_order = {record["next"]: record for record in records if record["split"] == split}
         shards = []
-        for record in journal.split_records(split):
+        for _, record in sorted(in_order.items()):
             skipped += record["skipped"]
             if "name" in record:
                 shards.append({key: record[key] for key in ("name", "count", "bytes", "sha256")})
@@ -232,10 +402,10 @@ def _manifest(listing: Listing, journal: Journal, options: BuildOptions) -> dict
         "created_by": f"shards {__version__}",
         "image": {"size": spec.size, "format": spec.format, "mode": spec.mode, "channels": len(spec.mode)},
         "options": options.as_dict(),
-        "labels": listing.label_names,
+        "labels": source.labels,
         "splits": splits,
         "skipped": sorted(skipped, key=lambda item: (item["path"], item["reason"])),
-        "source": {"fingerprint": listing.fingerprint, "images": len(listing.entries)},
+        "source": {"fingerprint": source.fingerprint, "images": source.images},
     }
 
 

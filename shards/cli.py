@@ -181,6 +181,64 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def add_build_options(parser: argparse.ArgumentParser) -> None:
+    """What the shards are: given to `shards build` or to `shards plan` (whose parts read it back)."""
+    parser.add_argument(
+        "--size", type=bounded(int, 1, 8192), default=64, help="side of the square output images (default 64)"
+    )
+    parser.add_argument(
+        "--crop",
+        choices=CROPS,
+        default="center",
+        help="center: largest centred square; none: squash the whole image; "
+        "celeba: the paper's rows 40:188, cols 15:163 of aligned 178x218 images (default center)",
+    )
+    parser.add_argument(
+        "--format", choices=sorted(FORMATS), default="png", help="image encoding in the shards (default png)"
+    )
+    parser.add_argument(
+        "--quality", type=bounded(int, 1, 100), default=95, help="jpg/webp quality; webp 100 = lossless (default 95)"
+    )
+    parser.add_argument("--mode", choices=MODES, default="RGB", help="RGB or L (grayscale) output (default RGB)")
+    parser.add_argument(
+        "--labels",
+        choices=("none", "folder"),
+        default="none",
+        help="folder: label = first sub-folder under SRC (a list file's 2nd column is always read)",
+    )
+    parser.add_argument(
+        "--shard-size", type=bounded(int, 1, 10**9), default=1000, help="samples per shard (default 1000)"
+    )
+    parser.add_argument(
+        "--shard-bytes", type=byte_size, default=None, help="also cap each shard's file size, e.g. 200MB (local builds)"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=bounded(float, 0.0, 1.0),
+        default=0.05,
+        help="share of images in the val split, chosen by a hash of each key (default 0.05)",
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="order of samples across shards (default 0)")
+    parser.add_argument(
+        "--max-pixels",
+        type=bounded(int, 1, 2**40),
+        default=PIL_DEFAULT_MAX_PIXELS,
+        help="skip images with more pixels than this as decompression bombs",
+    )
+
+
+BUILD_OPTIONS = ("size", "crop", "format", "quality", "mode", "labels", "shard_size", "shard_bytes", "val_fraction")
+BUILD_OPTIONS += ("seed", "max_pixels")
+
+
+def part_of(text: str) -> tuple[int, int]:
+    """An argparse type: K/N, 1 <= K <= N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]) <= 10**6:
+        raise argparse.ArgumentTypeError(f"{_quoted(text)} is not K/N with 1 <= K <= N (e.g. 3/8)")
+    return int(match[1]), int(match[2])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"shards {__version__}")
@@ -191,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn a folder or list of images into shards",
         description="Turn a folder tree of images, or a .txt/.csv list of image paths "
         "(optional second column: label), into OUT/{train,val}-NNNNNN.tar and OUT/manifest.json. "
-        "Rerunning after an interruption finishes only what is missing.",
+        "Rerunning after an interruption finishes only what is missing. `shards build OUT --part K/N` "
+        "makes part K of a build planned by `shards plan`.",
     )
     build.add_argument(
         "src",
@@ -200,44 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of images, or .txt/.csv list of paths; or s3:// or gs:// prefix, or a list's URL",
     )
     build.add_argument(
-        "out", type=shard_folder, metavar="OUT", help="output folder, or s3:// or gs:// (uploaded as shards finish)"
+        "out",
+        type=shard_folder,
+        metavar="OUT",
+        nargs="?",
+        help="output folder, or s3:// or gs:// (uploaded as shards finish)",
     )
-    build.add_argument(
-        "--size", type=bounded(int, 1, 8192), default=64, help="side of the square output images (default 64)"
-    )
-    build.add_argument(
-        "--crop",
-        choices=CROPS,
-        default="center",
-        help="center: largest centred square; none: squash the whole image; "
-        "celeba: the paper's rows 40:188, cols 15:163 of aligned 178x218 images (default center)",
-    )
-    build.add_argument(
-        "--format", choices=sorted(FORMATS), default="png", help="image encoding in the shards (default png)"
-    )
-    build.add_argument(
-        "--quality", type=bounded(int, 1, 100), default=95, help="jpg/webp quality; webp 100 = lossless (default 95)"
-    )
-    build.add_argument("--mode", choices=MODES, default="RGB", help="RGB or L (grayscale) output (default RGB)")
-    build.add_argument(
-        "--labels",
-        choices=("none", "folder"),
-        default="none",
-        help="folder: label = first sub-folder under SRC (a list file's 2nd column is always read)",
-    )
-    build.add_argument(
-        "--shard-size", type=bounded(int, 1, 10**9), default=1000, help="samples per shard (default 1000)"
-    )
-    build.add_argument(
-        "--shard-bytes", type=byte_size, default=None, help="also cap each shard's file size, e.g. 200MB"
-    )
-    build.add_argument(
-        "--val-fraction",
-        type=bounded(float, 0.0, 1.0),
-        default=0.05,
-        help="share of images in the val split, chosen by a hash of each key (default 0.05)",
-    )
-    build.add_argument("--seed", type=seed, default=0, help="order of samples across shards (default 0)")
+    add_build_options(build)
     build.add_argument(
         "--workers",
         type=bounded(int, 0, MAX_WORKERS),
@@ -245,12 +273,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode/resize processes; 0 = in this process (default: all cores)",
     )
     build.add_argument(
-        "--max-pixels",
-        type=bounded(int, 1, 2**40),
-        default=PIL_DEFAULT_MAX_PIXELS,
-        help="skip images with more pixels than this as decompression bombs",
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: --workers processes on this machine; ray: one task per shard on a Ray cluster, "
+        "SRC and OUT seen by every node (default local)",
+    )
+    build.add_argument(
+        "--ray-address",
+        default="auto",
+        metavar="ADDRESS",
+        help="the Ray cluster for --executor ray: HOST:PORT, or auto, the cluster this machine belongs to",
+    )
+    build.add_argument(
+        "--part",
+        type=part_of,
+        metavar="K/N",
+        help="make only part K of N of the build `shards plan` wrote into OUT (then `shards merge OUT`)",
     )
     build.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier build in OUT")
+
+    plan = commands.add_parser(
+        "plan",
+        help="list SRC once and plan a build that parts make anywhere (shards build OUT --part K/N)",
+        description="List SRC, fix the order of the inputs and which shard each goes into, and write the "
+        "plan into OUT/.plan. Then run `shards build OUT --part K/N` for K = 1..N (anywhere, in any order, "
+        "at once: a SLURM job array) and `shards merge OUT`. The result is byte-identical to `shards build "
+        "SRC OUT` with the same options.",
+    )
+    plan.add_argument("src", type=shard_folder, metavar="SRC", help="as for shards build")
+    plan.add_argument("out", type=shard_folder, metavar="OUT", help="output folder, or s3:// or gs://")
+    add_build_options(plan)
+    plan.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier build in OUT")
+
+    merge = commands.add_parser(
+        "merge",
+        help="finish a planned build: check every part is made, write the manifest",
+        description="Check that every part of the plan in OUT is made and write OUT/manifest.json (skipped "
+        "inputs of every part included); otherwise name the parts still missing and exit 2.",
+    )
+    merge.add_argument("out", type=shard_folder, metavar="OUT", help="output folder, or s3:// or gs://")
 
     inspect = commands.add_parser(
         "inspect",
@@ -310,9 +372,8 @@ def check_build_out(out: Path | str, options, overwrite: bool) -> None:
         raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
 
 
-def run_build(args: argparse.Namespace) -> int:
-    from shards.build import BuildOptions, build
-    from shards.report import skipped_table, summary_table
+def build_options(args: argparse.Namespace):
+    from shards.build import BuildOptions
 
     if args.crop == "celeba" and args.size > 148:
         raise UserError("--crop celeba keeps a 148x148 face: choose --size 148 or less")
@@ -324,7 +385,7 @@ def run_build(args: argparse.Namespace) -> int:
         mode=args.mode,
         max_pixels=args.max_pixels,
     )
-    options = BuildOptions(
+    return BuildOptions(
         image=image,
         shard_size=args.shard_size,
         shard_bytes=args.shard_bytes,
@@ -332,21 +393,89 @@ def run_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         labels=args.labels,
     )
-    check_build_out(args.out, options, args.overwrite)
-    local = isinstance(args.out, Path)
-    missing = [folder for folder in (args.out, *args.out.parents) if not folder.exists()] if local else []
+
+
+@contextlib.contextmanager
+def no_empty_out_left(out: Path | str):
+    """A refused build (no usable image, say) leaves no empty OUT behind."""
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()] if isinstance(out, Path) else []
     try:
-        manifest = build(args.src, args.out, options, workers=args.workers, overwrite=args.overwrite)
+        yield
     except UserError:
-        for folder in missing:  # a refused build (no usable image, say) leaves no empty OUT behind
+        for folder in missing:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def manifest_location(out: Path | str) -> str:
+    return one_line(str(out / "manifest.json") if isinstance(out, Path) else out.rstrip("/") + "/manifest.json")
+
+
+def print_manifest(manifest: dict, out: Path | str) -> None:
+    from shards.report import skipped_table, summary_table
+
     output.print(summary_table(manifest))
     skipped = skipped_table(manifest)
     if skipped:
         output.print(skipped)
-    print(f"wrote {one_line(str(args.out / 'manifest.json') if local else args.out.rstrip('/') + '/manifest.json')}")
+    print(f"wrote {manifest_location(out)}")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from shards.build import build
+
+    if args.part:
+        return run_part(args)
+    if args.out is None:
+        raise UserError("give SRC and OUT (or OUT --part K/N for a part of a planned build)")
+    options = build_options(args)
+    check_build_out(args.out, options, args.overwrite)
+    ray_address = args.ray_address if args.executor == "ray" else None
+    with no_empty_out_left(args.out):
+        manifest = build(args.src, args.out, options, args.workers, args.overwrite, ray_address)
+    print_manifest(manifest, args.out)
+    return 0
+
+
+def run_part(args: argparse.Namespace) -> int:
+    from shards.plan import build_part
+
+    if args.out is not None:
+        raise UserError("--part K/N takes OUT alone: SRC and the options are read from the plan in OUT")
+    defaults = build_parser().parse_args(["build", "-"])
+    given = [name for name in BUILD_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    if given or args.executor != "local" or args.overwrite:
+        named = ", ".join("--" + name.replace("_", "-") for name in given) or "--executor/--overwrite"
+        raise UserError(f"--part K/N reads the build options from the plan: give {named} to `shards plan`")
+    part, parts = args.part
+    shards, inputs = build_part(args.src, part, parts, args.workers)
+    print(f"part {part}/{parts} of {one_line(str(args.src))}: {shards} planned shard(s), {inputs:,} input(s) made")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from shards.plan import write_plan
+
+    options = build_options(args)
+    check_build_out(args.out, options, args.overwrite)
+    with no_empty_out_left(args.out):
+        plan, size = write_plan(args.src, args.out, options)
+    counts = plan.counts
+    shards = len(plan.part_ranges(1, 1))
+    where = one_line(str(args.out))
+    print(
+        f"planned {sum(counts.values()):,} inputs (train {counts['train']:,}, val {counts['val']:,}) in {shards:,} "
+        f"shard(s): {size / 2**20:.1f} MiB in {where}/.plan\n"
+        f"next: shards build {where} --part K/N for K = 1..N (N <= {shards:,} is useful), then shards merge {where}"
+    )
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from shards.plan import merge
+
+    print_manifest(merge(args.out), args.out)
     return 0
 
 
@@ -401,7 +530,14 @@ def run_demo_images(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": run_build, "inspect": run_inspect, "verify": run_verify, "demo-images": run_demo_images}
+COMMANDS = {
+    "build": run_build,
+    "plan": run_plan,
+    "merge": run_merge,
+    "inspect": run_inspect,
+    "verify": run_verify,
+    "demo-images": run_demo_images,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

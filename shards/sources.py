@@ -34,6 +34,10 @@ class Entry:
     def key(self) -> str:
         return sample_key(self.relpath)
 
+    def absolute(self) -> Entry:
+        """With an absolute path: parts and Ray tasks run in other working folders, on other machines."""
+        return self if "://" in self.path else Entry(self.relpath, os.path.abspath(self.path), self.label)
+
 
 @dataclass
 class Listing:

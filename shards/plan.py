@@ -1,0 +1,318 @@
+"""`shards plan`, `shards build OUT --part K/N` and `shards merge`: one build cut into parts that any
+scheduler runs (a SLURM job array: launch/shards-array.sbatch), on any machines, in any order, at once.
+
+`OUT/.plan/` holds what the parts share. `plan.json`: SRC, the options and what the manifest says of
+SRC; `inputs-SPLIT.jsonl.gz`: the split's inputs in their shuffled order, a JSON line each (`[relpath,
+label]`, and the path when it is not the plan's root + relpath), which fixes every planned shard's inputs
+(shards/build.py). Part K of N makes its contiguous share of the planned shards, journals them under
+`.build/part-K-of-N/` (resumable), and once all are made writes `.plan/parts/K-of-N.jsonl`, the records
+`merge` reads. `merge` checks that those cover every planned shard and writes the manifest: the same
+bytes as a one-machine build. On an object store, `.plan/` lies under OUT's prefix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.build import (
+    WORK_DIR_NAME,
+    BuildOptions,
+    Segment,
+    SourceSummary,
+    build_manifest,
+    exclusive,
+    journal_header,
+    make_work_dir,
+    pending_segments,
+    plan_splits,
+    publish,
+    shard_ranges,
+    write_segments,
+    writing_to,
+)
+from shards.errors import UserError
+from shards.journal import Journal
+from shards.manifest import SPLITS
+from shards.publish import publisher_for
+from shards.remote import RemoteFolder, StoreNotFound, is_remote
+from shards.sources import Entry, list_sources
+
+PLAN_DIR = ".plan"
+PLAN_NAME = "plan.json"
+PARTS_DIR = "parts"
+PLAN_VERSION = 1
+DONE_NAME = re.compile(r"(\d+)-of-(\d+)\.jsonl")
+
+
+def inputs_name(split: str) -> str:
+    return f"inputs-{split}.jsonl.gz"
+
+
+class PlanStore:
+    """OUT/.plan, in a folder or under a store's prefix."""
+
+    def __init__(self, out: Path | str) -> None:
+        self.location = f"{str(out).rstrip('/')}/{PLAN_DIR}"
+        self.remote = RemoteFolder(self.location) if is_remote(out) else None
+        self.folder = None if self.remote else Path(out) / PLAN_DIR
+
+    def put(self, name: str, data: bytes | Path) -> None:
+        """Whole or not at all: a reader never sees half a file."""
+        if self.remote:
+            if isinstance(data, Path):
+                self.remote.upload(data, name)
+            else:
+                self.remote.write_bytes(name, data)
+            return
+        target = self.folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(target.name + ".tmp")
+        if isinstance(data, Path):
+            shutil.copyfile(data, temp)
+        else:
+            temp.write_bytes(data)
+        os.replace(temp, target)
+
+    def get(self, name: str) -> bytes | None:
+        if self.remote:
+            try:
+                return self.remote.read_bytes(name)
+            except StoreNotFound:
+                return None
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def local_copy(self, name: str, scratch: Path) -> Path:
+        if not self.remote:
+            return self.folder / name
+        path = scratch / name
+        with open(path, "wb") as into:
+            self.remote.download(name, self.remote.size(name), into)
+        return path
+
+    def names(self, folder: str) -> list[str]:
+        if self.remote:
+            return RemoteFolder(f"{self.location}/{folder}").names()
+        where = self.folder / folder
+        return sorted(path.name for path in where.iterdir()) if where.is_dir() else []
+
+    def remove(self, folder: str = "") -> None:
+        if self.remote:
+            for name in self.names(folder):
+                self.remote.delete(f"{folder}/{name}" if folder else name)
+        else:
+            shutil.rmtree(self.folder / folder, ignore_errors=True)
+
+    def header(self) -> dict | None:
+        data = self.get(PLAN_NAME)
+        if data is None:
+            return None
+        try:
+            header = json.loads(data)
+        except ValueError:
+            raise UserError(f"{self.location}/{PLAN_NAME} is damaged: run `shards plan` again") from None
+        if not isinstance(header, dict) or header.get("format_version") != PLAN_VERSION:
+            raise UserError(f"{self.location}/{PLAN_NAME} is not a plan this version reads: run `shards plan` again")
+        return header
+
+
+@dataclass(frozen=True)
+class Plan:
+    header: dict
+
+    @property
+    def options(self) -> BuildOptions:
+        return BuildOptions.from_dict(self.header["options"])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.header["counts"]
+
+    @property
+    def source(self) -> SourceSummary:
+        source = self.header["source"]
+        rejected = [tuple(item) for item in self.header["rejected"]]
+        return SourceSummary(source["fingerprint"], source["images"], source["labels"], rejected)
+
+    def part_ranges(self, part: int, parts: int) -> list[tuple[str, int, int]]:
+        """Part K of N: the K-th of N near-equal runs of the planned shards, train's then val's."""
+        planned = [
+            (split, start, stop)
+            for split in SPLITS
+            for start, stop in shard_ranges(self.counts[split], self.options.shard_size)
+        ]
+        return planned[len(planned) * (part - 1) // parts : len(planned) * part // parts]
+
+
+def write_plan(src: Path | str, out: Path | str, options: BuildOptions) -> tuple[Plan, int]:
+    """List SRC once and write OUT/.plan; returns the plan and its size in bytes. The same plan again
+    keeps the parts already made; a different one starts the build over."""
+    if options.shard_bytes is not None:
+        raise UserError("--shard-bytes cuts shards as they are made, which only a local build can do; use --shard-size")
+    publisher = publisher_for(out)
+    listing = list_sources(src, labels_from_folders=options.labels == "folder", exclude=publisher.local_out)
+    if not listing.entries:
+        raise UserError(f"no image files found in {src} ({len(listing.rejected)} other files skipped)")
+    entries = [entry.absolute() for entry in listing.entries]
+    root = _common_root(entries)
+    splits = plan_splits(entries, options.val_fraction, options.seed)
+    header = {
+        "format_version": PLAN_VERSION,
+        "src": str(src) if is_remote(src) else os.path.abspath(src),
+        "root": root,
+        "options": options.as_dict(),
+        "source": {"fingerprint": listing.fingerprint, "images": len(entries), "labels": listing.label_names},
+        "rejected": listing.rejected,
+        "counts": {split: len(splits[split]) for split in SPLITS},
+    }
+    header = json.loads(json.dumps(header))  # as it reads back: tuples become lists
+    store = PlanStore(out)
+    plan = Plan(header)
+    if store.header() == header:
+        return plan, _plan_bytes(store, header)
+    store.remove(PARTS_DIR)  # parts made for another plan
+    publisher.finished_build(options, listing.fingerprint, overwrite=True)  # drops an earlier manifest
+    size = len(json.dumps(header))
+    with tempfile.TemporaryDirectory(prefix="shards-plan-") as scratch:
+        for split in SPLITS:
+            path = Path(scratch) / inputs_name(split)
+            _write_inputs(path, splits[split], root)
+            size += path.stat().st_size
+            store.put(inputs_name(split), path)
+    store.put(PLAN_NAME, json.dumps(header, indent=1).encode())  # last: a plan.json means its inputs are there
+    return plan, size
+
+
+def _common_root(entries: list[Entry]) -> str:
+    first = entries[0]
+    return first.path[: -len(first.relpath)] if first.path.endswith(first.relpath) else ""
+
+
+def _write_inputs(path: Path, entries: list[Entry], root: str) -> None:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as packed:
+        text = io.TextIOWrapper(packed, encoding="utf-8", errors="surrogateescape")
+        for entry in entries:
+            row = [entry.relpath, entry.label]
+            if entry.path != root + entry.relpath:
+                row.append(entry.path)
+            text.write(json.dumps(row, ensure_ascii=False) + "\n")
+        text.flush()
+        text.detach()
+
+
+def _plan_bytes(store: PlanStore, header: dict) -> int:
+    with tempfile.TemporaryDirectory(prefix="shards-plan-") as scratch:
+        sizes = [store.local_copy(inputs_name(split), Path(scratch)).stat().st_size for split in SPLITS]
+    return len(json.dumps(header)) + sum(sizes)
+
+
+def read_inputs(path: Path, root: str, start: int, stop: int) -> list[Entry]:
+    """Inputs [start, stop) of a split, read as a stream: a part holds only its own in memory."""
+    entries = []
+    with gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape") as lines:
+        for number, line in enumerate(lines):
+            if number >= stop:
+                break
+            if number >= start:
+                row = json.loads(line)
+                entries.append(Entry(row[0], row[2] if len(row) > 2 else root + row[0], row[1]))
+    return entries
+
+
+def read_plan(out: Path | str) -> tuple[PlanStore, Plan]:
+    store = PlanStore(out)
+    header = store.header()
+    if header is None:
+        raise UserError(f"{out} has no plan ({PLAN_DIR}/{PLAN_NAME}): run `shards plan SRC OUT` first")
+    return store, Plan(header)
+
+
+def build_part(out: Path | str, part: int, parts: int, workers: int) -> tuple[int, int]:
+    """Make part `part` of `parts`; returns (shards planned in it, inputs in it). A part already made is
+    not made again; one interrupted resumes from its journal when rerun where it ran (or on a shared OUT)."""
+    store, plan = read_plan(out)
+    options, counts = plan.options, plan.counts
+    ranges = plan.part_ranges(part, parts)
+    done_name = f"{PARTS_DIR}/{part}-of-{parts}.jsonl"
+    inputs_in_part = sum(stop - start for _, start, stop in ranges)
+    if store.get(done_name) is not None:
+        return len(ranges), inputs_in_part
+    publisher = publisher_for(out)
+    work_dir = make_work_dir(publisher.local_out, f"{WORK_DIR_NAME}/part-{part}-of-{parts}")
+    with exclusive(work_dir, f"part {part}/{parts} of {publisher.location}"):
+        header = {**journal_header(options, plan.source.fingerprint), "part": [part, parts]}
+        journal = Journal(work_dir, header)
+        segments = pending_segments(counts, journal.records, options, ranges)
+        with tempfile.TemporaryDirectory(prefix="shards-part-") as scratch:
+            loaded = _load_segments(store, plan, segments, Path(scratch))
+        label_index = {name: index for index, name in enumerate(plan.source.labels or [])}
+        with writing_to(publisher.location):
+            write_segments(
+                segments, loaded.__getitem__, counts, label_index, options, workers, publisher, work_dir, journal
+            )
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in journal.records)
+        store.put(done_name, lines.encode())
+        shutil.rmtree(work_dir)
+    return len(ranges), inputs_in_part
+
+
+def _load_segments(store: PlanStore, plan: Plan, segments: list[Segment], scratch: Path) -> dict[Segment, list[Entry]]:
+    loaded: dict[Segment, list[Entry]] = {}
+    for split in SPLITS:
+        mine = [segment for segment in segments if segment.split == split]
+        if not mine:
+            continue
+        path = store.local_copy(inputs_name(split), scratch)
+        first, last = mine[0].start, mine[-1].stop
+        entries = read_inputs(path, plan.header["root"], first, last)
+        for segment in mine:
+            loaded[segment] = entries[segment.start - first : segment.stop - first]
+    return loaded
+
+
+def merge(out: Path | str) -> dict:
+    """Check that the parts cover every planned shard, then write the manifest and drop the plan."""
+    store, plan = read_plan(out)
+    records, sizes = [], set()
+    for name in store.names(PARTS_DIR):
+        match = DONE_NAME.fullmatch(name)
+        if match:
+            sizes.add(int(match[2]))
+            data = store.get(f"{PARTS_DIR}/{name}") or b""
+            records += [json.loads(line) for line in data.decode().splitlines() if line]
+    missing = _missing_parts(plan, records, sizes)
+    if missing:
+        raise UserError(missing)
+    manifest = build_manifest(plan.source, records, plan.options)
+    publisher = publisher_for(out)
+    publish(manifest, publisher, plan.header["src"])
+    store.remove()
+    if not is_remote(out):
+        shutil.rmtree(Path(out) / WORK_DIR_NAME, ignore_errors=True)
+    return manifest
+
+
+def _missing_parts(plan: Plan, records: list[dict], sizes: set[int]) -> str | None:
+    """None when every planned shard has its record; else the line that says which parts to run."""
+    made = {(record["split"], record["next"]) for record in records}
+    if all((split, stop) in made for split, _, stop in plan.part_ranges(1, 1)):
+        return None
+    if not sizes:
+        return "no part is finished yet: run `shards build OUT --part K/N` for K = 1..N first"
+    parts = max(sizes)
+    missing = [
+        str(part)
+        for part in range(1, parts + 1)
+        if any((split, stop) not in made for split, _, stop in plan.part_ranges(part, parts))
+    ]
+    return f"parts {', '.join(missing)} of {parts} are not finished: run `shards build OUT --part K/{parts}` for each"
