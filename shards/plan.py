@@ -108,6 +108,8 @@ class PlanStore:
 
     def remove(self, folder: str = "") -> None:
         if self.remote:
+            if not folder:
+                self.remove(PARTS_DIR)  # a store has no folders to remove: every file goes by name
             for name in self.names(folder):
                 self.remote.delete(f"{folder}/{name}" if folder else name)
         else:

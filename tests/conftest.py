@@ -105,7 +105,7 @@ def started(command: list[str], **options) -> Iterator[subprocess.Popen]:
     outlives the test."""
     tag = uuid.uuid4().hex
     environment = {**options.pop("env", os.environ), TAG: tag}
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment, **{"cwd": REPO, **options})
+    process = subprocess.Popen(command, env=environment, **{"stdin": subprocess.DEVNULL, "cwd": REPO, **options})
     process.tag = tag
     try:
         yield process

@@ -94,6 +94,30 @@ def test_a_killed_build_to_s3_has_no_manifest_and_resumes(tmp_path: Path, moto, 
     assert bucket_bytes(moto, f"{bucket}/shards") == local
 
 
+def test_a_build_planned_into_s3_made_in_parts_on_two_machines(tmp_path: Path, moto, corpus) -> None:
+    """plan, parts and merge with OUT on S3, each part with a temporary folder of its own (another
+    machine): the bucket ends with a local build's bytes, and the plan is gone from it."""
+    source, local = corpus
+    make_bucket(moto, "planned")
+    out = "s3://planned/shards"
+    assert shards(moto, tmp_path / "a", "plan", source, out, *OPTIONS[:2], *OPTIONS[4:]).returncode == 0
+    assert ".plan/plan.json" in {name.split("shards/", 1)[1] for name in planned_names(moto)}
+    for part, machine in (("2/2", "b"), ("1/2", "c")):
+        (tmp_path / machine).mkdir()
+        result = shards(moto, tmp_path / machine, "build", out, "--part", part, "--workers", "1")
+        assert result.returncode == 0, result.stderr
+    merged = shards(moto, tmp_path / "a", "merge", out)
+    assert merged.returncode == 0, merged.stderr
+    assert bucket_bytes(moto, "planned/shards") == local
+
+
+def planned_names(moto: MotoS3) -> list[str]:
+    import s3fs
+
+    store = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto.url, skip_instance_cache=True)
+    return store.find("planned/shards")
+
+
 def test_build_to_http_is_refused_in_one_line(tmp_path: Path, corpus) -> None:
     source, _ = corpus
     result = run_process([sys.executable, "-m", "shards", "build", str(source), "http://127.0.0.1:9/shards"], 60)

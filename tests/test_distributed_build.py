@@ -1,0 +1,217 @@
+"""`shards build` beyond one process: one process, `--workers`, a plan made in parts (in any order, one
+killed and rerun) and Ray on a real two-node cluster (the driver killed, a worker node lost mid-build)
+all give the same bytes, shards and manifest, skipped inputs and their reasons included."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, folder_bytes, read_manifest, run_process, run_shards, started, write_images
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+
+SHARD_SIZE = 8
+OPTIONS = ["--size", "16", "--labels", "folder", "--shard-size", str(SHARD_SIZE), "--val-fraction", "0.2"]
+OPTIONS += ["--seed", "3"]
+# Ray takes 127.0.0.1 as every node's address, not this machine's network address (tests/helpers/ray_cluster.py)
+RAY_ON_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+KILLED_BUILD = [sys.executable, str(REPO / "tests" / "helpers" / "killed_build.py")]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """Two label folders, 120 images of two sizes, and inputs a build skips for three reasons."""
+    root = tmp_path_factory.mktemp("distributed") / "src"
+    write_images(root / "cats", 70, size=(48, 40))
+    write_images(root / "dogs", 50, size=(40, 56), start=70)
+    (root / "dogs" / "broken.png").write_bytes(b"not a png at all")
+    (root / "cats" / "notes.txt").write_text("not an image")
+    write_images(root, 1, prefix="stray")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(source: Path, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = run_shards("build", source, out, *OPTIONS, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    reasons = {item["reason"] for item in read_manifest(out)["skipped"]}
+    assert len(reasons) == 3, reasons  # broken file, not an image name, outside a label folder
+    return folder_bytes(out)
+
+
+def test_one_process_gives_the_bytes_of_two(tmp_path: Path, source: Path, reference) -> None:
+    result = run_shards("build", source, tmp_path / "out", *OPTIONS, "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(tmp_path / "out") == reference
+
+
+def test_parts_in_any_order_then_merge_give_the_same_bytes(tmp_path: Path, source: Path, reference) -> None:
+    out = tmp_path / "out"
+    planned = run_shards("plan", source, out, *OPTIONS)
+    assert planned.returncode == 0, planned.stderr
+    assert "16 shard(s)" in planned.stdout  # ceil(96 / 8) train + ceil(24 / 8) val... as listed below
+    early = run_shards("merge", out)
+    assert early.returncode == 2 and "no part is finished" in early.stderr
+    for part in ("3/4", "1/4"):
+        result = run_shards("build", out, "--part", part, "--workers", "1")
+        assert result.returncode == 0, result.stderr
+    missing = run_shards("merge", out)
+    assert missing.returncode == 2
+    assert "parts 2, 4 of 4 are not finished" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    assert not (out / "manifest.json").exists()
+    for part in ("4/4", "2/4", "2/4"):  # a part made twice: the second run has nothing to do
+        assert run_shards("build", out, "--part", part).returncode == 0
+    merged = run_shards("merge", out)
+    assert merged.returncode == 0, merged.stderr
+    assert folder_bytes(out) == reference  # .plan and .build gone too
+
+
+def test_a_part_killed_then_rerun_makes_only_the_rest(tmp_path: Path, source: Path, reference) -> None:
+    out = tmp_path / "out"
+    assert run_shards("plan", source, out, *OPTIONS).returncode == 0
+    environment = {**os.environ, "KILL_AFTER_SAMPLES": "45"}  # mid-shard, 5 shards in
+    command = [*KILLED_BUILD, "build", str(out), "--part", "1/2", "--workers", "1"]
+    with started(command, env=environment, start_new_session=True) as process:
+        assert process.wait(timeout=120) == -signal.SIGKILL
+    made_before = {path.name: path.stat().st_ino for path in out.glob("*.tar")}
+    assert 4 <= len(made_before) < 8
+    rerun = run_shards("build", out, "--part", "1/2", "--workers", "1")
+    assert rerun.returncode == 0 and "resuming" in rerun.stderr, rerun.stderr
+    assert {name: (out / name).stat().st_ino for name in made_before} == made_before  # not made again
+    assert run_shards("build", out, "--part", "2/2").returncode == 0
+    assert run_shards("merge", out).returncode == 0
+    assert folder_bytes(out) == reference
+
+
+def test_part_mistakes_are_one_line(tmp_path: Path, source: Path) -> None:
+    out = tmp_path / "out"
+    no_plan = run_shards("build", out, "--part", "1/2")
+    assert no_plan.returncode == 2 and "run `shards plan SRC OUT` first" in no_plan.stderr
+    assert run_shards("plan", source, out, *OPTIONS).returncode == 0
+    for args, said in [
+        (["--part", "1/2", "--size", "32"], "give --size to `shards plan`"),
+        (["--part", "3/2"], "is not K/N with 1 <= K <= N"),
+        (["--part", "0/2"], "is not K/N"),
+        ([out, "--part", "1/2"], "takes OUT alone"),
+    ]:
+        result = run_shards("build", out, *args)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    bytes_cap = run_shards("plan", source, tmp_path / "other", "--shard-bytes", "1MB")
+    assert bytes_cap.returncode == 2 and "only a local build" in bytes_cap.stderr
+
+
+def test_no_ray_or_no_cluster_is_one_line(tmp_path: Path, source: Path) -> None:
+    without_ray = "import sys; sys.modules['ray'] = None; from shards.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = run_process(
+        [sys.executable, "-c", without_ray, "build", source, tmp_path / "a", "--executor", "ray"], timeout=60
+    )
+    assert result.returncode == 2 and "pip install 'vaegan-pipeline[ray]'" in result.stderr, result.stderr
+    nobody = run_shards("build", source, tmp_path / "b", "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    assert nobody.returncode == 2 and "nothing answers at --ray-address 127.0.0.1:1" in nobody.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head and a worker node (one CPU each) on 127.0.0.1 for the Ray tests; shut down after them,
+    every process it started killed even if a test failed (conftest.started)."""
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp:
+        for name, value in RAY_ON_LOOPBACK.items():
+            patch.setenv(name, value)
+        command = [sys.executable, str(REPO / "tests" / "helpers" / "ray_cluster.py"), temp]
+        with started(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as cluster:
+            line = cluster.stdout.readline()
+            assert line.startswith("address "), "the test cluster did not start"
+            cluster.address = line.split()[1]
+            yield cluster
+            cluster.communicate(timeout=60)  # closes its input: the helper shuts the cluster down
+
+
+def ray_build(source: Path, out: Path, cluster, *extra: str) -> list[str]:
+    return ["build", str(source), str(out), *OPTIONS, "--executor", "ray", "--ray-address", cluster.address, *extra]
+
+
+def test_ray_gives_the_same_bytes(tmp_path: Path, source: Path, reference, ray_cluster) -> None:
+    result = run_shards(*ray_build(source, tmp_path / "out", ray_cluster))
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(tmp_path / "out") == reference
+
+
+def test_ray_driver_killed_then_rerun_makes_only_the_rest(tmp_path: Path, source: Path, reference, ray_cluster):
+    out = tmp_path / "out"
+    environment = {**os.environ, "KILL_AFTER_RECORDS": "6"}
+    command = [*KILLED_BUILD, *ray_build(source, out, ray_cluster)]
+    with started(command, env=environment, start_new_session=True) as driver:
+        assert driver.wait(timeout=120) == -signal.SIGKILL
+    journal = (out / ".build" / "journal.jsonl").read_text().splitlines()
+    made_before = {record["name"]: (out / record["name"]).stat().st_ino for record in map(json.loads, journal[1:])}
+    assert len(made_before) == 6 and not (out / "manifest.json").exists()
+    rerun = run_shards(*ray_build(source, out, ray_cluster))
+    assert rerun.returncode == 0 and "resuming" in rerun.stderr, rerun.stderr
+    assert {name: (out / name).stat().st_ino for name in made_before} == made_before
+    assert folder_bytes(out) == reference
+
+
+def test_ray_worker_node_lost_mid_build(tmp_path: Path, ray_cluster) -> None:
+    """Runs last of the Ray tests: it leaves the cluster with its head alone."""
+    distinct = write_images(tmp_path / "distinct", 12, size=(384, 288))
+    source = tmp_path / "src" / "photos"
+    source.mkdir(parents=True)
+    for index in range(600):  # hard links: many inputs, little disk
+        os.link(distinct[index % len(distinct)], source / f"photo-{index:04d}.png")
+    local = run_shards("build", source.parent, tmp_path / "local", *OPTIONS)
+    assert local.returncode == 0, local.stderr
+    planned_shards = len(list((tmp_path / "local").glob("*.tar")))
+
+    out = tmp_path / "out"
+    journal = out / ".build" / "journal.jsonl"
+    with started(
+        [sys.executable, "-m", "shards", *ray_build(source.parent, out, ray_cluster)], stderr=subprocess.PIPE, text=True
+    ) as driver:
+        deadline = time.monotonic() + 120
+        while not (journal.exists() and len(journal.read_text().splitlines()) > 2) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ray_cluster.stdin.write("remove-worker\n")
+        ray_cluster.stdin.flush()
+        assert ray_cluster.stdout.readline().strip() == "removed"
+        made_when_lost = len(journal.read_text().splitlines()) - 1
+        _, stderr = driver.communicate(timeout=300)
+        assert driver.returncode == 0, stderr
+    assert 2 <= made_when_lost < planned_shards - 10  # the node was lost with most of the build to go
+    assert folder_bytes(out) == folder_bytes(tmp_path / "local")
+
+
+def test_the_slurm_array_script_plans_makes_every_part_and_merges(tmp_path: Path, source: Path, reference):
+    """launch/shards-array.sbatch run as SLURM runs a batch script, with `sbatch` standing in
+    (tests/helpers/fake_sbatch.py): the array's parts run last first, the merge after them all."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f'#!/bin/sh\nexec {sys.executable} {REPO / "tests" / "helpers" / "fake_sbatch.py"} "$@"\n')
+    sbatch.chmod(0o755)
+    out = tmp_path / "an out folder"  # a space: the script must quote it
+    log = tmp_path / "jobs.jsonl"
+    environment = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PARTS": "3",
+        "PART_CPUS": "1",
+        "FAKE_SBATCH_LOG": str(log),
+    }
+    script = REPO / "launch" / "shards-array.sbatch"
+    result = run_process(["bash", str(script), str(source), str(out), *OPTIONS], timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr
+    array, merge = [json.loads(line) for line in log.read_text().splitlines()]
+    assert array["array"] == "1-3%3" and array["ran"] == 3 and array["succeeded"]
+    assert merge["dependency"] == f"afterok:{array['id']}" and merge["succeeded"]
+    assert folder_bytes(out) == reference
