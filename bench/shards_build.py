@@ -1,7 +1,10 @@
 """`shards build` against a bare PIL loop doing the same decode, crop, resize and encode, on the
 same real photographs, in the same run; and peak memory of builds of 1,000 and 10,000 images.
+With --distributed: the same build on Ray (a two-node cluster on this machine) and as three parts run
+one after another, against `--workers 2` in the same run; and `shards plan` on 100,000 and 1,000,000
+empty files (listing rate, plan bytes per input, peak memory).
 
-    python bench/shards_build.py [--images 4000] [--repeats 2]
+    python bench/shards_build.py [--images 4000] [--repeats 2] [--distributed]
 
 Corpus: the real photographs that ship inside scikit-image and scikit-learn (JPEG and PNG,
 300-800 px), hard-linked to --images input files. Output: a table, and docs/benchmarks.md.
@@ -142,41 +145,128 @@ class PeakRss:
         return self.peak
 
 
-def shards_build(source: Path, workers: int, count: int) -> tuple[float, int]:
-    """Run the real CLI; returns (images/s over the whole command, peak RSS of its process tree)."""
-    out = OUT / f"shards-w{workers}"
-    shutil.rmtree(out, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "shards",
-        "build",
-        str(source),
-        str(out),
-        "--workers",
-        str(workers),
-        "--size",
-        str(SIZE),
-    ]
+def shards(*args: str | Path, environment: dict | None = None) -> tuple[float, int]:
+    """Run the real CLI; returns (seconds of the whole command, peak RSS of its process tree)."""
+    command = [sys.executable, "-m", "shards", *map(str, args)]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
     rss = PeakRss(process.pid)
     _, errors = process.communicate()
     elapsed = time.perf_counter() - start
     peak = rss.stop()
     if process.returncode:
-        raise SystemExit(f"shards build failed: {errors.decode()[-2000:]}")
+        raise SystemExit(f"shards {args[0]} failed: {errors.decode()[-2000:]}")
+    return elapsed, peak
+
+
+def shards_build(source: Path, workers: int, count: int) -> tuple[float, int]:
+    """Run the real CLI; returns (images/s over the whole command, peak RSS of its process tree)."""
+    out = OUT / f"shards-w{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    elapsed, peak = shards("build", source, out, "--workers", workers, "--size", SIZE)
     return count / elapsed, peak
+
+
+def ray_build(source: Path, address: str, count: int) -> float:
+    out = OUT / "shards-ray"
+    shutil.rmtree(out, ignore_errors=True)
+    environment = {**os.environ, **RAY_ON_LOOPBACK}
+    on_ray = ["--executor", "ray", "--ray-address", address]
+    elapsed, _ = shards("build", source, out, "--size", SIZE, *on_ray, environment=environment)
+    return count / elapsed
+
+
+def parts_build(source: Path, parts: int, count: int) -> float:
+    """plan, every part one after another (--workers 2 each), merge: images/s over all the commands."""
+    out = OUT / "shards-parts"
+    shutil.rmtree(out, ignore_errors=True)
+    elapsed = shards("plan", source, out, "--size", SIZE)[0]
+    for part in range(1, parts + 1):
+        elapsed += shards("build", out, "--part", f"{part}/{parts}", "--workers", 2)[0]
+    elapsed += shards("merge", out)[0]
+    return count / elapsed
+
+
+# Ray takes 127.0.0.1 as every node's address, not this machine's network address (tests/helpers/ray_cluster.py)
+RAY_ON_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def two_node_cluster():
+    """A head and a worker node of one CPU each on this machine, as Ray's own tests make them."""
+    os.environ.update(RAY_ON_LOOPBACK)
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def planning(count: int) -> list[str]:
+    """`shards plan` of `count` empty files (listing is what is measured): a row of the table."""
+    corpus = OUT / f"empty-{count}"
+    if not corpus.exists() or sum(1 for _ in corpus.rglob("*.jpg")) != count:
+        shutil.rmtree(corpus, ignore_errors=True)
+        for index in range(count):  # 1,000 folders of at most 1,000 files, as large sets are laid out
+            folder = corpus / f"{index // 1000:04d}"
+            if index % 1000 == 0:
+                folder.mkdir(parents=True)
+            (folder / f"{index:07d}.jpg").touch()
+    out = OUT / f"plan-{count}"
+    shutil.rmtree(out, ignore_errors=True)
+    elapsed, peak = shards("plan", corpus, out, "--size", SIZE)
+    plan_bytes = sum(path.stat().st_size for path in (out / ".plan").iterdir())
+    rate = f"{count / elapsed:,.0f}"
+    return [f"{count:,}", f"{elapsed:.1f}", rate, f"{plan_bytes / count:.1f}", f"{peak / 2**20:.0f}"]
+
+
+def distributed(args: argparse.Namespace, paths: list[Path], source: Path) -> None:
+    cluster = two_node_cluster()
+    try:
+        best = {"w2": 0.0, "ray": 0.0, "parts": 0.0}
+        for _ in range(args.repeats):
+            best["w2"] = max(best["w2"], shards_build(source, 2, len(paths))[0])
+            best["ray"] = max(best["ray"], ray_build(source, cluster.address, len(paths)))
+            best["parts"] = max(best["parts"], parts_build(source, 3, len(paths)))
+    finally:
+        cluster.shutdown()
+    rows = [
+        ["shards build --workers 2", f"{best['w2']:.0f}", "1.00", ""],
+        ["--executor ray, 2 nodes x 1 CPU", f"{best['ray']:.0f}", f"{best['ray'] / best['w2']:.2f}", ">= 0.85"],
+        ["plan, 3 parts in turn, merge", f"{best['parts']:.0f}", f"{best['parts'] / best['w2']:.2f}", ">= 0.90"],
+    ]
+    plan_rows = [planning(count) for count in (100_000, 1_000_000)]
+    speed = markdown_table(["what", "images/s", "ratio to --workers 2", "target"], rows)
+    plan_header = ["inputs", "shards plan (s)", "inputs listed/s", "plan bytes/input", "peak RSS (MiB)"]
+    plans = markdown_table(plan_header, plan_rows)
+    body = f"""## shards build on Ray and in parts (`bench/shards_build.py --distributed`)
+
+{machine()}. The {args.images} inputs of the table above, to {SIZE}x{SIZE} PNG; whole commands (Ray: the driver's
+start and connection included, the cluster already up), best of {args.repeats}, interleaved.
+
+{speed}
+
+Planning: `shards plan` of empty files (1,000 per folder): listing and writing the plan is what is measured.
+
+{plans}
+"""
+    print(body)
+    write_section("shards_distributed", body)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=2, help="best of N, interleaved (shared, noisy machines)")
+    parser.add_argument("--distributed", action="store_true", help="only the Ray, parts and planning rows")
     args = parser.parse_args()
 
     source = OUT / "corpus"
     paths = make_corpus(source, args.images)
+    if args.distributed:
+        distributed(args, paths, source)
+        return
     best = {"bare": 0.0, "bare2": 0.0, "w1": 0.0, "w2": 0.0}
     for _ in range(args.repeats):
         best["bare"] = max(best["bare"], bare_loop(paths))
