@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import random
+import hashlib
 import shutil
 import uuid
 from collections import deque
@@ -67,12 +67,18 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if int(key[:12], 16) < val_fraction * 16**12 else "train"
 
 
+def order_key(seed: int, split: str, key: str) -> str:
+    """A sample's place in its split's shuffled order: a keyed hash, so the order is the same however the
+    inputs were listed, and a plan can sort more of them than memory holds (shards/plan.py)."""
+    return hashlib.blake2b(f"{seed}:{split}:{key}".encode(), digest_size=8).hexdigest()
+
+
 def plan_splits(entries: Sequence[Entry], val_fraction: float, seed: int) -> dict[str, list[Entry]]:
     splits: dict[str, list[Entry]] = {split: [] for split in SPLITS}
-    for entry in entries:  # entries arrive sorted by relpath, so the shuffle below is reproducible
+    for entry in entries:
         splits[split_of(entry.key, val_fraction)].append(entry)
     for split, members in splits.items():
-        random.Random(f"{seed}:{split}").shuffle(members)
+        members.sort(key=lambda entry: (order_key(seed, split, entry.key), entry.relpath))
     return splits
 
 

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,19 +32,21 @@ from shards.build import (
     exclusive,
     journal_header,
     make_work_dir,
+    order_key,
     pending_segments,
-    plan_splits,
     publish,
     shard_ranges,
+    split_of,
     write_segments,
     writing_to,
 )
 from shards.errors import UserError
+from shards.external_sort import ExternalSort
 from shards.journal import Journal
 from shards.manifest import SPLITS
 from shards.publish import publisher_for
 from shards.remote import RemoteFolder, StoreNotFound, is_remote
-from shards.sources import Entry, list_sources
+from shards.sources import Entry, Fingerprint, list_sources, scan_local_sources
 
 PLAN_DIR = ".plan"
 PLAN_NAME = "plan.json"
@@ -158,56 +161,73 @@ class Plan:
 
 def write_plan(src: Path | str, out: Path | str, options: BuildOptions) -> tuple[Plan, int]:
     """List SRC once and write OUT/.plan; returns the plan and its size in bytes. The same plan again
-    keeps the parts already made; a different one starts the build over."""
+    keeps the parts already made; a different one starts the build over. A local SRC is streamed: its
+    inputs are ordered by an external sort, never all held in memory."""
     if options.shard_bytes is not None:
         raise UserError("--shard-bytes cuts shards as they are made, which only a local build can do; use --shard-size")
     publisher = publisher_for(out)
-    listing = list_sources(src, labels_from_folders=options.labels == "folder", exclude=publisher.local_out)
-    if not listing.entries:
-        raise UserError(f"no image files found in {src} ({len(listing.rejected)} other files skipped)")
-    entries = [entry.absolute() for entry in listing.entries]
-    root = _common_root(entries)
-    splits = plan_splits(entries, options.val_fraction, options.seed)
-    header = {
-        "format_version": PLAN_VERSION,
-        "src": str(src) if is_remote(src) else os.path.abspath(src),
-        "root": root,
-        "options": options.as_dict(),
-        "source": {"fingerprint": listing.fingerprint, "images": len(entries), "labels": listing.label_names},
-        "rejected": listing.rejected,
-        "counts": {split: len(splits[split]) for split in SPLITS},
-    }
-    header = json.loads(json.dumps(header))  # as it reads back: tuples become lists
-    store = PlanStore(out)
-    plan = Plan(header)
-    if store.header() == header:
-        return plan, _plan_bytes(store, header)
-    store.remove(PARTS_DIR)  # parts made for another plan
-    publisher.finished_build(options, listing.fingerprint, overwrite=True)  # drops an earlier manifest
-    size = len(json.dumps(header))
     with tempfile.TemporaryDirectory(prefix="shards-plan-") as scratch:
+        entries, rejected, fingerprint = _scan(src, options, publisher.local_out)
+        splits = {split: ExternalSort(Path(scratch), split) for split in SPLITS}
+        labels: set[str] = set()
+        root = None
+        for entry in entries:
+            entry = entry.absolute()
+            if root is None:
+                root = entry.path[: -len(entry.relpath)] if entry.path.endswith(entry.relpath) else ""
+            split = split_of(entry.key, options.val_fraction)
+            row = [order_key(options.seed, split, entry.key), entry.relpath, entry.label]
+            splits[split].add(row if entry.path == root + entry.relpath else [*row, entry.path])
+            if entry.label is not None:
+                labels.add(entry.label)
+        counts = {split: splits[split].count for split in SPLITS}
+        if root is None:
+            raise UserError(f"no image files found in {src} ({len(rejected)} other files skipped)")
+        header = {
+            "format_version": PLAN_VERSION,
+            "src": str(src) if is_remote(src) else os.path.abspath(src),
+            "root": root,
+            "options": options.as_dict(),
+            "source": {"fingerprint": fingerprint(), "images": sum(counts.values()), "labels": sorted(labels) or None},
+            "rejected": sorted(rejected),
+            "counts": counts,
+        }
+        header = json.loads(json.dumps(header))  # as it reads back: tuples become lists
+        store = PlanStore(out)
+        plan = Plan(header)
+        if store.header() == header:
+            return plan, _plan_bytes(store, header)
+        store.remove(PARTS_DIR)  # parts made for another plan
+        publisher.finished_build(options, header["source"]["fingerprint"], overwrite=True)  # drops an old manifest
+        size = len(json.dumps(header))
         for split in SPLITS:
             path = Path(scratch) / inputs_name(split)
-            _write_inputs(path, splits[split], root)
+            _write_inputs(path, splits[split])
             size += path.stat().st_size
             store.put(inputs_name(split), path)
     store.put(PLAN_NAME, json.dumps(header, indent=1).encode())  # last: a plan.json means its inputs are there
     return plan, size
 
 
-def _common_root(entries: list[Entry]) -> str:
-    first = entries[0]
-    return first.path[: -len(first.relpath)] if first.path.endswith(first.relpath) else ""
+def _scan(src: Path | str, options: BuildOptions, out: Path) -> tuple[Iterator[Entry], list, Callable[[], str]]:
+    """SRC's inputs as a stream, what was rejected, and (once the stream is read) SRC's fingerprint."""
+    labels_from_folders = options.labels == "folder"
+    if is_remote(src):  # an object store's listing comes whole from fsspec anyway
+        listing = list_sources(src, labels_from_folders)
+        return iter(listing.entries), listing.rejected, lambda: listing.fingerprint
+    rejected: list[tuple[str, str]] = []
+    fingerprint = Fingerprint()
+    scan = scan_local_sources(Path(src), labels_from_folders, out, rejected)
+    return map(fingerprint.add, scan), rejected, fingerprint.hexdigest
 
 
-def _write_inputs(path: Path, entries: list[Entry], root: str) -> None:
+def _write_inputs(path: Path, rows: ExternalSort) -> None:
+    """One JSON line per input in its split's order: [relpath, label] and, when it is not root + relpath,
+    the path."""
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as packed:
         text = io.TextIOWrapper(packed, encoding="utf-8", errors="surrogateescape")
-        for entry in entries:
-            row = [entry.relpath, entry.label]
-            if entry.path != root + entry.relpath:
-                row.append(entry.path)
-            text.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for row in rows:
+            text.write(json.dumps(row[1:], ensure_ascii=False) + "\n")
         text.flush()
         text.detach()
 

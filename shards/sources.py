@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,36 +71,46 @@ def list_sources(src: Path | str, labels_from_folders: bool = False, exclude: Pa
         from shards.remote_sources import list_remote_sources
 
         listing = list_remote_sources(str(src), labels_from_folders)
-        listing.entries.sort(key=lambda entry: entry.relpath)
-        listing.rejected.sort()
-        return listing
-    if not src.exists():
-        raise SourceError(f"SRC does not exist: {src}")
-    if src.is_dir():
-        listing = _walk_folder(src, labels_from_folders, exclude.resolve() if exclude else None)
-    elif src.suffix.lower() in LIST_SUFFIXES:
-        if labels_from_folders:
-            raise SourceError("--labels folder needs SRC to be a folder; a list file gives labels in a column")
-        listing = _read_list(src)
     else:
-        raise SourceError(f"SRC must be a folder or a .txt/.csv list of image paths, got {src}")
+        rejected: list[tuple[str, str]] = []
+        fingerprint = Fingerprint()
+        entries = [fingerprint.add(entry) for entry in scan_local_sources(src, labels_from_folders, exclude, rejected)]
+        listing = Listing(entries, rejected, fingerprint.hexdigest())
     listing.entries.sort(key=lambda entry: entry.relpath)
     listing.rejected.sort()
-    listing.fingerprint = _fingerprint(listing.entries)
     return listing
 
 
-def _walk_folder(root: Path, labels_from_folders: bool, exclude: Path | None) -> Listing:
-    listing = Listing(entries=[])
+def scan_local_sources(
+    src: Path, labels_from_folders: bool, exclude: Path | None, rejected: list[tuple[str, str]]
+) -> Iterator[Entry]:
+    """SRC's inputs in the order the file system gives them, one at a time (`shards plan` holds none of
+    them in memory); what is not an input is appended to `rejected` as (relpath, reason)."""
+    if not src.exists():
+        raise SourceError(f"SRC does not exist: {src}")
+    if src.is_dir():
+        return _walk_folder(src, labels_from_folders, exclude.resolve() if exclude else None, rejected)
+    if src.suffix.lower() in LIST_SUFFIXES:
+        if labels_from_folders:
+            raise SourceError("--labels folder needs SRC to be a folder; a list file gives labels in a column")
+        return _read_list(src, rejected)
+    raise SourceError(f"SRC must be a folder or a .txt/.csv list of image paths, got {src}")
+
+
+def _walk_folder(
+    root: Path, labels_from_folders: bool, exclude: Path | None, rejected: list[tuple[str, str]]
+) -> Iterator[Entry]:
+    try:
+        os.scandir(root).close()
+    except OSError as error:
+        raise SourceError(f"cannot read SRC {root}: {error.strerror}") from None
     pending = [root]
     while pending:
         folder = pending.pop()
         try:
             children = list(os.scandir(folder))
         except OSError as error:
-            if folder == root:
-                raise SourceError(f"cannot read SRC {root}: {error.strerror}") from None
-            listing.rejected.append((printable(os.path.relpath(folder, root)), f"unreadable folder: {error.strerror}"))
+            rejected.append((printable(os.path.relpath(folder, root)), f"unreadable folder: {error.strerror}"))
             continue
         for child in children:
             relpath = os.path.relpath(child.path, root)
@@ -107,22 +118,21 @@ def _walk_folder(root: Path, labels_from_folders: bool, exclude: Path | None) ->
                 if exclude is not None and Path(child.path).resolve() == exclude:
                     continue  # OUT inside SRC: our own output is never input
                 if child.name.startswith("."):
-                    listing.rejected.append((printable(relpath), "hidden folder (not read)"))
+                    rejected.append((printable(relpath), "hidden folder (not read)"))
                 else:
                     pending.append(Path(child.path))
                 continue
             if child.is_symlink() and child.is_dir():
-                listing.rejected.append((printable(relpath), "symbolic link to a folder (not followed)"))
+                rejected.append((printable(relpath), "symbolic link to a folder (not followed)"))
                 continue
             reason = name_problem(relpath)
             label = relpath.split(os.sep, 1)[0] if labels_from_folders and os.sep in relpath else None
             if reason is None and labels_from_folders and label is None:
                 reason = "not inside a label folder (--labels folder)"
             if reason:
-                listing.rejected.append((printable(relpath), reason))
+                rejected.append((printable(relpath), reason))
             else:
-                listing.entries.append(Entry(relpath=relpath, path=child.path, label=label))
-    return listing
+                yield Entry(relpath=relpath, path=child.path, label=label)
 
 
 def name_problem(relpath: str) -> str | None:
@@ -163,11 +173,10 @@ def parse_list_rows(text: str, is_csv: bool, where: object) -> list[list[str]]:
     return rows
 
 
-def _read_list(list_file: Path) -> Listing:
+def _read_list(list_file: Path, rejected: list[tuple[str, str]]) -> Iterator[Entry]:
     from shards.remote import is_remote
 
     root = list_file.parent.resolve()
-    listing = Listing(entries=[])
     seen: set[str] = set()
     for row in _list_rows(list_file):
         if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
@@ -176,36 +185,44 @@ def _read_list(list_file: Path) -> Listing:
         label = row[1].strip() if len(row) > 1 and row[1].strip() else None
         if is_remote(given):  # read by the workers from the store (shards/remote_sources.py)
             if given in seen:
-                listing.rejected.append((given, "listed twice"))
+                rejected.append((given, "listed twice"))
             else:
                 seen.add(given)
-                listing.entries.append(Entry(relpath=given, path=given, label=label))
+                yield Entry(relpath=given, path=given, label=label)
             continue
         path = os.path.normpath(os.path.join(root, given))
         inside = path == str(root) or path.startswith(str(root) + os.sep)
         # paths under the list's folder are recorded relative to it; absolute paths elsewhere as given
         relpath = os.path.relpath(path, root) if inside else path
         if "\0" in given:
-            listing.rejected.append((given.replace("\0", "\\0"), "path contains a NUL byte"))
+            rejected.append((given.replace("\0", "\\0"), "path contains a NUL byte"))
         elif not os.path.isabs(given) and not inside:
-            listing.rejected.append((given, "path leaves SRC ('..')"))
+            rejected.append((given, "path leaves SRC ('..')"))
         elif relpath in seen:
-            listing.rejected.append((given, "listed twice"))
+            rejected.append((given, "listed twice"))
         else:
             seen.add(relpath)
-            listing.entries.append(Entry(relpath=relpath, path=path, label=label))
-    return listing
+            yield Entry(relpath=relpath, path=path, label=label)
 
 
-def _fingerprint(entries: list[Entry]) -> str:
-    """Changes when a listed file is added, removed, relabelled, resized or touched: a resumed build
-    must never mix shards made from two different versions of SRC."""
-    digest = hashlib.sha256()
-    for entry in entries:
+class Fingerprint:
+    """Changes when a listed file is added, removed, relabelled, resized or touched: a resumed build must
+    never mix shards made from two different versions of SRC. A sum of one hash per input, so that it does
+    not depend on the order the inputs are found in (`shards plan` never sorts the whole listing)."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0, 0
+
+    def add(self, entry: Entry) -> Entry:
         try:
             stat = os.stat(entry.path)
             signature = f"{stat.st_size}:{stat.st_mtime_ns}"
         except OSError:
             signature = "missing"
-        digest.update(f"{entry.relpath}\0{entry.label}\0{signature}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+        line = f"{entry.relpath}\0{entry.label}\0{signature}\n".encode("utf-8", "surrogateescape")
+        self.total = (self.total + int.from_bytes(hashlib.blake2b(line).digest(), "big")) % 2**512
+        self.count += 1
+        return entry
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.count}:{self.total:0128x}".encode()).hexdigest()

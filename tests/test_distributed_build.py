@@ -215,3 +215,33 @@ def test_the_slurm_array_script_plans_makes_every_part_and_merges(tmp_path: Path
     assert array["array"] == "1-3%3" and array["ran"] == 3 and array["succeeded"]
     assert merge["dependency"] == f"afterok:{array['id']}" and merge["succeeded"]
     assert folder_bytes(out) == reference
+
+
+def test_external_sort_orders_more_rows_than_a_run_holds(tmp_path: Path, monkeypatch) -> None:
+    import random
+
+    from shards import external_sort
+
+    monkeypatch.setattr(external_sort, "RUN_ROWS", 7)
+    monkeypatch.setattr(external_sort, "FAN_IN", 3)
+    generator = random.Random(5)
+    rows = [[f"{generator.getrandbits(64):016x}", f"name {i}", "cat" if i % 3 else None] for i in range(200)]
+    rows += [[rows[0][0], "a tie, broken by the rest", None]]
+    sorter = external_sort.ExternalSort(tmp_path, "rows")
+    for row in rows:
+        sorter.add(row)
+    assert list(sorter) == sorted(rows, key=lambda row: (row[0], row[1]))
+    assert len(sorter.runs) <= 3  # merged down to the fan-in before the last merge
+
+
+def test_a_plan_sorted_in_many_runs_gives_the_same_bytes(tmp_path: Path, source: Path, reference, monkeypatch):
+    from shards import external_sort
+    from shards.cli import build_options, build_parser
+    from shards.plan import write_plan
+
+    monkeypatch.setattr(external_sort, "RUN_ROWS", 5)
+    out = tmp_path / "out"
+    write_plan(source, out, build_options(build_parser().parse_args(["plan", str(source), str(out), *OPTIONS])))
+    assert run_shards("build", out, "--part", "1/1").returncode == 0
+    assert run_shards("merge", out).returncode == 0
+    assert folder_bytes(out) == reference
