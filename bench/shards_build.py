@@ -222,19 +222,29 @@ def planning(count: int) -> list[str]:
 
 
 def distributed(args: argparse.Namespace, paths: list[Path], source: Path) -> None:
+    """Each ratio against --workers 2 measured in the same conditions: parts with no Ray running, Ray
+    with the cluster up (its idle processes take a share of the two cores)."""
+    best = {"w2": 0.0, "w2-ray": 0.0, "ray": 0.0, "parts": 0.0}
+    for _ in range(args.repeats):
+        best["w2"] = max(best["w2"], shards_build(source, 2, len(paths))[0])
+        best["parts"] = max(best["parts"], parts_build(source, 3, len(paths)))
     cluster = two_node_cluster()
     try:
-        best = {"w2": 0.0, "ray": 0.0, "parts": 0.0}
         for _ in range(args.repeats):
-            best["w2"] = max(best["w2"], shards_build(source, 2, len(paths))[0])
+            best["w2-ray"] = max(best["w2-ray"], shards_build(source, 2, len(paths))[0])
             best["ray"] = max(best["ray"], ray_build(source, cluster.address, len(paths)))
-            best["parts"] = max(best["parts"], parts_build(source, 3, len(paths)))
     finally:
         cluster.shutdown()
     rows = [
         ["shards build --workers 2", f"{best['w2']:.0f}", "1.00", ""],
-        ["--executor ray, 2 nodes x 1 CPU", f"{best['ray']:.0f}", f"{best['ray'] / best['w2']:.2f}", ">= 0.85"],
-        ["plan, 3 parts in turn, merge", f"{best['parts']:.0f}", f"{best['parts'] / best['w2']:.2f}", ">= 0.90"],
+        [
+            "plan, 3 parts in turn (--workers 2), merge",
+            f"{best['parts']:.0f}",
+            f"{best['parts'] / best['w2']:.2f}",
+            ">= 0.90",
+        ],
+        ["shards build --workers 2, Ray cluster up", f"{best['w2-ray']:.0f}", "1.00", ""],
+        ["--executor ray, 2 nodes x 1 CPU", f"{best['ray']:.0f}", f"{best['ray'] / best['w2-ray']:.2f}", ">= 0.85"],
     ]
     plan_rows = [planning(count) for count in (100_000, 1_000_000)]
     speed = markdown_table(["what", "images/s", "ratio to --workers 2", "target"], rows)

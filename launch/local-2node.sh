@@ -21,9 +21,11 @@ node1=$!
 node0=$!
 trap 'kill $node0 $node1 2>/dev/null || true' EXIT INT TERM
 status=0
-wait -n "$node0" "$node1" || status=$?
+wait -n -p finished "$node0" "$node1" || status=$?
 if [ "$status" -ne 0 ]; then
     exit "$status"
 fi
-wait -n "$node0" "$node1" || status=$?
+# the other one: `wait -n` again would name the finished one too ("wait: pid N is not a child")
+if [ "$finished" = "$node0" ]; then remaining=$node1; else remaining=$node0; fi
+wait "$remaining" || status=$?
 exit "$status"

@@ -708,8 +708,23 @@ def strict_json(line: str) -> dict:
     return json.loads(line, parse_constant=refuse)
 
 
+def test_the_first_rate_after_a_resume_counts_only_the_images_since(tmp_path: Path, monkeypatch) -> None:
+    """A run resumed at 640 images that reaches 704 four seconds later went at 16 images/s, not 176."""
+    from pipeline.training import run_log
+
+    clock = iter([100.0, 104.0])
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: next(clock))
+    log = RunLog(tmp_path, Accelerator(), total_steps=20, first_step=10, images_seen=640)
+    try:
+        log.log(11, 704, {"loss": 1.0})
+    finally:
+        log.stop()
+    [record] = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["images_per_s"] == 16.0
+
+
 def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_values(tmp_path: Path) -> None:
-    log = RunLog(tmp_path, Accelerator(), total_steps=2, first_step=0)
+    log = RunLog(tmp_path, Accelerator(), total_steps=2, first_step=0, images_seen=0)
     try:
         log.log(1, 8, {"loss": math.nan, "kl": math.inf, "nll": -math.inf, "mse": 0.5, "skipped_steps": 1})
     finally:

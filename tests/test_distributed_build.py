@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, folder_bytes, read_manifest, run_process, run_shards, started, write_images
+from servers import MotoS3
+from test_remote_build import bucket_bytes, make_bucket
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
 
@@ -122,11 +124,18 @@ def test_no_ray_or_no_cluster_is_one_line(tmp_path: Path, source: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def moto():
+    with MotoS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(moto):
     """A head and a worker node (one CPU each) on 127.0.0.1 for the Ray tests; shut down after them,
-    every process it started killed even if a test failed (conftest.started)."""
+    every process it started killed even if a test failed (conftest.started). Its nodes reach moto's S3
+    the way a real cluster's nodes reach a store: with the store's own variables in their environment."""
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp:
-        for name, value in RAY_ON_LOOPBACK.items():
+        for name, value in {**RAY_ON_LOOPBACK, **moto.environment()}.items():
             patch.setenv(name, value)
         command = [sys.executable, str(REPO / "tests" / "helpers" / "ray_cluster.py"), temp]
         with started(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as cluster:
@@ -137,7 +146,7 @@ def ray_cluster():
             cluster.communicate(timeout=60)  # closes its input: the helper shuts the cluster down
 
 
-def ray_build(source: Path, out: Path, cluster, *extra: str) -> list[str]:
+def ray_build(source: Path, out: Path | str, cluster, *extra: str) -> list[str]:
     return ["build", str(source), str(out), *OPTIONS, "--executor", "ray", "--ray-address", cluster.address, *extra]
 
 
@@ -145,6 +154,14 @@ def test_ray_gives_the_same_bytes(tmp_path: Path, source: Path, reference, ray_c
     result = run_shards(*ray_build(source, tmp_path / "out", ray_cluster))
     assert result.returncode == 0, result.stderr
     assert folder_bytes(tmp_path / "out") == reference
+
+
+def test_ray_builds_into_s3(tmp_path: Path, source: Path, reference, ray_cluster, moto) -> None:
+    """Tasks upload their shards themselves, from the node they ran on; the driver uploads the manifest."""
+    make_bucket(moto, "ray")
+    result = run_shards(*ray_build(source, "s3://ray/shards", ray_cluster))  # moto's variables: set by ray_cluster
+    assert result.returncode == 0, result.stderr
+    assert bucket_bytes(moto, "ray/shards") == reference
 
 
 def test_ray_driver_killed_then_rerun_makes_only_the_rest(tmp_path: Path, source: Path, reference, ray_cluster):

@@ -188,8 +188,51 @@ def test_two_nodes_on_one_machine(tmp_path: Path, shards: Path) -> None:
         },
     )
     assert_ok(result)
+    assert "wait:" not in result.stderr  # the script waits for each "node" once
     assert [(r["rank"], r["world_size"]) for r in rank_records(out)] == [(0, 2), (1, 2)]
     assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def slurm_stand_ins(folder: Path) -> dict[str, str]:
+    """`srun` and `scontrol` for running launch/slurm.sbatch as SLURM would run it in a one-node job:
+    srun runs its command once, as node 0, and writes its arguments to srun.args (with FAKE_SRUN_DRY
+    set, it only writes them). Not SLURM itself: what this checks is the script's own arithmetic."""
+    folder.mkdir()
+    (folder / "srun").write_text(
+        '#!/bin/bash\nprintf "%s\\n" "$@" > "$(dirname "$0")/srun.args"\n'
+        '[ -n "${FAKE_SRUN_DRY:-}" ] && exit 0\nshift\nSLURM_NODEID=0 exec "$@"\n'
+    )
+    (folder / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    for name in ("srun", "scontrol"):
+        (folder / name).chmod(0o755)
+    path = f"{folder}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return {**environment(), "PATH": path, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1"}
+
+
+def test_slurm_script_runs_one_process_and_counts_ranks_from_the_allocation(tmp_path: Path, shards: Path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", shards, out, max_steps=2)
+    script = ["bash", str(REPO / "launch" / "slurm.sbatch")]
+    base = {**slurm_stand_ins(tmp_path / "bin"), "CONFIG": str(config), "MASTER_PORT": str(free_port())}
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "GPUS_PER_NODE", "PROCS_PER_NODE"):
+        base.pop(name, None)
+    result = run_process(script, 300, env=base)  # one node, no GPU asked for: one CPU rank
+    assert_ok(result)
+    assert [(r["rank"], r["world_size"]) for r in rank_records(out)] == [(0, 1)]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    launched = (tmp_path / "bin" / "srun.args").read_text()
+    assert "--num_processes 1" in launched and "--multi_gpu" not in launched
+
+    for allocation, ranks in [
+        ({"SLURM_GPUS_ON_NODE": "4"}, 4),
+        ({"SLURM_GPUS_PER_NODE": "a100:2"}, 2),
+        ({"SLURM_GPUS_ON_NODE": "4", "PROCS_PER_NODE": "3"}, 3),
+        ({"SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}, 16),
+    ]:
+        dry = run_process(script, 60, env={**base, **allocation, "FAKE_SRUN_DRY": "1"})
+        assert_ok(dry)
+        launched = (tmp_path / "bin" / "srun.args").read_text()
+        assert f"--multi_gpu --num_machines {allocation.get('SLURM_NNODES', '1')} --num_processes {ranks}" in launched
 
 
 def test_vaegan_trains_on_two_ranks_under_zero2_with_accumulation(tmp_path: Path) -> None:

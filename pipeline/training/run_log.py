@@ -15,7 +15,7 @@ from shards.progress import console, progress_bar
 
 
 class RunLog:
-    def __init__(self, output_dir: Path, accelerator, total_steps: int, first_step: int) -> None:
+    def __init__(self, output_dir: Path, accelerator, total_steps: int, first_step: int, images_seen: int) -> None:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.total_steps = total_steps
@@ -26,7 +26,8 @@ class RunLog:
             self.progress.columns = (*self.progress.columns, TextColumn("{task.fields[losses]}"))
             self.task = self.progress.add_task("training", total=total_steps, completed=first_step, losses="")
             self.progress.start()
-        self.last_time, self.last_images = time.perf_counter(), 0
+        # a resumed run's first rate counts from the images it resumed at, not from 0
+        self.last_time, self.last_images = time.perf_counter(), images_seen
 
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
         """metrics: already reduced across ranks; called on every rank, writes on rank 0."""

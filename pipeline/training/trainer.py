@@ -162,7 +162,7 @@ class Trainer:
             hflip=config.data.hflip,
             pin_memory=torch.cuda.is_available(),
         )
-        log = RunLog(self.output_dir, accelerator, self.total_steps, self.step)  # its clock starts here
+        log = RunLog(self.output_dir, accelerator, self.total_steps, self.step, self.images_seen)  # clock starts
         try:
             self._loop(loader, log, grid_inputs, stop, prefetcher)
         finally:
