@@ -28,12 +28,33 @@ def _conv(channels_in: int, channels_out: int, stride: int, bias: bool = False) 
     return nn.Conv2d(channels_in, channels_out, 5, stride=stride, padding=2, bias=bias)
 
 
+class Float32Statistics:
+    """Batch norm normalises in float32 when the network runs in bfloat16 or float16. DeepSpeed casts the
+    parameters to bf16 and leaves the running statistics in float32: CUDA's kernel takes that mix, the
+    CPU's refuses it ("expected scalar type BFloat16 but found Float"). Computing the statistics of a batch
+    in float32 is what mixed precision does with them anyway; the output goes back to the input's dtype."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype in (torch.float32, torch.float64) or self.weight is None:
+            return super().forward(images)
+        in_float32 = {"weight": self.weight.float(), "bias": self.bias.float()}
+        return torch.func.functional_call(self, in_float32, (images.float(),)).to(images.dtype)
+
+
+class BatchNorm2d(Float32Statistics, nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm1d(Float32Statistics, nn.BatchNorm1d):
+    pass
+
+
 def _norm2d(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
 def _norm1d(features: int) -> nn.BatchNorm1d:
-    return nn.BatchNorm1d(features, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return BatchNorm1d(features, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
 def _down_stages(channels_in: int, widths: tuple[int, ...]) -> list[nn.Module]:
