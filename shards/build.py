@@ -138,16 +138,19 @@ class SplitWriter:
         total: int,
         out: Path,
         work_dir: Path,
-        journal: Journal | RecordList,
+        journal: Journal | list[dict],
         options: BuildOptions,
         publisher: Publisher,
+        first_index: int = 0,
     ):
+        """journal: where finished shards are recorded (anything with append); first_index: the number
+        of the next shard with --shard-bytes, which numbers shards in order (planned shards are numbered
+        by their inputs)."""
         self.split, self.total, self.out, self.work_dir = split, total, out, work_dir
         self.journal, self.options, self.publisher = journal, options, publisher
         self.planned = options.shard_bytes is None
-        done = journal.split_records(split)
         self.position = 0
-        self.next_index = sum(1 for record in done if "name" in record)  # --shard-bytes numbering
+        self.next_index = first_index
         self.shard: ShardWriter | None = None
         self.skipped: list[dict] = []
 
@@ -200,19 +203,6 @@ class SplitWriter:
             self.shard = None
 
 
-class RecordList:
-    """A journal kept in memory: what one task made, handed back to the process that journals it."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    def split_records(self, split: str) -> list[dict]:
-        return [record for record in self.records if record["split"] == split]
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-
-
 @dataclass(frozen=True)
 class SourceSummary:
     """What the manifest says of SRC: all a build needs of the listing once the inputs are planned."""
@@ -231,6 +221,16 @@ def journal_header(options: BuildOptions, fingerprint: str) -> dict:
     return {"format_version": FORMAT_VERSION, "options": options.as_dict(), "sources": fingerprint, "layout": 2}
 
 
+def check_plannable(options: BuildOptions) -> None:
+    """Ray and parts make planned shards; --shard-bytes cuts shards by what they turn out to hold."""
+    if options.shard_bytes is not None:
+        raise UserError("--shard-bytes cuts shards as they are made, which only a local build can do; use --shard-size")
+
+
+def no_inputs(src: Path | str, rejected: Sequence) -> UserError:
+    return UserError(f"no image files found in {src} ({len(rejected)} other files skipped)")
+
+
 def build(
     src: Path | str,
     out: Path | str,
@@ -243,14 +243,14 @@ def build(
     (s3://, gs://, shards/publish.py): the shards are made in a local staging folder and uploaded as
     each is finished, the manifest last. ray_address: make the shards as tasks on that Ray cluster
     (shards/ray_executor.py) instead of in `workers` local processes."""
-    if ray_address is not None and options.shard_bytes is not None:
-        raise UserError("--shard-bytes cuts shards as they are made, which only a local build can do; use --shard-size")
+    if ray_address is not None:
+        check_plannable(options)
     from shards.ray_executor import joined
 
     publisher = publisher_for(out)
     listing = list_sources(src, labels_from_folders=options.labels == "folder", exclude=publisher.local_out)
     if not listing.entries:
-        raise UserError(f"no image files found in {src} ({len(listing.rejected)} other files skipped)")
+        raise no_inputs(src, listing.rejected)
     with joined(ray_address) as ray:  # first: a cluster out of reach leaves OUT as it was
         return _build(src, listing, publisher, options, workers, overwrite, ray)
 
@@ -316,7 +316,10 @@ def write_segments(
     """Make the shards of `segments` in `workers` local processes: the inputs stream through them in
     chunks, in order, and this process cuts the results into shards."""
     out = publisher.local_out
-    writers = {split: SplitWriter(split, totals[split], out, work_dir, journal, options, publisher) for split in SPLITS}
+    writers = {}
+    for split in SPLITS:
+        made = sum(1 for record in journal.records if record["split"] == split and "name" in record)
+        writers[split] = SplitWriter(split, totals[split], out, work_dir, journal, options, publisher, made)
     starts: deque[tuple[SplitWriter, int | None]] = deque()  # per chunk sent: its writer, its segment's start
 
     def chunks() -> Iterator[list[tuple]]:
@@ -350,7 +353,7 @@ def make_range(split: str, start: int, total: int, todo: list[tuple], options: B
     publisher = publisher_for(out)
     work_dir = publisher.local_out / WORK_DIR_NAME / "tasks" / uuid.uuid4().hex
     work_dir.mkdir(parents=True)
-    records = RecordList()
+    records: list[dict] = []  # handed back to the driver, which journals them
     writer = SplitWriter(split, total, publisher.local_out, work_dir, records, options, publisher)
     writer.start_at(start)
     try:
@@ -362,7 +365,7 @@ def make_range(split: str, start: int, total: int, todo: list[tuple], options: B
         raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return records.records
+    return records
 
 
 def make_work_dir(out: Path, name: str = WORK_DIR_NAME) -> Path:

@@ -5,6 +5,7 @@ memory (bench/shards_build.py --distributed)."""
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ class ExternalSort:
         self.rows: list[list] = []
         self.runs: list[Path] = []
         self.count = 0
+        self._file_numbers = itertools.count()
 
     def add(self, row: list) -> None:
         self.rows.append(row)
@@ -34,7 +36,7 @@ class ExternalSort:
         self.rows = []
 
     def _write(self, rows: Iterator[list]) -> Path:
-        path = self.scratch / f"{self.name}-{len(self.runs)}-{id(rows)}.jsonl"
+        path = self.scratch / f"{self.name}-{next(self._file_numbers)}.jsonl"
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as file:
             for row in rows:
                 file.write(json.dumps(row, ensure_ascii=False) + "\n")

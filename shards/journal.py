@@ -44,9 +44,6 @@ class Journal:
     def resumed(self) -> bool:
         return bool(self.records)
 
-    def split_records(self, split: str) -> list[dict]:
-        return [record for record in self.records if record["split"] == split]
-
     def append(self, record: dict) -> None:
         self.records.append(record)
         with open(self.path, "a") as file:

@@ -29,9 +29,11 @@ from shards.build import (
     Segment,
     SourceSummary,
     build_manifest,
+    check_plannable,
     exclusive,
     journal_header,
     make_work_dir,
+    no_inputs,
     order_key,
     pending_segments,
     publish,
@@ -103,6 +105,13 @@ class PlanStore:
             self.remote.download(name, self.remote.size(name), into)
         return path
 
+    def size(self) -> int:
+        """Bytes of the plan: plan.json and the inputs (asked where they lie, not downloaded)."""
+        names = [PLAN_NAME, *map(inputs_name, SPLITS)]
+        if self.remote:
+            return sum(self.remote.size(name) for name in names)
+        return sum((self.folder / name).stat().st_size for name in names)
+
     def names(self, folder: str) -> list[str]:
         if self.remote:
             return RemoteFolder(f"{self.location}/{folder}").names()
@@ -163,8 +172,7 @@ def write_plan(src: Path | str, out: Path | str, options: BuildOptions) -> tuple
     """List SRC once and write OUT/.plan; returns the plan and its size in bytes. The same plan again
     keeps the parts already made; a different one starts the build over. A local SRC is streamed: its
     inputs are ordered by an external sort, never all held in memory."""
-    if options.shard_bytes is not None:
-        raise UserError("--shard-bytes cuts shards as they are made, which only a local build can do; use --shard-size")
+    check_plannable(options)
     publisher = publisher_for(out)
     with tempfile.TemporaryDirectory(prefix="shards-plan-") as scratch:
         entries, rejected, fingerprint = _scan(src, options, publisher.local_out)
@@ -182,7 +190,7 @@ def write_plan(src: Path | str, out: Path | str, options: BuildOptions) -> tuple
                 labels.add(entry.label)
         counts = {split: splits[split].count for split in SPLITS}
         if root is None:
-            raise UserError(f"no image files found in {src} ({len(rejected)} other files skipped)")
+            raise no_inputs(src, rejected)
         header = {
             "format_version": PLAN_VERSION,
             "src": str(src) if is_remote(src) else os.path.abspath(src),
@@ -196,17 +204,15 @@ def write_plan(src: Path | str, out: Path | str, options: BuildOptions) -> tuple
         store = PlanStore(out)
         plan = Plan(header)
         if store.header() == header:
-            return plan, _plan_bytes(store, header)
+            return plan, store.size()
         store.remove(PARTS_DIR)  # parts made for another plan
         publisher.finished_build(options, header["source"]["fingerprint"], overwrite=True)  # drops an old manifest
-        size = len(json.dumps(header))
         for split in SPLITS:
             path = Path(scratch) / inputs_name(split)
             _write_inputs(path, splits[split])
-            size += path.stat().st_size
             store.put(inputs_name(split), path)
     store.put(PLAN_NAME, json.dumps(header, indent=1).encode())  # last: a plan.json means its inputs are there
-    return plan, size
+    return plan, store.size()
 
 
 def _scan(src: Path | str, options: BuildOptions, out: Path) -> tuple[Iterator[Entry], list, Callable[[], str]]:
@@ -230,12 +236,6 @@ def _write_inputs(path: Path, rows: ExternalSort) -> None:
             text.write(json.dumps(row[1:], ensure_ascii=False) + "\n")
         text.flush()
         text.detach()
-
-
-def _plan_bytes(store: PlanStore, header: dict) -> int:
-    with tempfile.TemporaryDirectory(prefix="shards-plan-") as scratch:
-        sizes = [store.local_copy(inputs_name(split), Path(scratch)).stat().st_size for split in SPLITS]
-    return len(json.dumps(header)) + sum(sizes)
 
 
 def read_inputs(path: Path, root: str, start: int, stop: int) -> list[Entry]:
