@@ -227,8 +227,11 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-BUILD_OPTIONS = ("size", "crop", "format", "quality", "mode", "labels", "shard_size", "shard_bytes", "val_fraction")
-BUILD_OPTIONS += ("seed", "max_pixels")
+def build_option_defaults() -> dict[str, object]:
+    """Each option add_build_options defines, with its default (what `--part` must be left at)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_build_options(probe)
+    return {action.dest: action.default for action in probe._actions}
 
 
 def part_of(text: str) -> tuple[int, int]:
@@ -412,13 +415,17 @@ def manifest_location(out: Path | str) -> str:
     return one_line(str(out / "manifest.json") if isinstance(out, Path) else out.rstrip("/") + "/manifest.json")
 
 
-def print_manifest(manifest: dict, out: Path | str) -> None:
+def print_summary(manifest: dict) -> None:
     from shards.report import skipped_table, summary_table
 
     output.print(summary_table(manifest))
     skipped = skipped_table(manifest)
     if skipped:
         output.print(skipped)
+
+
+def print_manifest(manifest: dict, out: Path | str) -> None:
+    print_summary(manifest)
     print(f"wrote {manifest_location(out)}")
 
 
@@ -443,8 +450,7 @@ def run_part(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         raise UserError("--part K/N takes OUT alone: SRC and the options are read from the plan in OUT")
-    defaults = build_parser().parse_args(["build", "-"])
-    given = [name for name in BUILD_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    given = [name for name, default in build_option_defaults().items() if getattr(args, name) != default]
     if given or args.executor != "local" or args.overwrite:
         named = ", ".join("--" + name.replace("_", "-") for name in given) or "--executor/--overwrite"
         raise UserError(f"--part K/N reads the build options from the plan: give {named} to `shards plan`")
@@ -481,7 +487,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from shards.folder import ShardFolder
-    from shards.report import contact_sheet, skipped_table, summary_table
+    from shards.report import contact_sheet
     from shards.shard_cache import DamagedShard
 
     folder = ShardFolder.at(args.out)
@@ -490,10 +496,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         check_output_file(args.grid)
         if not manifest["splits"][args.split]["count"]:
             raise UserError(f"split {args.split!r} is empty: nothing to draw")
-    output.print(summary_table(manifest))
-    skipped = skipped_table(manifest)
-    if skipped:
-        output.print(skipped)
+    print_summary(manifest)
     if args.grid:
         try:
             sheet = contact_sheet(folder, manifest, args.split, args.count)
