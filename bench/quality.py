@@ -11,8 +11,11 @@ model size (latent 32, encoder FC 1024), RMSProp at the plugins' settings, the s
 steps and batch; the VAE-GANs with the demo's non-saturating decoder loss. Evaluation: split val, --count
 images, reconstructions and samples each, the shipped FID Inception. Results: a side-by-side table, and
 docs/benchmarks.md with each column's sample and reconstruction grids and loss curves
-(docs/quality-<column>-*.png). A finished run's result is kept in bench/out/quality and reused while its
-config is the same, so more seeds can be added later.
+(docs/quality-<column>-*.png).
+
+A finished run's figures are kept in docs/quality-runs.json (committed: a run costs up to an hour here,
+and nine do not fit in one sitting) and reused while its config is the same, so seeds can be added over
+several sessions; `--report` writes the table from the kept runs alone, each column over the seeds it has.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from report import machine, markdown_table, write_section
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "quality"
 DOCS = REPO / "docs"
+KEPT_RUNS = DOCS / "quality-runs.json"
 MODEL = {"latent_size": 32, "fc_size": 1024}  # launch/configs/demo.yaml
 DEMO_VAEGAN = {"generator_loss": "non_saturating"}
 # column: (plugin, model options, optimizer settings)
@@ -83,37 +87,87 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_and_evaluate(plugin: str, seed: int, args: argparse.Namespace) -> dict:
-    """One training run and its evaluation (or its kept result, when the config is the same); seed 0's
+def kept_config(config: dict) -> dict:
+    """What identifies a run across checkouts: its config without the folders, which vary by machine."""
+    data = {**config["data"], "shards": Path(config["data"]["shards"]).name}
+    return {**{key: value for key, value in config.items() if key != "output_dir"}, "data": data}
+
+
+def load_kept_runs() -> dict:
+    return json.loads(KEPT_RUNS.read_text()) if KEPT_RUNS.exists() else {}
+
+
+def keep_run(name: str, config: dict, result: dict) -> None:
+    """Records a finished run's figures (what the tables show, not its weights) in KEPT_RUNS."""
+    runs = load_kept_runs()
+    runs[name] = {"config": kept_config(config), "result": result}
+    temporary = KEPT_RUNS.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+    temporary.replace(KEPT_RUNS)
+
+
+def figures(evaluation: dict) -> dict:
+    """The evaluation's figures that the tables read, and its protocol."""
+    kept: dict = {"protocol": evaluation["protocol"]}
+    for _, section, key, _ in METRICS:
+        kept.setdefault(section, {})[key] = evaluation[section][key]
+    return kept
+
+
+def train_and_evaluate(column: str, seed: int, args: argparse.Namespace) -> dict:
+    """One training run and its evaluation (or its kept figures, when the config is the same); seed 0's
     grids and loss curves go to docs/."""
-    name = f"{plugin}-seed{seed}"
-    config = OUT / f"{name}.yaml"
-    settings = yaml.safe_dump(run_config(plugin, args.shards, args.steps, args.batch_size, seed))
-    kept = OUT / f"{name}-result.json"
-    if kept.exists() and config.exists() and config.read_text() == settings:
-        print(f"{name}: kept from an earlier run ({kept})", flush=True)
-        return json.loads(kept.read_text())
+    name = f"{column}-seed{seed}"
+    config = run_config(column, args.shards, args.steps, args.batch_size, seed)
+    kept = load_kept_runs().get(name)
+    if kept and kept["config"] == kept_config(config):
+        print(f"{name}: kept from an earlier run ({KEPT_RUNS.name})", flush=True)
+        return kept["result"]
+    OUT.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(OUT / name, ignore_errors=True)
-    config.write_text(settings)
+    config_file = OUT / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(config))
     print(f"{name}: training {args.steps} steps of {args.batch_size}", flush=True)
-    train_seconds = run([sys.executable, "-m", "pipeline.train", "--config", str(config)], OUT / f"{name}-train.log")
+    train = [sys.executable, "-m", "pipeline.train", "--config", str(config_file)]
+    train_seconds = run(train, OUT / f"{name}-train.log")
     print(f"{name}: evaluating on {args.count} held-out images", flush=True)
     evaluation_json = OUT / f"{name}-evaluation.json"
     pipeline = [sys.executable, "-m", "pipeline.cli"]
     evaluate = [*pipeline, "evaluate", str(OUT / name / "checkpoints" / "latest"), "--shards", str(args.shards)]
     evaluate += ["--split", "val", "--count", str(args.count), "--json", str(evaluation_json)]
     evaluate_seconds = run(evaluate, OUT / f"{name}-evaluate.log")
-    result = json.loads(evaluation_json.read_text())
+    evaluation = json.loads(evaluation_json.read_text())
     if seed == 0:
-        plot = [*pipeline, "plot", str(OUT / name), "--out", str(DOCS / f"quality-{plugin}-loss-curves.png")]
+        plot = [*pipeline, "plot", str(OUT / name), "--out", str(DOCS / f"quality-{column}-loss-curves.png")]
         run(plot, OUT / f"{name}-plot.log")
-        for kind, path in result["grids"].items():
-            shutil.copyfile(path, DOCS / f"quality-{plugin}-{kind}.png")
+        for kind, path in evaluation["grids"].items():
+            shutil.copyfile(path, DOCS / f"quality-{column}-{kind}.png")
     last_logged = json.loads((OUT / name / "metrics.jsonl").read_text().splitlines()[-1])
-    timings = {"train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds}
-    result = {**result, **timings, "last_logged": last_logged}
-    kept.write_text(json.dumps(result))
+    result = {
+        **figures(evaluation),
+        "train_seconds": train_seconds,
+        "evaluate_seconds": evaluate_seconds,
+        "last_logged": {key: last_logged[key] for key in ("mse", "images_per_s")},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    keep_run(name, config, result)
     return result
+
+
+def kept_results(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Per column, the kept runs of seeds 0..N-1 whose config is this bench's, in seed order."""
+    kept, results = load_kept_runs(), {}
+    for column in PLUGINS:
+        results[column] = []
+        for seed in range(args.seeds):
+            run_ = kept.get(f"{column}-seed{seed}")
+            config = kept_config(run_config(column, args.shards, args.steps, args.batch_size, seed))
+            if not run_ or run_["config"] != config:
+                break  # seeds run in order: the table's "seeds 0 to N" has no gaps
+            results[column].append(run_["result"])
+        if not results[column]:
+            raise SystemExit(f"no kept run of {column} in {KEPT_RUNS} for these settings: run without --report")
+    return results
 
 
 def summary(values: list[float], digits: int) -> str:
@@ -161,16 +215,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--count", type=int, default=500, help="held-out images, reconstructions and samples each")
     parser.add_argument("--seeds", type=int, default=1, help="training runs per column, seeds 0..N-1 (default 1)")
+    parser.add_argument("--report", action="store_true", help="train nothing: the table from the kept runs alone")
     args = parser.parse_args()
-    if not (args.shards / "manifest.json").exists():
-        raise SystemExit(f"no shards at {args.shards}: run scripts/demo.sh first, or pass --shards")
-    OUT.mkdir(parents=True, exist_ok=True)
-    seeds = range(args.seeds)
-    # seed by seed, so that an interrupted bench has kept whole rows of results
-    runs = {(plugin, seed): train_and_evaluate(plugin, seed, args) for seed in seeds for plugin in PLUGINS}
-    results = {plugin: [runs[plugin, seed] for seed in seeds] for plugin in PLUGINS}
-    protocol = results["vaegan"][0]["protocol"]
-    seeds_text = "seed 0" if args.seeds == 1 else f"seeds 0 to {args.seeds - 1}: one training run each"
+    if not args.report:
+        if not (args.shards / "manifest.json").exists():
+            raise SystemExit(f"no shards at {args.shards}: run scripts/demo.sh first, or pass --shards")
+        # seed by seed, so that an interrupted bench has kept whole rows of results
+        for seed in range(args.seeds):
+            for column in PLUGINS:
+                train_and_evaluate(column, seed, args)
+    results = kept_results(args)
+    newest = max((run for runs in results.values() for run in runs), key=lambda run: run["date"])
+    protocol = newest["protocol"]
+    counts = {len(runs) for runs in results.values()}
+    seeds_text = (
+        "seed 0"
+        if counts == {1}
+        else ", ".join(f"{column} seeds 0 to {len(runs) - 1}" for column, runs in results.items())
+        + ": one training run each"
+    )
     images = args.steps * args.batch_size
     body = f"""## VAE against VAE-GAN (`bench/quality.py`)
 
