@@ -41,7 +41,7 @@ def small_shards(size: int) -> Path:
     return out
 
 
-def make_trainer(shards: Path, output_dir: Path):
+def make_trainer(shards: Path, output_dir: Path, model: dict | None = None):
     from pipeline.config import RunConfig
     from pipeline.plugin import ImageInfo
     from pipeline.plugins.vaegan import VAEGAN
@@ -53,6 +53,7 @@ def make_trainer(shards: Path, output_dir: Path):
     config = RunConfig.model_validate(
         {
             "plugin": "vaegan",
+            "model": model or {},
             "data": {"shards": str(shards), "batch_size": 8, "workers": 0},
             "max_steps": 10**6,
             "deepspeed": {"zero_stage": 2},
@@ -99,16 +100,14 @@ def bare_load(targets: dict[str, dict[str, torch.Tensor]], folder: Path) -> None
             destination[key].copy_(value)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--size", type=int, default=64, choices=(32, 64, 128))
-    args = parser.parse_args()
+def measure(shards: Path, rounds: int, model: dict | None = None) -> dict:
+    """Best seconds of each of save, load, bare save and bare load over `rounds` interleaved rounds, the
+    checkpoint's MiB and the model's parameters; the trainer is ended before returning."""
     shutil.rmtree(OUT / "run", ignore_errors=True)
-    trainer = make_trainer(small_shards(args.size), OUT / "run")
+    trainer = make_trainer(shards, OUT / "run", model)
     bare_folder = OUT / "bare"
     times: dict[str, list[float]] = {"save": [], "load": [], "bare save": [], "bare load": []}
-    for round_number in range(args.rounds):
+    for round_number in range(rounds):
         trainer.step = round_number + 1  # a new folder each round; keep_last 1 removes the previous
         seconds, folder = timed(trainer.save_checkpoint)
         times["save"].append(seconds)
@@ -119,11 +118,23 @@ def main() -> None:
         times["bare save"].append(timed(bare_save, tensors, bare_folder)[0])
         targets = {name: {key: torch.empty_like(v) for key, v in state.items()} for name, state in tensors.items()}
         times["bare load"].append(timed(bare_load, targets, bare_folder)[0])
-    best = {name: min(values) for name, values in times.items()}
-
     total_bytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     parameters = sum(p.numel() for p in trainer.networks.parameters())
-    megabytes = total_bytes / 2**20
+    trainer.accelerator.end_training()
+    return {
+        **{name: min(values) for name, values in times.items()},
+        "megabytes": total_bytes / 2**20,
+        "parameters": parameters,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, choices=(32, 64, 128))
+    args = parser.parse_args()
+    best = measure(small_shards(args.size), args.rounds)
+    megabytes, parameters = best["megabytes"], best["parameters"]
     rows = []
     for what, ours, bare in (("save", "save", "bare save"), ("load", "load", "bare load")):
         rows.append(
@@ -149,7 +160,6 @@ hashes; read with `load_file` into tensors already allocated (as `load_state_dic
 """
     print(body)
     write_section("checkpoint", body)
-    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class DirectVAEGAN:
         features = discriminator.features(torch.cat([reconstruction, images]))
         thaw(norms)
         norms = frozen(decoder)
-        generated = decoder(torch.cat([z.detach(), torch.randn(count, latent)]))
+        generated = decoder(torch.cat([z.detach(), torch.randn(count, latent, device=images.device)]))
         thaw(norms)
         logits, _ = discriminator(torch.cat([images, generated]))
         d = torch.sigmoid

@@ -230,6 +230,10 @@ class RunConfig(Strict):
     output_dir: FilePath
     resume: str = Field("auto", description="auto | none | PATH to a checkpoint folder")
     seed: Integer = Field(0, ge=0, lt=2**31)
+    compile: Flag = Field(False, description="torch.compile every network (inductor); off by default")
+    determinism: Flag = Field(
+        False, description="deterministic kernels only (torch, cuDNN, cuBLAS): bit-identical resume on GPUs"
+    )
 
     @field_validator("model")
     @classmethod

@@ -36,7 +36,7 @@ from pipeline.checkpoints.optimizer_state import CheckpointError
 from pipeline.config import ConfigError, RunConfig
 from pipeline.plugin import ModelPlugin, capabilities
 from pipeline.training import deepspeed_internals as internals
-from pipeline.training import faults
+from pipeline.training import faults, kernels
 from pipeline.training.data import MicroBatch, StreamLayout, training_loader
 from pipeline.training.engine import (
     TrainingModule,
@@ -68,9 +68,13 @@ class Trainer:
         """networks: plugin.build_networks(), built from the same seed on every rank. resume: a
         validated checkpoint (folder, trainer_state) to continue from (pipeline.checkpoints.checkpoint.find_resume)."""
         self.config, self.plugin, self.split, self.resume = config, plugin, split, resume
+        if config.determinism:
+            kernels.use_deterministic_kernels()  # before any CUDA kernel runs
         self.precision = resolve_precision(config.precision)
         self.accelerator = make_accelerator(config, self.precision)
         module = TrainingModule(networks, plugin)
+        if config.compile:
+            kernels.compile_networks(module.networks)
         optimizer = build_optimizer(config, module.networks, plugin.optimizer_defaults())
         self.engine, self.optimizer = self.accelerator.prepare(module, optimizer)
         if not optimizer_state.supported(self.engine):
