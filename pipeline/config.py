@@ -110,6 +110,19 @@ def redacted(value: Any) -> Any:
     return value
 
 
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """One worker per core this rank can count on, less the core the rank itself trains on: the cores
+    this process may run on (its CPU affinity: SLURM's and containers' limits) shared by the ranks of this
+    node (LOCAL_WORLD_SIZE, set by every launcher). At least 1, so that decoding overlaps the step; at
+    most MAX_DEFAULT_WORKERS, past which a rank's memory grows for no gain (README, `data.workers`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_on_this_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // ranks_on_this_node - 1))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -118,7 +131,9 @@ class DataConfig(Strict):
     shards: ShardsLocation = Field(description="a shard folder: a path, or s3://, gs://, http(s)://")
     split: Literal["train", "val"] = "train"
     batch_size: Integer = Field(16, gt=0, le=2**16, description="per-device micro-batch size")
-    workers: Integer = Field(2, ge=0, le=256, description="DataLoader worker processes per rank")
+    workers: Integer | None = Field(
+        None, ge=0, le=256, description="DataLoader worker processes per rank (default: from the rank's cores)"
+    )
     shuffle_shards: Integer = Field(8, gt=0, le=2**20, description="shards mixed together by the per-epoch shuffle")
     hflip: Flag = Field(False, description="random horizontal flip (the paper's CelebA augmentation)")
     # remote shard folders only (README, "Remote shards")
@@ -137,6 +152,11 @@ class DataConfig(Strict):
         """Every copy of the config a run writes (config.yaml, each checkpoint) leaves out what looks like a
         credential: those belong in the store's own variables and files, not in run folders."""
         return redacted(options)
+
+    @field_validator("workers")
+    @classmethod
+    def workers_for_the_cores(cls, value: int | None) -> int:
+        return default_workers() if value is None else value
 
     def remote_access(self) -> RemoteAccess:
         return RemoteAccess(self.storage_options, self.cache_dir, self.cache_limit, self.retry_seconds)

@@ -72,6 +72,27 @@ def test_prints_every_setting_resolved_and_writes_nothing(tmp_path: Path, shards
     assert out_again == out
 
 
+@pytest.mark.parametrize(
+    ("cores", "local_ranks", "workers"),
+    [(16, None, 8), (16, "1", 8), (16, "4", 3), (16, "8", 1), (2, "2", 1), (2, None, 1), (1, None, 1), (48, "4", 8)],
+)
+def test_default_workers_follow_the_cores_each_rank_has(
+    tmp_path: Path, shards: Path, capsys, monkeypatch, cores: int, local_ranks: str | None, workers: int
+) -> None:
+    """data.workers unset: the cores this process may use (its affinity), shared by the node's ranks, less
+    the rank's own core; at least 1, at most 8. The resolved config (config.yaml, --dry-run) says how many."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    status, out, err = dry_run(capsys, write(tmp_path / "run.yaml", small_vaegan(shards, tmp_path / "run")))
+    assert status == 0, err
+    assert yaml.safe_load(out)["data"]["workers"] == workers
+    status, out, err = dry_run(capsys, tmp_path / "run.yaml", "data.workers=0")  # a value given is kept
+    assert yaml.safe_load(out)["data"]["workers"] == 0
+
+
 def test_the_authors_preset_resolves_to_celeba_aegan_settings(shards: Path, capsys) -> None:
     preset = REPO / "launch" / "configs" / "vaegan-celeba-authors.yaml"
     status, out, err = dry_run(capsys, preset, f"data.shards={shards}", "data.batch_size=4", "output_dir=/nonexistent")
