@@ -64,7 +64,8 @@ def make_trainer(shards: Path, output_dir: Path, model: dict | None = None):
     plugin = VAEGAN(config.model, ImageInfo(split.image["size"], split.image["channels"]))
     torch.manual_seed(0)
     trainer = Trainer(config, plugin, split, plugin.build_networks())
-    images = torch.rand(8, split.image["channels"], split.image["size"], split.image["size"]) * 2 - 1
+    shape = (8, split.image["channels"], split.image["size"], split.image["size"])
+    images = torch.randint(0, 256, shape, dtype=torch.uint8)  # pixels, as the training loader hands them over
     trainer.train_step(MicroBatch(images, torch.zeros(8, dtype=torch.long), 0))  # the optimizer state now exists
     return trainer
 

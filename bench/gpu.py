@@ -142,6 +142,7 @@ def step_part(shards: Path, batch: int, sizes: dict, dry_run: bool) -> dict:
     from vaegan_direct import DirectVAEGAN
 
     from pipeline.training.kernels import compile_networks
+    from shards.reader import to_unit_range
 
     warmup, steps, rounds = sizes["warmup"], sizes["steps"], range(sizes["rounds"])
     batches = memory_batches(shards, steps + warmup, batch)
@@ -158,7 +159,7 @@ def step_part(shards: Path, batch: int, sizes: dict, dry_run: bool) -> dict:
                 synchronize()
                 start = time.perf_counter()
             with autocast:
-                direct.step(images.to(device, non_blocking=True), latent)
+                direct.step(to_unit_range(images.to(device, non_blocking=True)), latent)
         synchronize()
         return steps * batch / (time.perf_counter() - start)
 
@@ -167,7 +168,7 @@ def step_part(shards: Path, batch: int, sizes: dict, dry_run: bool) -> dict:
         result["direct"] = max(result["direct"], direct_rate())
         result["pipeline"] = max(result["pipeline"], pipeline_from_memory(trainer, batches, warmup))
     networks = torch.nn.ModuleDict(plugin.build_networks()).to(device)
-    images = batches[0][0].to(device)
+    images = to_unit_range(batches[0][0].to(device))
     with FlopCounterMode(display=False) as counter, autocast:
         loss, _, _ = plugin.routed_loss(networks, images)
         loss.backward()

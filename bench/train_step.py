@@ -25,6 +25,8 @@ import torch
 import yaml
 from report import machine, markdown_table, write_section
 
+from shards.reader import to_unit_range
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "train_step"
 BATCH = 16
@@ -55,7 +57,7 @@ def memory_batches(shards: Path, count: int, batch: int) -> list[tuple[torch.Ten
     from shards.random_access import SplitDataset
     from shards.reader import open_split
 
-    dataset = SplitDataset(open_split(shards))
+    dataset = SplitDataset(open_split(shards), pixels=True)  # uint8, as the training loader hands them over
     batches = []
     for start in range(0, count * batch, batch):
         pairs = [dataset[index] for index in range(start, start + batch)]
@@ -76,7 +78,7 @@ def bare_loop(plugin, batches, warmup: int) -> float:
     for index, (images, labels) in enumerate(batches):
         if index == warmup:
             start = time.perf_counter()
-        loss = plugin.training_step(networks, images, labels, index).loss
+        loss = plugin.training_step(networks, to_unit_range(images), labels, index).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -212,16 +214,16 @@ def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
         for index, (images, _) in enumerate(batches):
             if index == warmup:
                 start = time.perf_counter()
-            direct.step(images, latent)
+            direct.step(to_unit_range(images), latent)
         best["bare"] = max(best["bare"], steps * batch / (time.perf_counter() - start))
         best["memory"] = max(best["memory"], pipeline_from_memory(trainer, batches, warmup))
     networks = torch.nn.ModuleDict(plugin.build_networks())
     with FlopCounterMode(display=False) as counter:
-        loss, _, _ = plugin.routed_loss(networks, batches[0][0])
+        loss, _, _ = plugin.routed_loss(networks, to_unit_range(batches[0][0]))
         loss.backward()
     best["pipeline_gflop"] = counter.get_total_flops() / batch / 1e9
     with FlopCounterMode(display=False) as counter:
-        direct.step(batches[0][0], latent)
+        direct.step(to_unit_range(batches[0][0]), latent)
     best["direct_gflop"] = counter.get_total_flops() / batch / 1e9
     return best
 

@@ -107,14 +107,16 @@ class ShardFile:
 
 
 class SplitDataset(torch.utils.data.Dataset):
-    """Sample i of the split (shards in manifest order) as (image CHW float in [-1, 1], label int).
+    """Sample i of the split (shards in manifest order) as (image CHW float in [-1, 1], label int); with
+    `pixels`, the image as its uint8 pixels (what the training loader hands over: a quarter of the bytes
+    to pass between processes and to the GPU, which scales them itself).
 
     Each process keeps at most `max_open` shards open, closing the least recently read: a remote shard's
     cached copy can be evicted only once no process holds it (the training order reads a few shards at a
     time, data.shuffle_shards of them)."""
 
-    def __init__(self, split: ShardSplit, max_open: int | None = None) -> None:
-        self.split, self.max_open = split, max_open
+    def __init__(self, split: ShardSplit, max_open: int | None = None, pixels: bool = False) -> None:
+        self.split, self.max_open, self.pixels = split, max_open, pixels
         extensions = ("json", split.image["format"])
         self.shards = [ShardFile(split, index, extensions) for index in range(len(split.shards))]
         self.counts = [shard["count"] for shard in split.shards]
@@ -147,7 +149,7 @@ class SplitDataset(torch.utils.data.Dataset):
         source = self.shards[shard]
         self._mark_read(shard)
         try:
-            return decode_sample(source.read(position), self.split.image)
+            return decode_sample(source.read(position), self.split.image, self.pixels)
         except UserError:  # SampleError, or the store or the cache failing: not this sample's fault
             raise
         except BadSample as error:

@@ -97,16 +97,28 @@ class BadSample(ValueError):
     """A sample whose members are missing, or whose image or metadata is not what the manifest says."""
 
 
-def image_to_tensor(data: bytes, mode: str, size: int | None = None) -> torch.Tensor:
-    """Encoded image bytes to a float CHW tensor in [-1, 1]. With `size`, an image of any other size is
-    refused from its header, before its pixels are decoded (a damaged header must not size an allocation)."""
+def image_to_pixels(data: bytes, mode: str, size: int | None = None) -> torch.Tensor:
+    """Encoded image bytes to its pixels as decoded: a uint8 CHW tensor. With `size`, an image of any other
+    size is refused from its header, before its pixels are decoded (a damaged header must not size an
+    allocation)."""
     with Image.open(io.BytesIO(data), formats=SHARD_FORMATS) as image:
         if size is not None and image.size != (size, size):
             raise BadSample(f"its image is {image.size[0]}x{image.size[1]}, the manifest says {size}x{size}")
-        pixels = np.asarray(image.convert(mode))
+        # convert() copies even to the image's own mode; np.array makes the one (writable) copy torch needs
+        pixels = np.array(image if image.mode == mode else image.convert(mode))
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to float32 in [-1, 1] (p / 127.5 - 1), what the models take; on whatever device they are."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def image_to_tensor(data: bytes, mode: str, size: int | None = None) -> torch.Tensor:
+    """Encoded image bytes to a float CHW tensor in [-1, 1] (image_to_pixels, then to_unit_range)."""
+    return to_unit_range(image_to_pixels(data, mode, size))
 
 
 def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
@@ -116,8 +128,9 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def decode_sample(sample: dict[str, bytes], image: dict) -> tuple[torch.Tensor, int]:
-    """(image, label) of one sample's members; BadSample when they are not what the manifest says."""
+def decode_sample(sample: dict[str, bytes], image: dict, pixels: bool = False) -> tuple[torch.Tensor, int]:
+    """(image, label) of one sample's members, the image in [-1, 1] or, with `pixels`, as uint8 pixels;
+    BadSample when they are not what the manifest says."""
     missing = [f".{extension}" for extension in ("json", image["format"]) if extension not in sample]
     if missing:
         raise BadSample(f"it has no {' or '.join(missing)}")
@@ -128,7 +141,8 @@ def decode_sample(sample: dict[str, bytes], image: dict) -> tuple[torch.Tensor, 
     label = meta.get("label", NO_LABEL) if isinstance(meta, dict) else None
     if type(label) is not int or label < NO_LABEL:
         raise BadSample(f"its .json is not an object with an integer label >= {NO_LABEL}")
-    return image_to_tensor(sample[image["format"]], image["mode"], image["size"]), label
+    decode = image_to_pixels if pixels else image_to_tensor
+    return decode(sample[image["format"]], image["mode"], image["size"]), label
 
 
 def webdataset(

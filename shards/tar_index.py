@@ -44,7 +44,7 @@ class Member:
 
 def _octal(field: bytes, what: str, at: int) -> int:
     digits = field.rstrip(b"\0 ").lstrip(b" ")
-    if not digits or any(byte not in b"01234567" for byte in digits):
+    if not digits or digits.translate(None, b"01234567"):  # translate: what is left besides octal digits
         raise DamagedTar(f"the header at byte {at} has no octal {what} ({field!r})")
     return int(digits, 8)
 
@@ -69,11 +69,13 @@ def _parse_header(block: bytes, at: int) -> tuple[str, int]:
 
 def members(file: BinaryIO) -> Iterator[Member]:
     """Every member of the tar open in `file` (binary, seekable), in file order."""
-    file_size = os.fstat(file.fileno()).st_size
+    descriptor = file.fileno()
+    file_size = os.fstat(descriptor).st_size
     at = 0
     while True:
-        file.seek(at)
-        block = file.read(BLOCK)
+        # one 512-byte read per header: a buffered read after a seek fills a whole buffer (8 KiB), most of
+        # it the member's data, and this listing is a worker's start-up cost for every shard it reads
+        block = os.pread(descriptor, BLOCK, at)
         if len(block) < BLOCK:
             raise DamagedTar(f"the file ends at byte {file_size}, before the tar's end marker (truncated?)")
         if block == bytes(BLOCK):

@@ -13,7 +13,7 @@ from conftest import REPO
 from trainer_helpers import build_small_shards, free_port, run_python
 
 from shards.random_access import SplitDataset
-from shards.reader import open_split
+from shards.reader import open_split, to_unit_range
 
 BATCH = 3
 
@@ -45,10 +45,12 @@ def stream(shards: Path, report: Path, start: int, steps: int, timeout: float = 
 
 
 def test_every_sample_once_per_epoch_on_uneven_shards_and_exact_resume(tmp_path: Path, shards: Path) -> None:
-    everything = {
-        hashlib.sha256(image.numpy().tobytes()).hexdigest()[:16] for image, _ in SplitDataset(open_split(shards))
-    }
+    pixels, images = SplitDataset(open_split(shards), pixels=True), SplitDataset(open_split(shards))
+    everything = {hashlib.sha256(image.numpy().tobytes()).hexdigest()[:16] for image, _ in pixels}
     assert len(everything) == 40
+    # the loader hands over uint8 pixels, which the trainer scales on its device: the same float32 values
+    for (pixel, _), (image, _) in zip(pixels, images, strict=True):
+        assert pixel.dtype == torch.uint8 and torch.equal(to_unit_range(pixel), image)
     ranks = stream(shards, tmp_path / "full", start=0, steps=12)
     steps_per_epoch = ranks[0]["steps_per_epoch"]
     assert steps_per_epoch == 40 // (2 * BATCH) == 6

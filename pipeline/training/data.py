@@ -170,6 +170,7 @@ class DataFailure:
 
 @dataclass
 class MicroBatch:
+    # uint8 pixels, N x C x H x W: the trainer scales them to [-1, 1] on its device (shards.reader.to_unit_range)
     images: torch.Tensor | None  # None when every sample of the micro-batch was unreadable
     labels: torch.Tensor | None
     bad_samples: int
@@ -208,7 +209,8 @@ def training_loader(
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     # a worker keeps open the shards the epoch order is reading (a group of shuffle_shards), no more
-    dataset = TrainingSamples(SplitDataset(split, max_open=layout.shuffle_shards), layout.seed, hflip, rank)
+    samples = SplitDataset(split, max_open=layout.shuffle_shards, pixels=True)
+    dataset = TrainingSamples(samples, layout.seed, hflip, rank)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=RankBatches(layout, rank, start),

@@ -52,7 +52,7 @@ from pipeline.training.prefetch import ShardPrefetcher
 from pipeline.training.run_log import RunLog
 from shards.errors import UserError
 from shards.random_access import SplitDataset, first_images
-from shards.reader import ShardSplit
+from shards.reader import ShardSplit, to_unit_range
 from shards.remote import FETCH_COUNTS, take_counters
 
 
@@ -232,10 +232,12 @@ class Trainer:
         self.fetch_counts_here.update(batch.fetch_counts)
         if batch.images is None:
             size, channels = self.split.image["size"], self.split.image["channels"]
-            images, labels = torch.empty(0, channels, size, size), torch.empty(0, dtype=torch.int64)
+            images = torch.empty(0, channels, size, size, dtype=torch.uint8)
+            labels = torch.empty(0, dtype=torch.int64)
         else:
             images, labels = batch.images, batch.labels
-        images = images.to(accelerator.device, self.dtype, non_blocking=True)
+        # scaled where the model runs: a quarter of the bytes cross to the GPU; the same float32 values
+        images = to_unit_range(images.to(accelerator.device, non_blocking=True)).to(self.dtype)
         labels = labels.to(accelerator.device, non_blocking=True)
         factor = lr_factor(self.config.lr_schedule, self.step, self.total_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
