@@ -16,6 +16,15 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-g
         || { apt-get update -qq && { apt-get install -y -qq nginx-light >/dev/null 2>&1 || apt-get install -y -qq nginx >/dev/null; }; }
     service nginx stop >/dev/null 2>&1 || true
 fi
+# tests/test_slurm.py runs launch/slurm.sbatch on a one-machine SLURM of its own (its daemons bound to 127.0.0.1,
+# its own munge key; the packages' services are not started)
+if ! command -v slurmctld >/dev/null && [ ! -x /usr/sbin/slurmctld ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    export RUNLEVEL=1
+    packages="slurmctld slurmd slurm-client munge"
+    # shellcheck disable=SC2086
+    apt-get install -y -qq $packages >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $packages >/dev/null; }
+    for service in slurmctld slurmd munge; do service "$service" stop >/dev/null 2>&1 || true; done
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q "$@"

@@ -7,6 +7,7 @@ would write) when this folder is on PYTHONPATH.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ class LinearGenerator:
         # {"step": S, "network": N, "above": T} makes N sit out optimizer step S (0 for the first) when the
         # mean pixel of the step's whole global batch is above T. What each rank was told is kept.
         self.skips = options.get("skips", [])
+        # a pause in every micro-batch: a run slow enough for a test to signal it mid-run without a race
+        self.seconds_per_micro_batch = float(options.get("seconds_per_micro_batch", 0.0))
         self.step = 0
         self.decisions: list[dict] = []
 
@@ -50,6 +53,8 @@ class LinearGenerator:
         return (networks["decoder"](networks["encoder"](flat)) - flat).pow(2).mean()
 
     def training_step(self, networks, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepOutput:
+        if self.seconds_per_micro_batch:
+            time.sleep(self.seconds_per_micro_batch)
         if self.noise:  # off by default: no draw at all, so runs without it consume no random numbers
             images = images + self.noise * torch.randn_like(images)
         loss = self.loss(networks, images)
