@@ -210,7 +210,12 @@ class DeepSpeedConfig(Strict):
 
 
 class CheckpointConfig(Strict):
-    every: Integer = Field(500, gt=0, le=COUNT_MAX, description="optimizer steps between checkpoints")
+    every: Integer | None = Field(
+        500, gt=0, le=COUNT_MAX, description="optimizer steps between checkpoints (null: by the clock alone)"
+    )
+    every_minutes: Number | None = Field(
+        None, gt=0, le=7 * 24 * 60, description="also a checkpoint once this long has passed since the last one"
+    )
     keep_last: Integer = Field(3, gt=0, le=COUNT_MAX)
 
 

@@ -440,6 +440,7 @@ CONFIG_NUMBERS = {
     "sample_every": COUNT,
     "grid_size": Range(int, 1, 4096),
     "checkpoint.every": COUNT,
+    "checkpoint.every_minutes": Range(float, 0, 7 * 24 * 60, open_low=True),
     "checkpoint.keep_last": COUNT,
     "faults.max_skipped_steps_in_a_row": COUNT,
     "faults.collective_timeout_minutes": Range(float, 0, 7 * 24 * 60, open_low=True),
@@ -447,7 +448,13 @@ CONFIG_NUMBERS = {
     "deepspeed.zero_stage": Range(int, 0, 2),
 }
 OPTIONAL = {"optimizer.lr", "optimizer.weight_decay", "optimizer.alpha", "optimizer.eps", "optimizer.encoder.lr"}
-OPTIONAL |= {"lr_schedule.steps", "deepspeed.zero_stage"}
+OPTIONAL |= {
+    "lr_schedule.steps",
+    "deepspeed.zero_stage",
+    "data.workers",
+    "checkpoint.every",
+    "checkpoint.every_minutes",
+}
 IN_A_LIST = {"optimizer.betas.1"}  # no key=value override reaches into a list
 REQUIRED = ["plugin", "data", "data.shards", "output_dir", "max_steps"]
 SECTIONS = ["", "data", "lr_schedule", "deepspeed", "checkpoint", "faults"]  # optimizer and model take any key

@@ -341,3 +341,24 @@ def test_a_bad_checkpoint_named_by_path_fails_with_one_line(tmp_path, shards, fi
     line = one_error_line(train(tmp_path, shards, *overrides, **settings))
     assert expected in line, line
     assert str(folder) in line
+
+
+def test_checkpoints_by_the_clock_are_taken_by_every_rank_at_the_same_step(tmp_path: Path, shards: Path) -> None:
+    """checkpoint.every_minutes alone (checkpoint.every: null): a checkpoint once that long has passed,
+    whichever rank's clock says so first; every rank writes its part of the same step, so each folder is
+    complete and valid, and the clock starts again after each."""
+    from pipeline.checkpoints.checkpoint import validate
+
+    model = {"hidden": 4, "seconds_per_micro_batch": 0.1}  # a step: 2 micro-batches, at least 0.2 s
+    checkpoint = {"every": None, "every_minutes": 0.005, "keep_last": 100}  # every 0.3 s
+    config = write_config(
+        tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=12, model=model, checkpoint=checkpoint
+    )
+    assert_ok(launch(config))
+    steps = [int(name.removeprefix("step-")) for name in checkpoint_steps(tmp_path / "run")]
+    assert steps[-1] == 12 and len(steps) >= 3, steps  # by the clock, then the final one
+    assert len(steps) <= 12 and len(set(steps)) == len(steps)
+    for step in steps:
+        folder = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
+        assert validate(folder)["step"] == step
+        assert len(list((folder / "optimizer").glob("*.safetensors"))) >= 2  # both ranks' partitions

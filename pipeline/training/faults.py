@@ -14,6 +14,7 @@ flags, so that all of them stop after the same step, write a checkpoint, and exi
 from __future__ import annotations
 
 import signal
+import time
 
 import torch
 from accelerate import Accelerator
@@ -55,19 +56,31 @@ def guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 
 class StopRequest:
-    """SIGTERM raises this rank's flag; `agreed` tells every rank whether any rank's flag is up."""
+    """SIGTERM raises this rank's flag; `agreed` tells every rank whether any rank's flag is up, and
+    whether any rank's clock says a checkpoint is due (`checkpoint.every_minutes`): the same one
+    all-reduce a step, so that every rank takes part in the same checkpoints (a checkpoint is a
+    collective) even though their clocks and signals differ."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_minutes: float | None = None) -> None:
         self.received = False
         self.previous = signal.signal(signal.SIGTERM, self._receive)
+        self.checkpoint_seconds = None if checkpoint_minutes is None else checkpoint_minutes * 60
+        self.clock_started()
 
     def _receive(self, signum: int, frame) -> None:
         self.received = True  # a second SIGTERM (the launcher forwarding it) changes nothing
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """A collective: call on every rank at the same point."""
-        flag = torch.tensor([float(self.received)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    def clock_started(self) -> None:
+        """A checkpoint was written (or the run started): the clock of `checkpoint.every_minutes` starts again."""
+        self.last_checkpoint = time.monotonic()
+
+    def agreed(self, accelerator: Accelerator) -> tuple[bool, bool]:
+        """(stop, checkpoint by the clock), the same on every rank. A collective: call on every rank at the
+        same point."""
+        due = self.checkpoint_seconds is not None and time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
+        flags = torch.tensor([float(self.received), float(due)], device=accelerator.device)
+        stop, clock = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        return stop, clock
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)

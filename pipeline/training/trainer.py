@@ -132,7 +132,7 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         accelerator.init_trackers("tensorboard", config={"plugin": config.plugin, "seed": config.seed})
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
-        stop = faults.StopRequest()
+        stop = faults.StopRequest(config.checkpoint.every_minutes)
         try:
             self._resume_and_loop(stop)
         finally:
@@ -206,7 +206,7 @@ class Trainer:
             diverged = self._count_skipped_update(self.engine.skipped_steps > skipped_before)
             skipped_before = self.engine.skipped_steps
             last = self.step >= self.total_steps
-            stopping = stop.agreed(accelerator)
+            stopping, clock_due = stop.agreed(accelerator)
             if self.step % config.log_every == 0 or last or stopping or diverged:
                 log.log(self.step, self.images_seen, self._reduce(sums, micro_steps_summed))
                 sums, micro_steps_summed = {}, 0
@@ -214,8 +214,10 @@ class Trainer:
                 self._stop_diverged()
             if self.step % config.sample_every == 0 or last:
                 self._draw_grids(grid_inputs)
-            if self.step % config.checkpoint.every == 0 or last or stopping:
+            every = config.checkpoint.every
+            if (every is not None and self.step % every == 0) or clock_due or last or stopping:
                 self.save_checkpoint()
+                stop.clock_started()
             if stopping and not last:
                 log.say(f"stopped by SIGTERM after step {self.step}, its checkpoint written: run again to resume")
             if last or stopping:
