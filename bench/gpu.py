@@ -203,8 +203,6 @@ def resume_part(shards: Path, precision: str, sizes: dict, dry_run: bool) -> dic
     their final weights, optimizer partitions and loss-scaler state compared exactly."""
     from safetensors.torch import load_file
 
-    if precision == "fp16" and not torch.cuda.is_available():
-        return {"skipped": "fp16 needs a GPU"}
     folders = {name: OUT / f"resume-{precision}-{name}" for name in ("whole", "resumed")}
     data = {"shards": str(shards), "batch_size": sizes["resume_batch"], "workers": 2}
     common = {"precision": precision, "determinism": True, "data": data, "max_steps": 6}
@@ -359,7 +357,10 @@ def main() -> None:
     for job in jobs:
         in_time = time.monotonic() - started < args.minutes * 60
         part_started = time.monotonic()
-        result = run_part(job) if in_time else None
+        if job[0] == "resume" and job[3] == "fp16" and not torch.cuda.is_available():
+            result = {"skipped": "fp16 needs a GPU"}  # said here: a process of its own to say it costs seconds
+        else:
+            result = run_part(job) if in_time else None
         print(f"{' '.join(map(str, [job[0], *job[3:]]))}: {time.monotonic() - part_started:.0f} s {result}", flush=True)
         rows += rows_of(job, result)
     table = markdown_table(["what", "images/s or result", "ratio", "GFLOP/image", "MFU"], rows)

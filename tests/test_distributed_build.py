@@ -135,7 +135,10 @@ def ray_cluster(moto):
     every process it started killed even if a test failed (conftest.started). Its nodes reach moto's S3
     the way a real cluster's nodes reach a store: with the store's own variables in their environment."""
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp:
-        for name, value in {**RAY_ON_LOOPBACK, **moto.environment()}.items():
+        # RAY_TMPDIR: Ray writes the newest cluster's address into RAY_TMPDIR/ray/ (default /tmp/ray/), a
+        # folder it does not make and a fresh machine lacks; here it goes into this cluster's own folder
+        Path(temp, "ray").mkdir()
+        for name, value in {**RAY_ON_LOOPBACK, **moto.environment(), "RAY_TMPDIR": temp}.items():
             patch.setenv(name, value)
         command = [sys.executable, str(REPO / "tests" / "helpers" / "ray_cluster.py"), temp]
         with started(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as cluster:

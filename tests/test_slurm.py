@@ -15,7 +15,7 @@ from slurm_cluster import one_machine_slurm, program
 from test_checkpoints import assert_bit_identical, checkpoint_steps, latest
 from trainer_helpers import build_small_shards, environment, free_port, metrics, write_config
 
-STEPS = 12
+STEPS = 10
 
 
 def submit(slurm, config: Path, log: Path, name: str) -> int:
@@ -34,7 +34,7 @@ def submit(slurm, config: Path, log: Path, name: str) -> int:
 
 def test_a_job_stopped_by_sigterm_checkpoints_exits_0_and_resumes_exactly_when_resubmitted(tmp_path: Path) -> None:
     shards = build_small_shards(tmp_path / "data", images=40, size=8)
-    model = {"hidden": 4, "noise": 0.1, "seconds_per_micro_batch": 0.25}  # noise: each rank's RNG must resume
+    model = {"hidden": 4, "noise": 0.1, "seconds_per_micro_batch": 0.15}  # noise: each rank's RNG must resume
     common = {"max_steps": STEPS, "model": model, "checkpoint": {"every": 2, "keep_last": 10}}
     straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", **common)
     stopped = write_config(tmp_path / "stopped.yaml", shards, tmp_path / "stopped", **common)
