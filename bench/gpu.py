@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import machine, markdown_table, write_section
+from report import in_fresh_process, machine, markdown_table, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("GPU_BENCH_OUT") or REPO / "bench" / "out" / "gpu")  # --out, in the parts' processes
@@ -239,12 +239,7 @@ def resume_part(shards: Path, precision: str, sizes: dict, dry_run: bool) -> dic
 
 
 def run_part(job: list) -> dict:
-    """One part in a fresh process; its result is the last line it prints."""
-    command = [sys.executable, __file__, "--part", json.dumps(job)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if result.returncode:
-        raise SystemExit(f"bench/gpu.py part {job[0]} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, "--part", job, f"bench/gpu.py part {job[0]}")
 
 
 def do_part(job: list) -> dict:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -22,6 +25,16 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def in_fresh_process(script: str, flag: str, job: list, what: str) -> dict:
+    """`python SCRIPT FLAG JSON(job)` (a measurement that needs a process of its own: a fresh DeepSpeed
+    engine); its result is the JSON of the last line it prints, and a failure ends the bench naming `what`."""
+    command = [sys.executable, script, flag, json.dumps(job)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(script).resolve().parents[1])
+    if result.returncode:
+        raise SystemExit(f"{what} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def write_section(name: str, body: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from report import machine, markdown_table, write_section
+from report import in_fresh_process, machine, markdown_table, write_section
 
 from shards.reader import to_unit_range
 
@@ -154,11 +154,7 @@ def measure_in_subprocess(shards: Path, stage: int, batch: int, steps: int, roun
 
 
 def run_measurement(job: list) -> dict:
-    command = [sys.executable, __file__, "--measure", json.dumps(job)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if result.returncode:
-        raise SystemExit(f"measurement failed: {result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, "--measure", job, "measurement")
 
 
 def speed(shards: Path, steps: int, rounds: int) -> list[list[str]]:
