@@ -101,7 +101,8 @@ class ShardFile:
             raise SampleError(self.location, position, f"it has no {' or '.join(missing)}")
         file = self._open()
         try:
-            return {extension: tar_index.read(file, members[extension]) for extension in self.extensions}
+            data = tar_index.read_sample(file, [members[extension] for extension in self.extensions])
+            return dict(zip(self.extensions, data, strict=True))
         except tar_index.DamagedTar as error:
             raise SampleError(self.location, position, str(error)) from None
 

@@ -104,11 +104,13 @@ def image_to_pixels(data: bytes, mode: str, size: int | None = None) -> torch.Te
     with Image.open(io.BytesIO(data), formats=SHARD_FORMATS) as image:
         if size is not None and image.size != (size, size):
             raise BadSample(f"its image is {image.size[0]}x{image.size[1]}, the manifest says {size}x{size}")
-        # convert() copies even to the image's own mode; np.array makes the one (writable) copy torch needs
-        pixels = np.array(image if image.mode == mode else image.convert(mode))
+        # convert() copies even to the image's own mode
+        pixels = np.asarray(image if image.mode == mode else image.convert(mode))
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+    # the one (writable) copy torch needs, made in C x H x W order: a contiguous tensor flips ~3x and stacks
+    # into a micro-batch ~15x faster than a permuted view of H x W x C (bench/loader.py)
+    return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:

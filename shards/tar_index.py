@@ -127,6 +127,23 @@ def read(file: BinaryIO, member: Member) -> bytes:
     return data
 
 
+def read_sample(file: BinaryIO, wanted: list[Member]) -> list[bytes]:
+    """The bytes of a sample's members (adjacent in the tar) with one read from the first to the last:
+    a training worker's per-sample cost, two buffered seeks and reads otherwise. DamagedTar as read()."""
+    start, end = min(member.offset for member in wanted), max(member.end for member in wanted)
+    if end - start > sum(member.size for member in wanted) + 2 * BLOCK * len(wanted):
+        return [read(file, member) for member in wanted]  # other members lie between them: not read
+    descriptor = file.fileno()
+    file_size = os.fstat(descriptor).st_size
+    if end > file_size:
+        cut = next(member for member in wanted if member.end > file_size)
+        raise DamagedTar(f"its {cut.name} is cut short at byte {file_size} (the shard is truncated)")
+    span = os.pread(descriptor, end - start, start)
+    if len(span) != end - start:  # the file shrank meanwhile
+        raise DamagedTar("a member is cut short (the shard is truncated)")
+    return [span[member.offset - start : member.end - start] for member in wanted]
+
+
 def read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of the shard at `path`, in file order; DamagedTar where the
     shard is damaged (after the samples before it)."""

@@ -4,14 +4,18 @@ sample exactly once, with its label."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
+import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_process, run_shards, write_images
 from trainer_helpers import free_port
 
+from shards import tar_index
 from shards.reader import open_split, webdataset
 
 
@@ -46,3 +50,23 @@ def test_two_ranks_with_two_workers_each_read_every_sample_once(tmp_path: Path) 
     assert all(per_rank), "a rank read nothing"
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == expected
+
+
+def test_a_samples_members_read_at_once_are_what_tarfile_reads(tmp_path: Path) -> None:
+    """tar_index.read_sample reads a sample's members with one read: the bytes equal the standard library's,
+    also with another member between them (read alone then) and when the shard is cut short."""
+    path = tmp_path / "shard.tar"
+    contents = {"a.json": b'{"label": 1}', "a.big": os.urandom(5000), "a.png": os.urandom(777)}
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in contents.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as file:
+        found = {member.name: member for member in tar_index.members(file)}
+        for names in (["a.json", "a.big"], ["a.big", "a.png"], ["a.json", "a.png"], ["a.json", "a.big", "a.png"]):
+            assert tar_index.read_sample(file, [found[name] for name in names]) == [contents[name] for name in names]
+    with open(path, "r+b") as file:
+        file.truncate(found["a.png"].offset + 100)
+        with pytest.raises(tar_index.DamagedTar, match=r"a\.png is cut short"):
+            tar_index.read_sample(file, [found["a.big"], found["a.png"]])
