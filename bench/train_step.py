@@ -3,6 +3,8 @@ the shard loader against the same trainer fed from memory, in one process; then 
 of --memory-steps steps whose per-rank resident memory is sampled from outside.
 
     python bench/train_step.py [--shards DIR] [--steps 40] [--memory-steps 500]
+    python bench/train_step.py --vaegan     # only the VAE-GAN step against bench/vaegan_direct.py
+    python bench/train_step.py --ema        # only the VAE-GAN step with ema.decay set against without
 
 Default data: the demo shards (scripts/demo.sh), 32x32 grayscale Fashion-MNIST; model: the `vae`
 plugin (the paper's encoder and decoder). Results: a table, and docs/benchmarks.md.
@@ -181,12 +183,8 @@ def speed(shards: Path, steps: int, rounds: int) -> list[list[str]]:
     return [*rows, loader_row]
 
 
-def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
-    """In this process: the direct VAE-GAN update and the pipeline's step (DeepSpeed ZeRO-2, one
-    process), interleaved; and the FLOPs of one step of each (forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    from vaegan_direct import DirectVAEGAN
-
+def vaegan_trainer(shards: Path, batch: int, name: str):
+    """(trainer, plugin) of the `vaegan` plugin, DeepSpeed ZeRO-2 in this process, in a fresh run folder."""
     from pipeline.config import RunConfig
     from pipeline.plugin import ImageInfo
     from pipeline.plugins.vaegan import VAEGAN
@@ -196,12 +194,38 @@ def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
     split = open_split(shards)
     image = ImageInfo(split.image["size"], split.image["channels"])
     data = {"shards": str(shards), "batch_size": batch, "workers": 1}
-    config = RunConfig.model_validate(run_config(shards, OUT / f"vaegan-{batch}", 10**6, plugin="vaegan", data=data))
+    config = RunConfig.model_validate(run_config(shards, OUT / f"{name}-{batch}", 10**6, plugin="vaegan", data=data))
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    warmup, batches = 3, memory_batches(shards, steps + 3, batch)
     plugin = VAEGAN(config.model, image)
     torch.manual_seed(0)
-    trainer = Trainer(config, plugin, split, plugin.build_networks())
+    return Trainer(config, plugin, split, plugin.build_networks()), plugin
+
+
+def measure_ema(shards: Path, steps: int, rounds: int, batch: int) -> dict:
+    """In this process: the pipeline's VAE-GAN step fed from memory with no EMA, and with the EMA of its
+    encoder and decoder (decay 0.999) following every step, interleaved on the same trainer."""
+    from pipeline.config import EMAConfig
+    from pipeline.training.ema import weight_average
+
+    trainer, plugin = vaegan_trainer(shards, batch, "ema")
+    average = weight_average(EMAConfig(decay=0.999), plugin, trainer.networks)
+    warmup, batches = 3, memory_batches(shards, steps + 3, batch)
+    best = {"off": 0.0, "on": 0.0}
+    for _ in range(rounds):
+        for key, ema in (("off", None), ("on", average)):
+            trainer.ema = ema
+            best[key] = max(best[key], pipeline_from_memory(trainer, batches, warmup))
+    return best
+
+
+def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int) -> dict:
+    """In this process: the direct VAE-GAN update and the pipeline's step (DeepSpeed ZeRO-2, one
+    process), interleaved; and the FLOPs of one step of each (forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from vaegan_direct import DirectVAEGAN
+
+    trainer, plugin = vaegan_trainer(shards, batch, "vaegan")
+    warmup, batches = 3, memory_batches(shards, steps + 3, batch)
     torch.manual_seed(0)
     direct = DirectVAEGAN(torch.nn.ModuleDict(plugin.build_networks()), plugin.options.gamma)
     latent = plugin.options.latent_size
@@ -316,12 +340,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=500)
     parser.add_argument("--vaegan", action="store_true", help="only the VAE-GAN step against the direct update")
+    parser.add_argument("--ema", action="store_true", help="only the VAE-GAN step with its EMA on against off")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
     args = parser.parse_args()
     if args.measure:
         job = json.loads(args.measure)
-        if job[0] == "vaegan":
-            print(json.dumps(measure_vaegan(Path(job[1]), *job[2:])))
+        if job[0] in ("vaegan", "ema"):
+            measured = measure_vaegan if job[0] == "vaegan" else measure_ema
+            print(json.dumps(measured(Path(job[1]), *job[2:])))
         else:
             shards, stage, batch, steps, rounds, with_loader = job
             print(json.dumps(measure(Path(shards), stage, batch, steps, rounds, with_loader)))
@@ -333,6 +359,9 @@ def main() -> None:
 
     if args.vaegan:
         write_vaegan_section(args)
+        return
+    if args.ema:
+        write_ema_section(args)
         return
     memory_rows, records = memory(args.shards, args.memory_steps)
     speed_rows = speed(args.shards, args.steps, args.rounds)
@@ -408,6 +437,29 @@ implementation; GFLOP/s: that times images/s.
 """
     print(body)
     write_section("vaegan_step", body)
+
+
+def write_ema_section(args: argparse.Namespace) -> None:
+    """The step with `ema.decay` set against without (its own section)."""
+    result = run_measurement(["ema", str(args.shards), args.steps, args.rounds, BATCH])
+    row = [
+        f"pipeline vaegan step, micro-batch {BATCH}, fed from memory: EMA on vs off",
+        f"{result['off']:.1f}",
+        f"{result['on']:.1f}",
+        f"{result['on'] / result['off']:.2f}",
+        ">= 0.97",
+    ]
+    body = f"""## The EMA's cost (`bench/train_step.py --ema`)
+
+{machine()}. `vaegan` plugin at its defaults, latent 64, FC 1024, the demo's micro-batch of {BATCH} (32x32
+grayscale), DeepSpeed ZeRO-2, one process: `Trainer.train_step` fed from memory, {args.steps} steps after 3 of
+warm-up, without an EMA and with `ema.decay: 0.999` over the encoder and decoder (the plugin's `ema_networks`),
+on the same trainer, best of {args.rounds} interleaved rounds.
+
+{markdown_table(["what", "EMA off images/s", "EMA on images/s", "ratio", "target"], [row])}
+"""
+    print(body)
+    write_section("ema_step", body)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,14 @@ class CheckpointConfig(Strict):
     keep_last: Integer = Field(3, gt=0, le=COUNT_MAX)
 
 
+class EMAConfig(Strict):
+    """An exponential moving average of the weights (pipeline/training/ema.py; README, "EMA weights")."""
+
+    decay: Number | None = Field(None, gt=0, lt=1, description="e.g. 0.999 (null: no EMA)")
+    start_step: Integer = Field(0, ge=0, le=COUNT_MAX, description="the average equals the weights up to this step")
+    networks: list[str] | None = Field(None, description="the networks averaged (null: the plugin's ema_networks)")
+
+
 class FaultsConfig(Strict):
     """What the run does when things go wrong (README, "Faults")."""
 
@@ -252,6 +260,7 @@ class RunConfig(Strict):
     grid_size: Integer = Field(64, gt=0, le=GRID_MAX, description="images in each sample/reconstruction grid")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
     output_dir: FilePath
     resume: str = Field("auto", description="auto | none | PATH to a checkpoint folder")
     seed: Integer = Field(0, ge=0, lt=2**31)

@@ -43,6 +43,9 @@ The rules:
   their optimizer state stay exactly as they were (the optimizer skips parameters without a gradient;
   under fp16 an overflow check and gradient clipping still see their gradients). So a decision made from
   the global batch is the same on every rank, whatever the number of ranks and micro-batches.
+- A plugin class may name ``ema_networks``: the networks whose weights `ema.decay` averages unless the
+  run config's ``ema.networks`` names others (those users sample and encode with: a GAN's discriminator
+  needs none). Unnamed: every network.
 - A plugin class may name ``defaults_before_recording``: the option defaults that weights folders written
   before config.json recorded every option (no "options_recorded" key) were trained with; loading such a
   folder fills them in for options it does not name.

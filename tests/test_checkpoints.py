@@ -72,6 +72,7 @@ def vaegan_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
         "max_steps": 7,
         "checkpoint": {"every": 2},
         "sample_every": 100,
+        "ema": {"decay": 0.9},  # the encoder's and decoder's EMA resume bit for bit too (*.ema.safetensors)
     }
     return write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, **{**settings, **overrides})
 
@@ -257,13 +258,15 @@ def _position(layout: StreamLayout, micro_step: int) -> dict:
 
 
 def test_export_gives_weights_that_need_no_deepspeed(tmp_path: Path, shards: Path) -> None:
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2, ema={"decay": 0.5})
     assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
     exported = tmp_path / "exported"
     assert_ok(run_python("-m", "pipeline.cli", "export", str(tmp_path / "run/checkpoints/latest"), str(exported)))
     assert sorted(path.name for path in exported.iterdir()) == [
         "config.json",
+        "decoder.ema.safetensors",
         "decoder.safetensors",
+        "encoder.ema.safetensors",
         "encoder.safetensors",
     ]
     for network, tensors in weights(tmp_path / "run").items():

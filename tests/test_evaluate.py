@@ -132,13 +132,13 @@ def test_evaluate_with_the_shipped_inception(trained) -> None:  # noqa: F811
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = weights.resolve().parents[1]
-    report = json.loads((run_dir / "evaluation" / "step-00000002-train.json").read_text())
+    report = json.loads((run_dir / "evaluation" / "step-00000003-train.json").read_text())
     protocol = report["protocol"]
     assert protocol["extractor_sha256"] == hashlib.sha256(shipped_extractor_path().read_bytes()).hexdigest()
     assert (protocol["resolution"], protocol["feature_size"]) == (299, 2048)
     assert (protocol["image_count"], protocol["sample_count"], protocol["reconstruction_count"]) == (8, 8, 8)
     assert (protocol["kid_subset_size"], protocol["kid_subsets"], protocol["seed"]) == (8, 1, 0)
-    assert (report["plugin"], report["step"], report["split"]) == ("vae", 2, "train")
+    assert (report["plugin"], report["step"], report["split"], report["weights_used"]) == ("vae", 3, "train", "ema")
     images = first_images(shards, 8)
     with torch.no_grad():
         networks = loaded(weights)

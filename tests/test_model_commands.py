@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from trainer_helpers import build_small_shards, launch, run_python, write_config
 
-from pipeline.checkpoints.weights import load_model
+from pipeline.model import load_model
 from pipeline.plugin import ImageInfo
 from pipeline.plugins.vae import VAE
 from pipeline.plugins.vaegan import VAEGAN
@@ -30,8 +30,9 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
         root / "run",
         plugin="vae",
         model=MODEL,
-        max_steps=2,
+        max_steps=3,
         data={"shards": str(shards), "batch_size": 4, "workers": 0},
+        ema={"decay": 0.5},  # the commands use the EMA weights when a folder has them
     )
     result = launch(config, processes=1)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,11 +44,12 @@ def pipeline(*args) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def loaded(weights: Path) -> torch.nn.ModuleDict:
-    """The networks, loaded here with nothing but safetensors and the plugin's constructor."""
+def loaded(weights: Path, kind: str = "ema") -> torch.nn.ModuleDict:
+    """The networks, loaded here with nothing but safetensors and the plugin's constructor: the EMA weights
+    (the VAE averages both its networks), or the raw ones."""
     networks = torch.nn.ModuleDict(VAE(MODEL, ImageInfo(32, 1)).build_networks())
     for name, network in networks.items():
-        network.load_state_dict(load_file(str(weights / f"{name}.safetensors")))
+        network.load_state_dict(load_file(str(weights / f"{name}{'.ema' if kind == 'ema' else ''}.safetensors")))
     return networks.eval()
 
 
@@ -68,6 +70,57 @@ def test_sample_decodes_seeded_prior_noise(tmp_path: Path, trained) -> None:
     assert Image.open(tmp_path / "samples.png").size == (2 * 34 + 2, 2 * 34 + 2)
     for index in range(4):
         assert np.abs(tile(tmp_path / "samples.png", *divmod(index, 2)) - as_pixels(expected[index])).max() <= 1
+
+
+def test_weights_raw_samples_with_the_raw_weights_and_a_folder_without_ema_says_so(tmp_path: Path, trained) -> None:
+    weights, _ = trained
+    ema, raw = loaded(weights, "ema"), loaded(weights, "raw")
+    assert not torch.equal(ema["decoder"].fc[0].weight, raw["decoder"].fc[0].weight)  # 3 steps at decay 0.5
+    pipeline("sample", weights, tmp_path / "raw.png", "--count", "1", "--weights", "raw")
+    with torch.no_grad():
+        expected = raw["decoder"](torch.randn(1, 8, generator=torch.Generator().manual_seed(0)))
+    assert np.abs(tile(tmp_path / "raw.png", 0, 0) - as_pixels(expected[0])).max() <= 1
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for path in weights.glob("*.*"):
+        if not path.name.endswith(".ema.safetensors"):
+            (plain / path.name).write_bytes(path.read_bytes())
+    result = run_python("-m", "pipeline.cli", "sample", str(plain), str(tmp_path / "x.png"), "--weights", "ema")
+    assert result.returncode == 2 and "has no EMA weights" in result.stderr and "Traceback" not in result.stderr
+    assert load_model(plain).weights == "raw" and load_model(weights).weights == "ema"
+
+
+def test_the_readmes_python_example_runs_and_takes_images_as_users_hold_them(trained) -> None:
+    """The README's example, run as written on a trained checkpoint; its results computed here from the
+    safetensors files (EMA weights: the folder has them)."""
+    weights, _ = trained
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("```python\nfrom pipeline import load_model\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec("from pipeline import load_model\n" + example.replace("runs/demo/checkpoints/latest", str(weights)), namespace)
+    networks = loaded(weights, "ema")
+    with torch.no_grad():
+        images = networks["decoder"](torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+        codes = networks["encoder"](images)[0]
+        torch.testing.assert_close(namespace["images"], images)
+        torch.testing.assert_close(namespace["codes"], codes)
+        torch.testing.assert_close(namespace["again"], networks["decoder"](codes))
+        torch.testing.assert_close(namespace["pairs"], networks["decoder"](codes))
+    model = namespace["model"]
+    assert (model.weights, model.image.size, model.image.channels) == ("ema", 32, 1)
+
+    from pipeline import to_pil
+
+    pictures = to_pil(images)
+    assert [(picture.mode, picture.size) for picture in pictures[:1]] == [("L", (32, 32))]
+    pixels = np.stack([np.asarray(picture) for picture in pictures])  # N x H x W uint8
+    with torch.no_grad():
+        expected = networks["encoder"](torch.from_numpy(pixels).float().div(127.5).sub(1).unsqueeze(1))[0]
+    for held in (pictures, pictures[0], pixels[..., None], pixels[0], torch.from_numpy(pixels).unsqueeze(1)):
+        found = model.encode(held)
+        torch.testing.assert_close(found, expected[: len(found)])
+    with pytest.raises(ValueError, match="this model takes N x 1 x 32 x 32"):
+        model.encode(Image.new("L", (16, 16)))
 
 
 def test_reconstruct_interpolate_and_attribute_vector_write_their_grids(tmp_path: Path, trained) -> None:
@@ -170,6 +223,6 @@ def test_a_folder_loads_with_the_defaults_it_was_trained_with(tmp_path: Path, re
     if recorded:
         description.update(model={**MODEL, "gamma": 0.5, "discriminator_batches": "joint"}, options_recorded=True)
     (folder / "config.json").write_text(json.dumps(description))
-    plugin, _ = load_model(folder)
+    plugin = load_model(folder).plugin
     expected = (0.5, "joint") if recorded else (6.4e-5, "separate")
     assert (plugin.options.gamma, plugin.options.discriminator_batches) == expected

@@ -22,6 +22,7 @@ from shards.random_access import SplitDataset
 from shards.reader import open_split
 
 RANKS, MICRO_STEPS, BATCH, SEED = 2, 2, 2, 7
+EMA_DECAY = 0.75
 
 
 def rank_means(shards: Path, step: int) -> list[float]:
@@ -68,6 +69,7 @@ def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_pat
     skips = [
         {"step": 0, "network": "encoder", "above": -2.0},  # always: the encoder never stepped before step 2
         {"step": 1, "network": "decoder", "above": threshold},
+        {"step": 2, "network": "encoder", "above": -2.0},  # always: its EMA, away from its weights by then, stays
     ]
     run = tmp_path / "run"
     config = write_config(
@@ -80,6 +82,7 @@ def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_pat
         checkpoint={"every": 1, "keep_last": 3},
         # weight decay: a zero gradient alone would still shrink the weights
         optimizer={"name": optimizer, "lr": 0.01, "weight_decay": 0.1},
+        ema={"decay": EMA_DECAY, "start_step": 1},  # every network: the linear plugin names no ema_networks
     )
     if optimizer == "rmsprop":  # and through a resume from the checkpoint where the encoder has no state yet
         first = launch(config, "max_steps=1")
@@ -97,7 +100,7 @@ def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_pat
     state = json.loads((checkpoint(run, 3) / "trainer_state.json").read_text())
     decisions = [rank["plugin"]["decisions"] for rank in state["ranks"]]
     assert decisions[0] == decisions[1], "the ranks decided differently"
-    assert [(d["step"], d["skip"]) for d in decisions[0]] == [(0, ["encoder"]), (1, ["decoder"]), (2, [])]
+    assert [(d["step"], d["skip"]) for d in decisions[0]] == [(0, ["encoder"]), (1, ["decoder"]), (2, ["encoder"])]
     totals = decisions[0][1]["totals"]
     assert totals["count"] == RANKS * MICRO_STEPS * BATCH * 64  # every image of the global batch, 8x8 pixels
     assert totals["pixels"] / totals["count"] == pytest.approx(global_mean, rel=1e-9, abs=1e-12)
@@ -113,3 +116,33 @@ def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_pat
     assert not [key for key in encoder[1] if key.split("/")[1] not in ("weight", "bias", "master")]
     masters = torch.cat([encoder[1][k].flatten() for k in sorted(encoder[1]) if "/master/encoder.weight" in k])
     torch.testing.assert_close(masters, encoder[1]["weights/weight"].flatten(), rtol=0, atol=0)
+    assert identical(encoder[2], encoder[3]), "the encoder moved in the step it sat out"
+    assert_ema_follows_the_steps_taken(steps, skipped={2: {"decoder"}, 3: {"encoder"}})
+
+
+def assert_ema_follows_the_steps_taken(steps: dict[int, Path], skipped: dict[int, set[str]]) -> None:
+    """The EMA saved with each checkpoint, computed here from the raw weights of every checkpoint: it equals
+    the weights up to ema.start_step (1), then moves (1 - decay) of the way toward them after each step its
+    network took, and not at all after one it sat out (through the rmsprop run's resume at step 1 too)."""
+    average = None
+    for step, folder in sorted(steps.items()):
+        for network in ("encoder", "decoder"):
+            weights = load_file(str(folder / f"{network}.safetensors"))
+            saved = load_file(str(folder / f"{network}.ema.safetensors"))
+            if average is None or network not in average:
+                average = {**(average or {}), network: {k: v.double() for k, v in weights.items()}}
+            elif network not in skipped.get(step, set()):
+                average[network] = {
+                    k: e + (1 - EMA_DECAY) * (weights[k].double() - e) for k, e in average[network].items()
+                }
+            assert saved.keys() == weights.keys() and all(t.dtype == torch.float32 for t in saved.values())
+            for key, value in saved.items():
+                torch.testing.assert_close(value.double(), average[network][key], rtol=1e-6, atol=1e-7)
+        if step - 1 in steps:
+            for network in skipped.get(step, ()):
+                before = load_file(str(steps[step - 1] / f"{network}.ema.safetensors"))
+                after = load_file(str(folder / f"{network}.ema.safetensors"))
+                assert all(torch.equal(before[k], after[k]) for k in after), f"{network}'s EMA moved in a skipped step"
+                weights = load_file(str(folder / f"{network}.safetensors"))
+                if step == max(steps):  # by then the average trails the weights: moving toward them would show
+                    assert not torch.equal(after["weight"], weights["weight"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from pipeline.plugin import ModelPlugin, resolved_options
 from pipeline.training import deepspeed_internals as internals
 from pipeline.training import rng
 from pipeline.training.data import StreamLayout, data_position, resume_micro_step
+from pipeline.training.ema import WeightAverage, ema_file
 from pipeline.training.faults import TrainingStopped
 from shards.errors import UserError
 from shards.reader import ShardSplit
@@ -62,11 +64,13 @@ class Checkpointer:
         layout: StreamLayout,
         precision: str,
         resumed_from: Path | None,
+        ema: WeightAverage | None = None,
     ) -> None:
-        """resumed_from: the checkpoint this run continued from, never pruned by it."""
+        """resumed_from: the checkpoint this run continued from, never pruned by it. ema: the run's EMA
+        weights, saved beside the raw weights as <network>.ema.safetensors."""
         self.accelerator, self.engine, self.networks, self.plugin = accelerator, engine, networks, plugin
         self.config, self.split, self.layout, self.precision = config, split, layout, precision
-        self.resumed_from = resumed_from
+        self.resumed_from, self.ema = resumed_from, ema
         self.root = checkpoint.checkpoints_root(Path(config.output_dir))
 
     def save(self, progress: Progress) -> Path | None:
@@ -106,6 +110,10 @@ class Checkpointer:
             files[f"{checkpoint.OPTIMIZER_FOLDER}/{optimizer_state.partition_file(rank)}"] = partition
         if accelerator.is_main_process:
             files.update({f"{name}.safetensors": (state, {"plugin": config.plugin}) for name, state in tensors.items()})
+            if self.ema is not None:  # the same on every rank
+                # one metadata key: safetensors writes several in a random order (not the same bytes twice)
+                ema = self.ema.state().items()
+                files.update({ema_file(name): (state, {"plugin": config.plugin}) for name, state in ema})
         hashed, failure = {}, None
         try:
             hashed = checkpoint.write_tensor_files(staging, files)
@@ -164,6 +172,12 @@ class Checkpointer:
         failure = None
         try:
             load_weights(self.networks, folder, self.config.plugin)
+            ema_found = self.ema is None or self.ema.load(folder, self.config.plugin)
+            if not ema_found and self.accelerator.is_main_process:
+                print(
+                    f"pipeline train: warning: {folder} holds no EMA weights: the average starts from its weights",
+                    file=sys.stderr,
+                )
             optimizer_state.load_partitions(self.engine, self.networks, folder / checkpoint.OPTIMIZER_FOLDER)
             self._restore_rank_state(folder, state)
         except UserError as error:  # each rank reads its own slices: a failure may be one rank's alone

@@ -1,6 +1,6 @@
 """A weights folder (a checkpoint, or what `pipeline export` wrote from one: <network>.safetensors and
-config.json): its description, its model loaded (safetensors only: nothing is unpickled), and the rule
-that no output goes into it."""
+config.json): its description, its weights loaded (safetensors only: nothing is unpickled), and the rule
+that no output goes into it. pipeline/model.py builds the model from them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint
-from pipeline.plugin import ImageInfo, PluginError, load_plugin_class, options_of_folder
 from shards.cli import check_output_file
 from shards.errors import UserError
 
@@ -28,25 +27,11 @@ def read_description(folder: Path) -> dict[str, Any]:
     return checkpoint.read_weights_config(folder)
 
 
-def load_model(folder: Path):
-    """(plugin, networks in eval mode) from a weights folder."""
-    description = read_description(folder)
-    name, image = description["plugin"], description["image"]
-    try:
-        plugin_class = load_plugin_class(name)
-        plugin = plugin_class(options_of_folder(plugin_class, description), ImageInfo(image["size"], image["channels"]))
-    except (ValueError, TypeError) as error:  # a plugin rejecting its options (or the image) its own way
-        raise PluginError(f"{folder / checkpoint.CONFIG_FILE}: {name}: {error}") from None
-    networks = torch.nn.ModuleDict(plugin.build_networks())
-    load_weights(networks, folder, name)
-    return plugin, networks.eval()
-
-
-def load_weights(networks: torch.nn.ModuleDict, folder: Path, plugin: str) -> None:
-    """Each network's <network>.safetensors of the folder into it, whole; one line when one cannot be read
+def load_weights(networks: torch.nn.ModuleDict, folder: Path, plugin: str, suffix: str = ".safetensors") -> None:
+    """Each network's <network><suffix> of the folder into it, whole; one line when one cannot be read
     or does not fit."""
     for network_name, network in networks.items():
-        path = folder / f"{network_name}.safetensors"
+        path = folder / f"{network_name}{suffix}"
         try:
             state = load_file(str(path))
         except (OSError, SafetensorError) as error:

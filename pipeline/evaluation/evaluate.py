@@ -33,9 +33,11 @@ from rich.table import Table
 from pipeline import grids
 from pipeline.checkpoints.checkpoint import STATE_FILE, read_state
 from pipeline.checkpoints.optimizer_state import CheckpointError
-from pipeline.checkpoints.weights import check_output_beside, load_model, read_description
+from pipeline.checkpoints.weights import check_output_beside, read_description
 from pipeline.evaluation.feature_distances import KernelDistance, frechet_distance, kernel_distance
 from pipeline.evaluation.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
+from pipeline.evaluation.model_commands import add_weights_choice
+from pipeline.model import load_model
 from pipeline.plugin import ModelPlugin, PluginError, capabilities, load_plugin_class, options_of_folder
 from shards.cli import SHARD_FOLDER_HELP, bounded, one_line, output, seed, shard_folder
 from shards.errors import UserError
@@ -188,7 +190,8 @@ def protocol(args: argparse.Namespace, extractor: FeatureExtractor, kid_subset_s
 def evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     json_path = args.json or default_json_path(args.weights, args.split)
-    plugin, networks = load_model(args.weights)
+    model = load_model(args.weights, args.which_weights)
+    plugin, networks = model.plugin, model.networks
     can = capabilities(plugin)
     if not can & {"sample", "reconstruct"}:
         raise PluginError(
@@ -225,6 +228,7 @@ def evaluate(args: argparse.Namespace) -> int:
         }
     result = {
         **weights_description(args.weights),
+        "weights_used": model.weights,  # ema or raw
         "shards": args.shards if isinstance(args.shards, str) else str(args.shards.resolve()),
         "split": args.split,
         "samples": sample_distances,  # null: the plugin cannot sample
@@ -314,6 +318,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "weights", type=Path, metavar="CHECKPOINT", help="a checkpoint (OUTPUT/checkpoints/latest) or an export"
     )
+    add_weights_choice(parser)
     parser.add_argument("--shards", type=shard_folder, required=True, help=f"the held-out images: {SHARD_FOLDER_HELP}")
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument(

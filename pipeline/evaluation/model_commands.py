@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from pipeline import grids
-from pipeline.checkpoints.weights import check_output_beside, load_model
-from pipeline.plugin import require
+from pipeline.checkpoints.weights import check_output_beside
+from pipeline.model import WEIGHTS, load_model
 from shards.cli import MAX_GRID, SHARD_FOLDER_HELP, bounded, one_line, seed, shard_folder
 from shards.errors import UserError
 from shards.random_access import SplitDataset, first_images
@@ -38,18 +38,10 @@ def save_grid(image, path: Path) -> None:
     print(f"wrote {one_line(str(path))}")
 
 
-def _codec(plugin):
-    require(plugin, "encode")
-    require(plugin, "decode")
-    return plugin.encode, plugin.decode
-
-
 @torch.no_grad()
 def sample(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
-    plugin, networks = load_model(args.weights)
-    require(plugin, "sample")
-    images = plugin.sample(networks, args.count, torch.Generator().manual_seed(args.seed))
+    images = load_model(args.weights, args.which_weights).sample(args.count, args.seed)
     save_grid(grids.grid(images), args.out)
     return 0
 
@@ -57,10 +49,9 @@ def sample(args: argparse.Namespace) -> int:
 @torch.no_grad()
 def reconstruct(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
-    plugin, networks = load_model(args.weights)
-    require(plugin, "reconstruct")
+    model = load_model(args.weights, args.which_weights)
     inputs = images_of(args.shards, args.split, args.count)
-    save_grid(grids.pairs_grid(inputs, plugin.reconstruct(networks, inputs)), args.out)
+    save_grid(grids.pairs_grid(inputs, model.reconstruct(inputs)), args.out)
     return 0
 
 
@@ -68,16 +59,15 @@ def reconstruct(args: argparse.Namespace) -> int:
 def interpolate(args: argparse.Namespace) -> int:
     """Each row: image A's code to image B's, in `steps` equal steps (both ends included)."""
     check_output_beside(args.out, args.weights)
-    plugin, networks = load_model(args.weights)
-    encode, decode = _codec(plugin)
+    model = load_model(args.weights, args.which_weights)
     images = images_of(args.shards, args.split, 2 * args.rows)
     if len(images) < 2:
         raise UserError("interpolate needs at least two images")
-    codes = encode(networks, images[: len(images) // 2 * 2])
+    codes = model.encode(images[: len(images) // 2 * 2])
     starts, ends = codes[0::2], codes[1::2]
     weights = torch.linspace(0, 1, args.steps)
     rows = [
-        decode(networks, torch.stack([(1 - w) * a + w * b for w in weights])) for a, b in zip(starts, ends, strict=True)
+        model.decode(torch.stack([(1 - w) * a + w * b for w in weights])) for a, b in zip(starts, ends, strict=True)
     ]
     save_grid(grids.grid(torch.cat(rows), columns=args.steps), args.out)
     return 0
@@ -88,20 +78,28 @@ def attribute_vector(args: argparse.Namespace) -> int:
     """The paper's visual attribute vector: mean code with the label minus mean code without, added to
     images without it. Columns: input, its reconstruction, reconstruction + vector."""
     check_output_beside(args.out, args.weights)
-    plugin, networks = load_model(args.weights)
-    encode, decode = _codec(plugin)
+    model = load_model(args.weights, args.which_weights)
     labels = open_split(args.shards, args.split).labels or ()
     if args.label not in labels:
         raise UserError(f"label {args.label!r} is not in {args.shards} (labels: {', '.join(labels) or 'none'})")
     index = labels.index(args.label)
-    with_label = encode(networks, images_of(args.shards, args.split, args.samples, label=index))
-    without = encode(networks, images_of(args.shards, args.split, args.samples, exclude=index))
+    with_label = model.encode(images_of(args.shards, args.split, args.samples, label=index))
+    without = model.encode(images_of(args.shards, args.split, args.samples, exclude=index))
     vector = with_label.mean(0) - without.mean(0)
     tests = images_of(args.shards, args.test_split, args.count, exclude=index)
-    codes = encode(networks, tests)
-    columns = [tests, decode(networks, codes), decode(networks, codes + args.scale * vector)]
+    codes = model.encode(tests)
+    columns = [tests, model.decode(codes), model.decode(codes + args.scale * vector)]
     save_grid(grids.grid(torch.stack(columns, dim=1).flatten(0, 1), columns=3), args.out)
     return 0
+
+
+def add_weights_choice(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        dest="which_weights",
+        choices=WEIGHTS,
+        help="EMA weights (a run with ema.decay saves them) or raw ones (default: EMA when the folder has them)",
+    )
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -111,6 +109,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             "weights", type=Path, metavar="WEIGHTS", help="a checkpoint (OUTPUT/checkpoints/latest) or an export"
         )
         parser.add_argument("out", type=Path, metavar="OUT.png", help="the PNG to write (missing folders are made)")
+        add_weights_choice(parser)
         if data:
             parser.add_argument(
                 "--shards", type=shard_folder, required=True, help=f"images to take: {SHARD_FOLDER_HELP}"

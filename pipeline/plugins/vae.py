@@ -39,6 +39,7 @@ class GaussianLatentModel:
 
     name: str
     options_class: type[BaseModel]
+    ema_networks = ("encoder", "decoder")  # what users sample and encode with
 
     def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
         self.options = parse_options(self.options_class, options, self.name)

@@ -38,6 +38,7 @@ from pipeline.plugin import ModelPlugin, capabilities
 from pipeline.training import deepspeed_internals as internals
 from pipeline.training import faults, kernels
 from pipeline.training.data import MicroBatch, StreamLayout, training_loader
+from pipeline.training.ema import weight_average
 from pipeline.training.engine import (
     TrainingModule,
     build_optimizer,
@@ -73,6 +74,7 @@ class Trainer:
         self.precision = resolve_precision(config.precision)
         self.accelerator = make_accelerator(config, self.precision)
         module = TrainingModule(networks, plugin)
+        self.ema = weight_average(config.ema, plugin, module.networks)  # copied before DeepSpeed casts them
         if config.compile:
             kernels.compile_networks(module.networks)
         optimizer = build_optimizer(config, module.networks, plugin.optimizer_defaults())
@@ -115,6 +117,7 @@ class Trainer:
             self.layout,
             self.precision,
             resume[0] if resume else None,
+            self.ema,
         )
 
     @property
@@ -225,8 +228,8 @@ class Trainer:
 
     def train_step(self, batch: MicroBatch) -> dict[str, torch.Tensor]:
         """One micro-batch: forward through the plugin, backward; DeepSpeed steps the optimizer at the
-        accumulation boundary, after which `self.step` has advanced. Returns the detached metrics (none
-        when every sample of the micro-batch was unreadable)."""
+        accumulation boundary, after which `self.step` has advanced and the EMA has followed. Returns the
+        detached metrics (none when every sample of the micro-batch was unreadable)."""
         accelerator = self.accelerator
         if batch.failure is not None:
             raise UserError(batch.failure)
@@ -250,12 +253,15 @@ class Trainer:
                 self.step_totals[name] = self.step_totals.get(name, 0.0) + value.detach().double()
             if accelerator.sync_gradients:  # this micro-batch's backward ends with the optimizer step
                 self.network_skip.networks = self._networks_to_skip()
+            skipped_before = self.engine.skipped_steps
             accelerator.backward(output.loss)
             self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped
             self.optimizer.zero_grad()
         self.micro_step += 1
         if accelerator.sync_gradients:
             self.step += 1
+            if self.ema is not None and self.engine.skipped_steps == skipped_before:  # not skipped as non-finite
+                self.ema.update(self.step, set(self.networks) - self.network_skip.networks)
         return {name: value.detach().float() for name, value in output.metrics.items()}
 
     def _networks_to_skip(self) -> set[str]:
