@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from trainer_helpers import build_small_shards, launch, write_config
+from trainer_helpers import build_small_shards, launch, metrics, write_config
 
 from pipeline.training.data import StreamLayout, epoch_order
 from shards.random_access import SplitDataset
@@ -118,6 +118,43 @@ def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_pat
     torch.testing.assert_close(masters, encoder[1]["weights/weight"].flatten(), rtol=0, atol=0)
     assert identical(encoder[2], encoder[3]), "the encoder moved in the step it sat out"
     assert_ema_follows_the_steps_taken(steps, skipped={2: {"decoder"}, 3: {"encoder"}})
+    ran = [(record["updated/encoder"], record["updated/decoder"]) for record in metrics(run)]
+    assert ran == [(0, 1), (1, 0), (0, 1)]  # metrics.jsonl, a record a step: 0 for the step a network sat out
+    assert_logged_gradient_norms(run, shards, steps)
+
+
+def test_gradient_norms_without_partitions_count_each_ranks_whole_copy_once(tmp_path: Path) -> None:
+    """ZeRO-0: every rank holds the whole gradient, where ZeRO-2 holds a slice (the test above)."""
+    shards = build_small_shards(tmp_path / "data", images=40, size=8)
+    run = tmp_path / "run"
+    config = write_config(
+        tmp_path / "run.yaml", shards, run, max_steps=2, seed=SEED, checkpoint={"every": 1}, deepspeed={"zero_stage": 0}
+    )
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_logged_gradient_norms(run, shards, {step: checkpoint(run, step) for step in (1, 2)})
+
+
+def assert_logged_gradient_norms(run: Path, shards: Path, steps: dict[int, Path]) -> None:
+    """metrics.jsonl's grad_norm/<network>, computed here: the gradient of the linear plugin's loss over the
+    step's whole global batch (both ranks' micro-batches, read in the trainer's order) at the previous
+    checkpoint's weights."""
+    records = {record["step"]: record for record in metrics(run)}
+    split = open_split(shards)
+    layout = StreamLayout(tuple(s["count"] for s in split.shards), SEED, 8, world_size=RANKS, batch_size=BATCH)
+    order, dataset = list(epoch_order(layout, 0)), SplitDataset(split)
+    global_batch = RANKS * MICRO_STEPS * BATCH
+    for step in sorted(steps)[1:]:
+        images = torch.stack([dataset[i][0] for i in order[(step - 1) * global_batch : step * global_batch]])
+        networks = {"encoder": torch.nn.Linear(64, 4), "decoder": torch.nn.Linear(4, 64)}
+        for name, network in networks.items():
+            network.load_state_dict(load_file(str(steps[step - 1] / f"{name}.safetensors")))
+        flat = images.flatten(1).double()
+        loss = (networks["decoder"].double()(networks["encoder"].double()(flat)) - flat).pow(2).mean()
+        for name, network in networks.items():
+            gradients = torch.autograd.grad(loss, list(network.parameters()), retain_graph=True)
+            norm = torch.cat([gradient.flatten() for gradient in gradients]).norm().item()
+            assert records[step][f"grad_norm/{name}"] == pytest.approx(norm, rel=1e-4), (step, name)
 
 
 def assert_ema_follows_the_steps_taken(steps: dict[int, Path], skipped: dict[int, set[str]]) -> None:

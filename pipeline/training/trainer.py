@@ -49,6 +49,7 @@ from pipeline.training.engine import (
 from pipeline.training.faults import TrainingStopped
 from pipeline.training.lr_schedule import lr_factor
 from pipeline.training.network_skip import NetworkSkip
+from pipeline.training.network_stats import NetworkStats
 from pipeline.training.prefetch import ShardPrefetcher
 from pipeline.training.run_log import RunLog
 from shards.errors import UserError
@@ -84,7 +85,10 @@ class Trainer:
         faults.skip_nonfinite_updates(self.engine)
         internals.skip_single_rank_allreduce(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
-        self.network_skip = NetworkSkip(internals.torch_optimizer(self.engine))
+        torch_optimizer = internals.torch_optimizer(self.engine)
+        # before NetworkSkip's hook: the norms include the gradients of networks about to sit out a step
+        self.network_stats = NetworkStats(torch_optimizer, self.networks, self.accelerator.device)
+        self.network_skip = NetworkSkip(torch_optimizer)
         self.step_totals: dict[str, torch.Tensor] = {}  # the plugin's step_totals, this rank, this step
         self.step_total_names: list[str] | None = None
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # lr_schedule scales these
@@ -260,8 +264,11 @@ class Trainer:
         self.micro_step += 1
         if accelerator.sync_gradients:
             self.step += 1
-            if self.ema is not None and self.engine.skipped_steps == skipped_before:  # not skipped as non-finite
-                self.ema.update(self.step, set(self.networks) - self.network_skip.networks)
+            finite = self.engine.skipped_steps == skipped_before  # not skipped for a non-finite gradient
+            stepped = set(self.networks) - self.network_skip.networks if finite else set()
+            self.network_stats.end_step(stepped)
+            if self.ema is not None and stepped:
+                self.ema.update(self.step, stepped)
         return {name: value.detach().float() for name, value in output.metrics.items()}
 
     def _networks_to_skip(self) -> set[str]:
@@ -336,6 +343,7 @@ class Trainer:
         metrics = {name: total / max(count, 1.0) for name, total in zip(names, totals, strict=True)}
         for group in self.optimizer.param_groups:
             metrics[f"lr/{group['network']}"] = group["lr"]
+        metrics.update(self.network_stats.collect(self.accelerator))
         metrics["bad_samples"] = self._count_bad_samples()
         metrics["skipped_steps"] = self.engine.skipped_steps
         if self.split.remote is not None:
