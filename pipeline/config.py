@@ -261,6 +261,9 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] | None = Field(
+        None, description="accelerate's trackers (pipeline/training/trackers.py); null: tensorboard when installed"
+    )
     output_dir: FilePath
     resume: str = Field("auto", description="auto | none | PATH to a checkpoint folder")
     seed: Integer = Field(0, ge=0, lt=2**31)

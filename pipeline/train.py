@@ -32,6 +32,7 @@ from pipeline.training.deepspeed_config import build_deepspeed_config
 from pipeline.training.deepspeed_internals import check_versions
 from pipeline.training.engine import checked_optimizer_defaults, optimizer_plan, resolve_precision, resolved_config
 from pipeline.training.run_lock import RunLock, wait_for_first_rank
+from pipeline.training.trackers import chosen as chosen_trackers
 from shards.cli import ArgumentParser, one_line
 from shards.errors import UserError
 from shards.reader import ShardSplit, open_split
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         resume = find_checkpoint(config, split)
         check_one_global_batch(config, split)
         precision = resolve_precision(config.precision)
+        chosen_trackers(config.log_with)  # each installed
         plugin = make_plugin(plugin_class, config, split)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         networks = plugin.build_networks()

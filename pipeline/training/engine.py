@@ -12,6 +12,7 @@ import datetime
 import importlib
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from pipeline.config import ConfigError, NetworkOptimizer, OptimizerConfig, RunC
 from pipeline.plugin import ModelPlugin, PluginError, StepOutput, resolved_options
 from pipeline.training import deepspeed_internals as internals
 from pipeline.training.deepspeed_config import build_deepspeed_config
+from pipeline.training.trackers import chosen as chosen_trackers
+from pipeline.training.trackers import make_trackers
 from shards.errors import UserError, describe_error
 
 OPTIMIZERS = {
@@ -88,13 +91,13 @@ def make_accelerator(config: RunConfig, precision: str) -> Accelerator:
     timeout = datetime.timedelta(minutes=config.faults.collective_timeout_minutes)
     bound_collective_waits(timeout)
     handlers = [InitProcessGroupKwargs(timeout=timeout, **({} if torch.cuda.is_available() else {"backend": "gloo"}))]
-    trackers = "tensorboard" if _tensorboard_available() else None
+    trackers = make_trackers(chosen_trackers(config.log_with), Path(config.output_dir))
     accelerator = Accelerator(
         deepspeed_plugin=internals.DeepSpeedPluginForPlainModels(hf_ds_config=ds_config),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision={"fp32": "no"}.get(precision, precision),
         kwargs_handlers=handlers,
-        log_with=trackers,
+        log_with=trackers or None,
         project_dir=str(config.output_dir),
     )
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -103,14 +106,6 @@ def make_accelerator(config: RunConfig, precision: str) -> Accelerator:
             "accelerate config and unset ACCELERATE_USE_CPU (see launch/accelerate/cpu-2proc.yaml)"
         )
     return accelerator
-
-
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def first_set(*values: Any) -> Any:

@@ -36,7 +36,7 @@ from pipeline.checkpoints.optimizer_state import CheckpointError
 from pipeline.config import ConfigError, RunConfig
 from pipeline.plugin import ModelPlugin, capabilities
 from pipeline.training import deepspeed_internals as internals
-from pipeline.training import faults, kernels
+from pipeline.training import faults, kernels, trackers
 from pipeline.training.data import MicroBatch, StreamLayout, training_loader
 from pipeline.training.ema import weight_average
 from pipeline.training.engine import (
@@ -133,11 +133,11 @@ class Trainer:
 
     def train(self) -> None:
         config, accelerator = self.config, self.accelerator
+        resolved = resolved_config(config, self.plugin, list(self.networks))
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            resolved = resolved_config(config, self.plugin, list(self.networks))
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        accelerator.init_trackers("tensorboard", config={"plugin": config.plugin, "seed": config.seed})
+        accelerator.init_trackers(trackers.PROJECT, config=trackers.hyperparameters(resolved))
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
         stop = faults.StopRequest(config.checkpoint.every_minutes)
         try:
@@ -411,7 +411,9 @@ class Trainer:
             self.networks.train()
         if self.accelerator.is_main_process:
             for kind, image in drawn.items():
-                grids.save(image, self.output_dir / "samples" / f"step-{self.step:08d}-{kind}.png")
+                path = self.output_dir / "samples" / f"step-{self.step:08d}-{kind}.png"
+                grids.save(image, path)
+                trackers.log_grid(self.accelerator, kind, image, path, self.step)
 
     def save_checkpoint(self) -> Path | None:
         """OUTPUT/checkpoints/step-NNNNNNNN, by every rank (checkpoints/checkpointer.py); rank 0 gets the folder."""
