@@ -227,6 +227,20 @@ class EMAConfig(Strict):
     networks: list[str] | None = Field(None, description="the networks averaged (null: the plugin's ema_networks)")
 
 
+class EvalConfig(Strict):
+    """What `pipeline evaluate` measures, during training (pipeline/evaluation/in_training.py)."""
+
+    every: Integer | None = Field(None, gt=0, le=COUNT_MAX, description="optimizer steps between evaluations")
+    count: Integer = Field(500, ge=2, le=10**7, description="held-out images, and samples and reconstructions each")
+    split: Literal["train", "val"] = "val"
+    batch_size: Integer = Field(25, gt=0, le=4096, description="images per extractor call")
+    extractor: FilePath | None = Field(None, description="a TorchScript extractor (default: the shipped Inception)")
+    resolution: Integer = Field(299, gt=0, le=2048, description="side the images are resized to for the extractor")
+    seed: Integer = Field(0, ge=0, lt=2**31, description="the prior samples and KID subsets")
+    kid_subsets: Integer = Field(100, gt=0, le=10**6)
+    kid_subset_size: Integer = Field(1000, ge=2, le=10**7, description="features per KID subset, at most eval.count")
+
+
 class FaultsConfig(Strict):
     """What the run does when things go wrong (README, "Faults")."""
 
@@ -261,6 +275,7 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     log_with: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] | None = Field(
         None, description="accelerate's trackers (pipeline/training/trackers.py); null: tensorboard when installed"
     )

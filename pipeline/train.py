@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.checkpoints.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.evaluation import in_training
 from pipeline.launch import LAUNCHER_PID
 from pipeline.plugin import ImageInfo, PluginError, check_required, load_plugin_class
 from pipeline.training.data_workers import die_with_parent
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         networks = plugin.build_networks()
         check_optimizer_networks(config, networks)
+        in_training.check(config, plugin)  # eval.every: the held-out images and the extractor
         defaults = checked_optimizer_defaults(config.plugin, plugin.optimizer_defaults(), list(networks))
         optimizer_plan(config, defaults, list(networks))  # an optimizer setting the chosen optimizer cannot take
         if resume is not None:

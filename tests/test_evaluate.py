@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from test_model_commands import MODEL, loaded, trained  # noqa: F401 (trained: the tiny trained run, a fixture)
-from trainer_helpers import run_python
+from trainer_helpers import build_small_shards, launch, metrics, run_python, write_config
 
 from pipeline.cli import main
 from pipeline.evaluation.evaluate import default_json_path
@@ -289,3 +289,47 @@ def test_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0 and "usage: pipeline " + command in capsys.readouterr().out
+
+
+def test_evaluation_while_training_on_two_ranks_equals_pipeline_evaluate_of_the_checkpoint(tmp_path: Path) -> None:
+    """eval.every on 2 ranks, each extracting its share (10 images in 4 batches of 3: ranks with unequal
+    shares), of the VAE with EMA weights and batch norm: each step's eval/* record equals what `pipeline
+    evaluate` reports for that step's checkpoint with the same extractor and protocol."""
+    shards = build_small_shards(tmp_path / "data", images=24, size=32)
+    tiny = tmp_path / "tiny.pt"
+    torch.jit.script(TinyExtractor()).save(str(tiny))
+    # KID from 5 subsets of 4: which features are drawn depends on their order, as gathered from the ranks
+    protocol = {"count": 10, "batch_size": 3, "resolution": 32, "seed": 3, "kid_subsets": 5, "kid_subset_size": 4}
+    config = write_config(
+        tmp_path / "run.yaml",
+        shards,
+        tmp_path / "run",
+        plugin="vae",
+        model=MODEL,
+        max_steps=2,
+        data={"shards": str(shards), "batch_size": 2, "workers": 0},
+        ema={"decay": 0.5},
+        checkpoint={"every": 1, "keep_last": 5},
+        eval={"every": 1, "split": "train", "extractor": str(tiny), **protocol},
+    )
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [record for record in metrics(tmp_path / "run") if "eval/samples_fid" in record]
+    assert [record["step"] for record in records] == [1, 2]
+    for record in records:
+        checkpoint = tmp_path / "run" / "checkpoints" / f"step-{record['step']:08d}"
+        options = [f"--{key.replace('_', '-')}={value}" for key, value in protocol.items()]
+        json_path = tmp_path / f"evaluate-{record['step']}.json"
+        arguments = ["--shards", str(shards), "--split", "train", "--extractor", str(tiny), "--json", str(json_path)]
+        assert main(["evaluate", str(checkpoint), *arguments, *options]) == 0
+        report = json.loads(json_path.read_text())
+        assert report["weights_used"] == "ema"
+        expected = {
+            "eval/samples_fid": report["samples"]["frechet_distance"],
+            "eval/samples_kid": report["samples"]["kid"],
+            "eval/reconstructions_fid": report["reconstructions"]["frechet_distance"],
+            "eval/reconstructions_kid": report["reconstructions"]["kid"],
+            "eval/pixel_mse": report["reconstructions"]["pixel_mse"],
+            "eval/feature_distance": report["reconstructions"]["feature_distance"],
+        }
+        assert {key: record[key] for key in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9)

@@ -84,7 +84,74 @@ def batches(total: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
 
 
+def every_batch(index: int) -> bool:
+    return True
+
+
 @torch.no_grad()
+def reconstruction_parts(
+    plugin: ModelPlugin,
+    networks: torch.nn.ModuleDict,
+    dataset: SplitDataset,
+    extractor: FeatureExtractor,
+    count: int,
+    batch_size: int,
+    advance: Callable[[int], None],
+    owned: Callable[[int], bool] = every_batch,
+    image_features: dict[int, torch.Tensor] | None = None,
+) -> tuple[dict[int, dict[str, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """For each batch of the held-out images that `owned` names (by its index): the images' features (or
+    those given in `image_features`, measured before), and with a plugin that can reconstruct, its
+    reconstructions' features, squared errors and feature distances, on the CPU; and the first inputs
+    beside their reconstructions, for the grid."""
+    reconstructing = "reconstruct" in capabilities(plugin)
+    device, dtype = next(networks.parameters()).device, next(networks.parameters()).dtype
+    parts, shown = {}, []
+    held_out = first_images(dataset, count)
+    for index, indices in enumerate(batches(count, batch_size)):
+        images = torch.stack([next(held_out)[0] for _ in indices])
+        if not owned(index):
+            continue
+        images = images.to(device)
+        known = image_features is not None
+        part = {"image_features": image_features[index] if known else extractor.embed(images).cpu()}
+        advance(len(indices))
+        if reconstructing:
+            reconstructions = plugin.reconstruct(networks, images.to(dtype)).float()  # bf16 networks in training
+            part["reconstruction_features"] = extractor.embed(reconstructions).cpu()
+            part["squared_errors"] = (reconstructions - images).pow(2).flatten(1).mean(1).cpu()
+            part["distances"] = (part["image_features"] - part["reconstruction_features"]).norm(dim=1)
+            if sum(len(inputs) for inputs, _ in shown) < RECONSTRUCTION_GRID:
+                shown.append((images.cpu(), reconstructions.cpu()))
+            advance(len(indices))
+        parts[index] = part
+    return parts, shown
+
+
+def reconstruction_pass(
+    parts: dict[int, dict[str, torch.Tensor]], shown: list[tuple[torch.Tensor, torch.Tensor]]
+) -> ReconstructionPass:
+    """Every batch's parts, in batch order, measured as one set."""
+    ordered = [parts[index] for index in sorted(parts)]
+
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat([part[name] for part in ordered])
+
+    if "reconstruction_features" not in ordered[0]:
+        return ReconstructionPass(joined("image_features").numpy(), None, None, None, None)
+    grid = None
+    if shown:
+        inputs, outputs = (torch.cat(side)[:RECONSTRUCTION_GRID] for side in zip(*shown, strict=True))
+        grid = grids.pairs_grid(inputs, outputs)
+    return ReconstructionPass(
+        joined("image_features").numpy(),
+        joined("reconstruction_features").numpy(),
+        joined("squared_errors").double().mean().item(),
+        joined("distances").mean().item(),
+        grid,
+    )
+
+
 def measure_reconstructions(
     plugin: ModelPlugin,
     networks: torch.nn.ModuleDict,
@@ -95,37 +162,35 @@ def measure_reconstructions(
     advance: Callable[[int], None],
 ) -> ReconstructionPass:
     """The held-out images' features, and with a plugin that can reconstruct, its reconstructions'."""
-    reconstructing = "reconstruct" in capabilities(plugin)
-    image_features, reconstruction_features, squared_errors, distances, shown = [], [], [], [], []
-    held_out = first_images(dataset, count)
-    for indices in batches(count, batch_size):
-        images = torch.stack([next(held_out)[0] for _ in indices])
-        batch_image_features = extractor.embed(images)
-        image_features.append(batch_image_features)
-        advance(len(indices))
-        if not reconstructing:
-            continue
-        reconstructions = plugin.reconstruct(networks, images).float()
-        batch_reconstruction_features = extractor.embed(reconstructions)
-        reconstruction_features.append(batch_reconstruction_features)
-        squared_errors.append((reconstructions - images).pow(2).flatten(1).mean(1))
-        distances.append((batch_image_features - batch_reconstruction_features).norm(dim=1))
-        if sum(len(pair[0]) for pair in shown) < RECONSTRUCTION_GRID:
-            shown.append((images, reconstructions))
-        advance(len(indices))
-    if not reconstructing:
-        return ReconstructionPass(torch.cat(image_features).numpy(), None, None, None, None)
-    inputs, outputs = (torch.cat(side)[:RECONSTRUCTION_GRID] for side in zip(*shown, strict=True))
-    return ReconstructionPass(
-        torch.cat(image_features).numpy(),
-        torch.cat(reconstruction_features).numpy(),
-        torch.cat(squared_errors).double().mean().item(),
-        torch.cat(distances).mean().item(),
-        grids.pairs_grid(inputs, outputs),
-    )
+    return reconstruction_pass(*reconstruction_parts(plugin, networks, dataset, extractor, count, batch_size, advance))
 
 
 @torch.no_grad()
+def sample_parts(
+    plugin: ModelPlugin,
+    networks: torch.nn.ModuleDict,
+    extractor: FeatureExtractor,
+    count: int,
+    batch_size: int,
+    seed: int,
+    advance: Callable[[int], None],
+    owned: Callable[[int], bool] = every_batch,
+) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+    """The features of each batch of prior samples that `owned` names, on the CPU, and the first samples.
+    Every batch is drawn, owned or not: the batches are one generator's stream."""
+    generator = torch.Generator().manual_seed(seed)
+    parts, shown = {}, []
+    for index, indices in enumerate(batches(count, batch_size)):
+        samples = plugin.sample(networks, len(indices), generator).float()
+        if not owned(index):
+            continue
+        parts[index] = extractor.embed(samples).cpu()
+        if sum(len(images) for images in shown) < SAMPLE_GRID:
+            shown.append(samples.cpu())
+        advance(len(indices))
+    return parts, shown
+
+
 def measure_samples(
     plugin: ModelPlugin,
     networks: torch.nn.ModuleDict,
@@ -135,21 +200,15 @@ def measure_samples(
     seed: int,
     advance: Callable[[int], None],
 ) -> SamplePass:
-    generator = torch.Generator().manual_seed(seed)
-    features, shown = [], []
-    for indices in batches(count, batch_size):
-        samples = plugin.sample(networks, len(indices), generator).float()
-        features.append(extractor.embed(samples))
-        if sum(len(images) for images in shown) < SAMPLE_GRID:
-            shown.append(samples)
-        advance(len(indices))
-    return SamplePass(torch.cat(features).numpy(), grids.grid(torch.cat(shown)[:SAMPLE_GRID]))
+    parts, shown = sample_parts(plugin, networks, extractor, count, batch_size, seed, advance)
+    features = torch.cat([parts[index] for index in sorted(parts)]).numpy()
+    return SamplePass(features, grids.grid(torch.cat(shown)[:SAMPLE_GRID]))
 
 
 def set_distances(
-    images: np.ndarray, generated: np.ndarray, args: argparse.Namespace
+    images: np.ndarray, generated: np.ndarray, kid_subset_size: int, kid_subsets: int, seed: int
 ) -> tuple[dict[str, float], KernelDistance]:
-    kid = kernel_distance(images, generated, args.kid_subset_size, args.kid_subsets, args.seed)
+    kid = kernel_distance(images, generated, kid_subset_size, kid_subsets, seed)
     return {"frechet_distance": frechet_distance(images, generated), "kid": kid.mean, "kid_std": kid.std}, kid
 
 
@@ -218,9 +277,13 @@ def evaluate(args: argparse.Namespace) -> int:
     images = reconstructed.image_features
     sample_distances = reconstruction_distances = None
     if sampled is not None:
-        sample_distances, kid = set_distances(images, sampled.features, args)
+        sample_distances, kid = set_distances(
+            images, sampled.features, args.kid_subset_size, args.kid_subsets, args.seed
+        )
     if reconstructed.reconstruction_features is not None:
-        reconstruction_distances, kid = set_distances(images, reconstructed.reconstruction_features, args)
+        reconstruction_distances, kid = set_distances(
+            images, reconstructed.reconstruction_features, args.kid_subset_size, args.kid_subsets, args.seed
+        )
         reconstruction_distances = {
             "pixel_mse": reconstructed.pixel_mse,
             "feature_distance": reconstructed.feature_distance,

@@ -37,6 +37,8 @@ class WeightAverage:
     """The averages, as float32 copies of the networks (made before DeepSpeed casts or wraps anything)."""
 
     def __init__(self, networks: nn.ModuleDict, names: list[str], decay: float, start_step: int) -> None:
+        """networks: the live networks (the same modules DeepSpeed then wraps: follow them onto the
+        device with `to`)."""
         self.networks, self.names, self.decay, self.start_step = networks, names, decay, start_step
         self.averages = nn.ModuleDict(
             {name: copy.deepcopy(networks[name]).float().requires_grad_(False) for name in names}
@@ -55,8 +57,29 @@ class WeightAverage:
                 elif name in stepped:
                     average[key].lerp_(value.float(), 1.0 - self.decay)
 
+    def to(self, device: torch.device) -> None:
+        self.averages.to(device)
+
+    @torch.no_grad()
+    def copy_buffers(self) -> None:
+        """The live networks' buffers into the averages (their batch norm statistics, averaged over ranks
+        by the trainer before a checkpoint or an evaluation)."""
+        for name, average in self.averages.items():
+            parameters = {key for key, _ in average.named_parameters()}
+            own = average.state_dict()
+            for key, value in self.networks[name].state_dict().items():
+                if key not in parameters:
+                    own[key].copy_(value)
+
+    def with_averages(self) -> nn.ModuleDict:
+        """The networks to use: each averaged network's average, the others as they are."""
+        self.copy_buffers()
+        averages = dict(self.averages.items())
+        return nn.ModuleDict({name: averages.get(name, network) for name, network in self.networks.items()})
+
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         """{network: its average's state dict} on the CPU: what a checkpoint saves."""
+        self.copy_buffers()
         return {
             name: {key: value.cpu().contiguous() for key, value in average.state_dict().items()}
             for name, average in self.averages.items()

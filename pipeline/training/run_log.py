@@ -45,6 +45,17 @@ class RunLog:
         if not console.is_terminal:  # a log file (SLURM, CI) gets no live bar: give it a line per log step
             console.print(f"step {step}/{self.total_steps} images {images_seen} {rate:.1f} images/s {losses}")
 
+    def evaluation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        """eval.every's metrics (rank 0 has them) as a record of their own; called on every rank. The time
+        they took is left out of the next images_per_s."""
+        self.last_time += seconds
+        if not self.main:
+            return
+        self.accelerator.log(metrics, step=step)
+        with open(self.metrics_path, "a") as file:
+            file.write(json_line({"step": step, **metrics, "eval_seconds": round(seconds, 2)}) + "\n")
+        self.say(f"step {step}: " + " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+
     def advance(self, step: int) -> None:
         if self.progress:
             self.progress.update(self.task, completed=step)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,6 +35,7 @@ from pipeline.checkpoints import checkpoint, optimizer_state
 from pipeline.checkpoints.checkpointer import Checkpointer, Progress
 from pipeline.checkpoints.optimizer_state import CheckpointError
 from pipeline.config import ConfigError, RunConfig
+from pipeline.evaluation.in_training import TrainingEvaluation
 from pipeline.plugin import ModelPlugin, capabilities
 from pipeline.training import deepspeed_internals as internals
 from pipeline.training import faults, kernels, trackers
@@ -85,6 +87,8 @@ class Trainer:
         faults.skip_nonfinite_updates(self.engine)
         internals.skip_single_rank_allreduce(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)
         torch_optimizer = internals.torch_optimizer(self.engine)
         # before NetworkSkip's hook: the norms include the gradients of networks about to sit out a step
         self.network_stats = NetworkStats(torch_optimizer, self.networks, self.accelerator.device)
@@ -111,6 +115,7 @@ class Trainer:
         self.fetch_counts_here: Counter[str] = Counter()  # ... by this rank and its workers since the last count
         self.skipped_in_a_row = 0  # updates skipped for a non-finite gradient, up to the last step
         self.output_dir = Path(config.output_dir)
+        self.evaluation = TrainingEvaluation(config, self.accelerator) if config.eval.every else None
         self.checkpointer = Checkpointer(
             self.accelerator,
             self.engine,
@@ -221,6 +226,8 @@ class Trainer:
                 self._stop_diverged()
             if self.step % config.sample_every == 0 or last:
                 self._draw_grids(grid_inputs)
+            if self.evaluation is not None and self.step % config.eval.every == 0:
+                self._evaluate(log)
             every = config.checkpoint.every
             if (every is not None and self.step % every == 0) or clock_due or last or stopping:
                 self.save_checkpoint()
@@ -414,6 +421,19 @@ class Trainer:
                 path = self.output_dir / "samples" / f"step-{self.step:08d}-{kind}.png"
                 grids.save(image, path)
                 trackers.log_grid(self.accelerator, kind, image, path, self.step)
+
+    def _evaluate(self, log: RunLog) -> None:
+        """eval.every (pipeline/evaluation/in_training.py): the networks a checkpoint of this step would give
+        `pipeline evaluate`, measured by every rank, logged as a record of its own."""
+        started = time.perf_counter()
+        self._average_batch_norm_statistics()
+        networks = self.ema.with_averages() if self.ema is not None else self.networks
+        networks.eval()
+        try:
+            metrics = self.evaluation.run(self.plugin, networks)
+        finally:
+            self.networks.train()
+        log.evaluation(self.step, metrics, time.perf_counter() - started)
 
     def save_checkpoint(self) -> Path | None:
         """OUTPUT/checkpoints/step-NNNNNNNN, by every rank (checkpoints/checkpointer.py); rank 0 gets the folder."""
