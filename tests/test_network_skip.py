@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 from trainer_helpers import build_small_shards, launch, metrics, write_config
 
+from pipeline.evaluation.plot import panels
 from pipeline.training.data import StreamLayout, epoch_order
 from shards.random_access import SplitDataset
 from shards.reader import open_split
@@ -120,6 +121,9 @@ def test_a_skipped_network_keeps_weights_and_optimizer_state_bit_for_bit(tmp_pat
     assert_ema_follows_the_steps_taken(steps, skipped={2: {"decoder"}, 3: {"encoder"}})
     ran = [(record["updated/encoder"], record["updated/decoder"]) for record in metrics(run)]
     assert ran == [(0, 1), (1, 0), (0, 1)]  # metrics.jsonl, a record a step: 0 for the step a network sat out
+    drawn = panels(metrics(run))  # what `pipeline plot` draws: a panel a group, a curve a network
+    for panel in ("grad_norm", "updated", "lr"):
+        assert sorted(drawn[panel]) == ["decoder", "encoder"], panel
     assert_logged_gradient_norms(run, shards, steps)
 
 
