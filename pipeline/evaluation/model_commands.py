@@ -15,7 +15,8 @@ import torch
 
 from pipeline import grids
 from pipeline.checkpoints.weights import check_output_beside
-from pipeline.model import WEIGHTS, load_model
+from pipeline.model import WEIGHTS, Model, load_model
+from pipeline.plugin import require
 from shards.cli import MAX_GRID, SHARD_FOLDER_HELP, bounded, one_line, seed, shard_folder
 from shards.errors import UserError
 from shards.random_access import SplitDataset, first_images
@@ -38,6 +39,14 @@ def save_grid(image, path: Path) -> None:
     print(f"wrote {one_line(str(path))}")
 
 
+def load_codec(args: argparse.Namespace) -> Model:
+    """The model, for a command that encodes and decodes: one line first when the plugin cannot."""
+    model = load_model(args.weights, args.which_weights)
+    require(model.plugin, "encode")
+    require(model.plugin, "decode")
+    return model
+
+
 @torch.no_grad()
 def sample(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
@@ -50,6 +59,7 @@ def sample(args: argparse.Namespace) -> int:
 def reconstruct(args: argparse.Namespace) -> int:
     check_output_beside(args.out, args.weights)
     model = load_model(args.weights, args.which_weights)
+    require(model.plugin, "reconstruct")  # before the images: what the plugin cannot do is said first
     inputs = images_of(args.shards, args.split, args.count)
     save_grid(grids.pairs_grid(inputs, model.reconstruct(inputs)), args.out)
     return 0
@@ -59,7 +69,7 @@ def reconstruct(args: argparse.Namespace) -> int:
 def interpolate(args: argparse.Namespace) -> int:
     """Each row: image A's code to image B's, in `steps` equal steps (both ends included)."""
     check_output_beside(args.out, args.weights)
-    model = load_model(args.weights, args.which_weights)
+    model = load_codec(args)
     images = images_of(args.shards, args.split, 2 * args.rows)
     if len(images) < 2:
         raise UserError("interpolate needs at least two images")
@@ -78,7 +88,7 @@ def attribute_vector(args: argparse.Namespace) -> int:
     """The paper's visual attribute vector: mean code with the label minus mean code without, added to
     images without it. Columns: input, its reconstruction, reconstruction + vector."""
     check_output_beside(args.out, args.weights)
-    model = load_model(args.weights, args.which_weights)
+    model = load_codec(args)
     labels = open_split(args.shards, args.split).labels or ()
     if args.label not in labels:
         raise UserError(f"label {args.label!r} is not in {args.shards} (labels: {', '.join(labels) or 'none'})")
