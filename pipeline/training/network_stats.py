@@ -23,6 +23,7 @@ class NetworkStats:
         self.sizes = [sum(parameter.numel() for parameter in networks[name].parameters()) for name in self.names]
         self.device = device
         self.current = self._zeros()  # this step, this rank: [sum of squares, elements] x network
+        self.measured = False  # whether the hook ran this step (known on the host: no device sync)
         self.steps: list[torch.Tensor] = []  # each measured step's, since the last collect()
         self.ran = [0] * len(self.names)  # steps whose update each network took, since the last collect()
         self.step_count = 0
@@ -34,6 +35,7 @@ class NetworkStats:
     @torch.no_grad()
     def _measure(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         # DeepSpeed's ZeRO steps one param group at a time: this may see one network's group per call
+        self.measured = True
         for group in optimizer.param_groups:
             index = self.index[group["network"]]
             for parameter in group["params"]:
@@ -44,9 +46,9 @@ class NetworkStats:
 
     def end_step(self, stepped: set[str]) -> None:
         """At an optimizer step's end: `stepped`, the networks whose update ran."""
-        if self.current[1].any():  # not measured: DeepSpeed skipped the step before the optimizer saw it
+        if self.measured:  # else DeepSpeed skipped the step before the optimizer saw it
             self.steps.append(self.current)
-        self.current = self._zeros()
+        self.current, self.measured = self._zeros(), False
         self.ran = [count + (name in stepped) for count, name in zip(self.ran, self.names, strict=True)]
         self.step_count += 1
 
