@@ -152,19 +152,6 @@ def reconstruction_pass(
     )
 
 
-def measure_reconstructions(
-    plugin: ModelPlugin,
-    networks: torch.nn.ModuleDict,
-    dataset: SplitDataset,
-    extractor: FeatureExtractor,
-    count: int,
-    batch_size: int,
-    advance: Callable[[int], None],
-) -> ReconstructionPass:
-    """The held-out images' features, and with a plugin that can reconstruct, its reconstructions'."""
-    return reconstruction_pass(*reconstruction_parts(plugin, networks, dataset, extractor, count, batch_size, advance))
-
-
 @torch.no_grad()
 def sample_parts(
     plugin: ModelPlugin,
@@ -191,18 +178,9 @@ def sample_parts(
     return parts, shown
 
 
-def measure_samples(
-    plugin: ModelPlugin,
-    networks: torch.nn.ModuleDict,
-    extractor: FeatureExtractor,
-    count: int,
-    batch_size: int,
-    seed: int,
-    advance: Callable[[int], None],
-) -> SamplePass:
-    parts, shown = sample_parts(plugin, networks, extractor, count, batch_size, seed, advance)
-    features = torch.cat([parts[index] for index in sorted(parts)]).numpy()
-    return SamplePass(features, grids.grid(torch.cat(shown)[:SAMPLE_GRID]))
+def sample_features(parts: dict[int, torch.Tensor]) -> np.ndarray:
+    """Every batch's sample features, in batch order."""
+    return torch.cat([parts[index] for index in sorted(parts)]).numpy()
 
 
 def set_distances(
@@ -265,15 +243,16 @@ def evaluate(args: argparse.Namespace) -> int:
     with progress_bar("images") as progress:
         share = 2 if "reconstruct" in can else 1
         reconstructing = progress.add_task("images" + (" + reconstructions" * (share - 1)), total=share * args.count)
-        reconstructed = measure_reconstructions(
-            plugin, networks, dataset, extractor, args.count, args.batch_size, partial(progress.advance, reconstructing)
+        advance = partial(progress.advance, reconstructing)
+        reconstructed = reconstruction_pass(
+            *reconstruction_parts(plugin, networks, dataset, extractor, args.count, args.batch_size, advance)
         )
         sampled = None
         if "sample" in can:
             sampling = progress.add_task("samples", total=args.count)
-            sampled = measure_samples(
-                plugin, networks, extractor, args.count, args.batch_size, args.seed, partial(progress.advance, sampling)
-            )
+            advance = partial(progress.advance, sampling)
+            parts, shown = sample_parts(plugin, networks, extractor, args.count, args.batch_size, args.seed, advance)
+            sampled = SamplePass(sample_features(parts), grids.grid(torch.cat(shown)[:SAMPLE_GRID]))
     images = reconstructed.image_features
     sample_distances = reconstruction_distances = None
     if sampled is not None:

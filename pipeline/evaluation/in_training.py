@@ -20,7 +20,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.evaluation.evaluate import reconstruction_parts, sample_parts, set_distances
+from pipeline.evaluation.evaluate import (
+    reconstruction_parts,
+    reconstruction_pass,
+    sample_features,
+    sample_parts,
+    set_distances,
+)
 from pipeline.evaluation.features import load_extractor
 from pipeline.plugin import ModelPlugin, capabilities
 from shards.random_access import SplitDataset
@@ -83,23 +89,21 @@ class TrainingEvaluation:
         self.image_features = {index: part["image_features"] for index, part in parts.items()}
         if not self.accelerator.is_main_process:
             return {}
-        ordered = [parts[index] for index in sorted(parts)]
-        images = torch.cat([part["image_features"] for part in ordered]).numpy()
+        measured = reconstruction_pass(parts, [])  # pipeline evaluate's own figures of the batches
+        images = measured.image_features
         settings = (config.kid_subset_size, config.kid_subsets, config.seed)
         metrics = {}
         if samples:
-            generated = torch.cat([samples[index] for index in sorted(samples)]).numpy()
-            distances, _ = set_distances(images, generated, *settings)
+            distances, _ = set_distances(images, sample_features(samples), *settings)
             metrics.update({"eval/samples_fid": distances["frechet_distance"], "eval/samples_kid": distances["kid"]})
-        if "reconstruction_features" in ordered[0]:
-            rebuilt = torch.cat([part["reconstruction_features"] for part in ordered]).numpy()
-            distances, _ = set_distances(images, rebuilt, *settings)
+        if measured.reconstruction_features is not None:
+            distances, _ = set_distances(images, measured.reconstruction_features, *settings)
             metrics.update(
                 {
                     "eval/reconstructions_fid": distances["frechet_distance"],
                     "eval/reconstructions_kid": distances["kid"],
-                    "eval/pixel_mse": torch.cat([part["squared_errors"] for part in ordered]).double().mean().item(),
-                    "eval/feature_distance": torch.cat([part["distances"] for part in ordered]).mean().item(),
+                    "eval/pixel_mse": measured.pixel_mse,
+                    "eval/feature_distance": measured.feature_distance,
                 }
             )
         return metrics

@@ -46,16 +46,17 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, step: int, stepped: set[str]) -> None:
-        """After optimizer step `step`: the networks in `stepped` took it, the others kept their weights."""
+        """After optimizer step `step`: the networks in `stepped` took it, the others kept their weights.
+        Buffers are copied when they are used (copy_buffers), not at every step."""
         for name in self.names:
-            network = self.networks[name]
-            parameters = {key for key, _ in network.named_parameters()}
-            average = self.averages[name].state_dict()  # the average's own tensors: updated in place
-            for key, value in network.state_dict().items():
-                if key not in parameters or step <= self.start_step:
-                    average[key].copy_(value)
-                elif name in stepped:
-                    average[key].lerp_(value.float(), 1.0 - self.decay)
+            if step > self.start_step and name not in stepped:
+                continue
+            pairs = zip(self.averages[name].parameters(), self.networks[name].parameters(), strict=True)
+            for average, weight in pairs:
+                if step <= self.start_step:
+                    average.copy_(weight)
+                else:
+                    average.lerp_(weight.float(), 1.0 - self.decay)
 
     def to(self, device: torch.device) -> None:
         self.averages.to(device)
