@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from trainer_helpers import build_small_shards, run_python, write_config
 
 from pipeline import train
 from pipeline.training import deepspeed_internals
@@ -36,3 +37,33 @@ def test_another_version_stops_a_run_with_one_line(tmp_path: Path, monkeypatch, 
         f"pipeline train: error: {package} {installed} is installed; this pipeline is tested with {package}{supported} "
         f"and uses its internals (pipeline/training/deepspeed_internals.py): pip install '{package}{supported}'\n"
     )
+
+
+def test_a_run_leaves_out_the_imports_deepspeed_makes_for_what_it_never_uses(tmp_path: Path) -> None:
+    """DeepSpeed's autotuner imports mlflow when it is installed, and its ZeRO optimizers import its Muon
+    optimizer, whose kernels torch.compile at import and so load torch's inductor: 5-7 s of CPU at every
+    rank's start, for nothing. A real one-process run (the linear plugin, ZeRO-2, its steps through
+    DeepSpeed's ZeRO optimizer) imports neither mlflow nor the inductor, DeepSpeed took mlflow as absent,
+    and mlflow imports afterwards (the MLflow tracker)."""
+    shards = build_small_shards(tmp_path / "data")
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", log_with=["tensorboard"])
+    code = f"""
+import os, sys
+from pipeline import train
+
+def report(status):  # the trainer's exit skips the interpreter's teardown: look before it
+    from deepspeed.autotuning import autotuner
+    print("status", status, "mlflow imported:", "mlflow" in sys.modules, "autotuner has_mlflow:", autotuner.has_mlflow)
+    print("inductor imported:", "torch._inductor.compile_fx" in sys.modules)
+    import mlflow
+    print("mlflow then:", mlflow.__version__, flush=True)
+    os._exit(status)
+
+train.leave_without_finalization = report
+train.main(["--config", {str(config)!r}])
+"""
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "status 0 mlflow imported: False autotuner has_mlflow: False" in result.stdout
+    assert "mlflow then: " in result.stdout
+    assert "inductor imported: False\n" in result.stdout

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from deepspeed.utils import safe_get_full_fp32_param
 from safetensors import SafetensorError
 
 from pipeline.checkpoints import checkpoint, optimizer_state
@@ -212,7 +211,7 @@ def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in network.state_dict().items():
         if key in parameters:
-            master = safe_get_full_fp32_param(parameters[key])
+            master = internals.full_fp32_weight(parameters[key])
             value = master if master is not None else value
         value = value.float() if value.is_floating_point() else value
         state[key] = value.detach().cpu().contiguous()

@@ -13,14 +13,16 @@ What we reach into, and why:
 - accelerate's hand-over of the DeepSpeed config to transformers (`set_deepspeed_weakref`), skipped
   when transformers is absent;
 - two costs turned off: the CPU shared-memory allreduce op DeepSpeed JIT-builds, and ZeRO-0's all-reduce
-  on a single data-parallel rank.
+  on a single data-parallel rank; and the imports DeepSpeed makes for features a run never uses (`import_deepspeed`).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -28,6 +30,39 @@ from accelerate.utils import DeepSpeedPlugin, is_transformers_available
 from packaging.specifiers import SpecifierSet
 
 from shards.errors import UserError
+
+
+def import_deepspeed() -> ModuleType:
+    """DeepSpeed, without two imports it makes for features a run never uses, each costing seconds of CPU
+    at every rank's start (more than DeepSpeed's own import):
+    - its autotuner imports mlflow when it is installed (the `trackers` extra; about 2.5 s): hidden during
+      the import, so the autotuner takes it as absent; mlflow imports normally afterwards (the MLflow
+      tracker);
+    - its ZeRO optimizers import its Muon optimizer (on their first step, unconditionally), whose module
+      torch.compiles its kernels at import and so loads torch's inductor (about 3 s): imported here with
+      DeepSpeed's own fallback for a torch without compile, its kernels eager. Muon is not an optimizer
+      a run can choose.
+    Called before anything else imports DeepSpeed (make_accelerator: the Accelerator does); the commands
+    that need no engine never import it."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    mlflow_hidden = "mlflow" not in sys.modules
+    if mlflow_hidden:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError
+    try:
+        deepspeed = importlib.import_module("deepspeed")
+    finally:
+        if mlflow_hidden and sys.modules.get("mlflow", ...) is None:
+            del sys.modules["mlflow"]
+    compiler = importlib.import_module("deepspeed.runtime.compiler")
+    compile_decorator = compiler.compile
+    compiler.compile = lambda: compiler.dummy_decorator
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    finally:
+        compiler.compile = compile_decorator
+    return deepspeed
+
 
 SUPPORTED = {"deepspeed": ">=0.19.8,<0.20", "accelerate": ">=1.15.0,<1.16"}
 
@@ -143,6 +178,11 @@ def skip_shared_memory_allreduce() -> None:
     if torch.cuda.is_available():
         return
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def full_fp32_weight(parameter: torch.Tensor) -> torch.Tensor:
+    """The whole fp32 master of a parameter, whichever rank's slice holds it (a collective under ZeRO-1/2)."""
+    return import_deepspeed().utils.safe_get_full_fp32_param(parameter)
 
 
 def skip_single_rank_allreduce(engine) -> None:

@@ -85,6 +85,7 @@ def bound_collective_waits(timeout: datetime.timedelta) -> None:
 
 
 def make_accelerator(config: RunConfig, precision: str) -> Accelerator:
+    internals.import_deepspeed()
     single_process_world()
     internals.skip_shared_memory_allreduce()
     ds_config = build_deepspeed_config(config, precision)
