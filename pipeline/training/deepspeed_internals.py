@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
@@ -30,6 +32,8 @@ from accelerate.utils import DeepSpeedPlugin, is_transformers_available
 from packaging.specifiers import SpecifierSet
 
 from shards.errors import UserError
+
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
 def import_deepspeed() -> ModuleType:
@@ -43,25 +47,32 @@ def import_deepspeed() -> ModuleType:
       DeepSpeed's own fallback for a torch without compile, its kernels eager. Muon is not an optimizer
       a run can choose.
     Called before anything else imports DeepSpeed (make_accelerator: the Accelerator does); the commands
-    that need no engine never import it."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    mlflow_hidden = "mlflow" not in sys.modules
-    if mlflow_hidden:
-        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError
+    that need no engine never import it. Either part is skipped where its module is imported already."""
+    if "deepspeed" not in sys.modules:
+        with _hidden("mlflow"):
+            importlib.import_module("deepspeed")
+    if MUON not in sys.modules:
+        compiler = importlib.import_module("deepspeed.runtime.compiler")
+        compile_decorator = compiler.compile
+        compiler.compile = lambda: compiler.dummy_decorator
+        try:
+            importlib.import_module(MUON)
+        finally:
+            compiler.compile = compile_decorator
+    return sys.modules["deepspeed"]
+
+
+@contextmanager
+def _hidden(module: str) -> Iterator[None]:
+    """Inside, `import module` raises ImportError, unless something imported it already."""
+    hide = module not in sys.modules
+    if hide:
+        sys.modules[module] = None
     try:
-        deepspeed = importlib.import_module("deepspeed")
+        yield
     finally:
-        if mlflow_hidden and sys.modules.get("mlflow", ...) is None:
-            del sys.modules["mlflow"]
-    compiler = importlib.import_module("deepspeed.runtime.compiler")
-    compile_decorator = compiler.compile
-    compiler.compile = lambda: compiler.dummy_decorator
-    try:
-        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
-    finally:
-        compiler.compile = compile_decorator
-    return deepspeed
+        if hide and sys.modules.get(module, ...) is None:
+            del sys.modules[module]
 
 
 SUPPORTED = {"deepspeed": ">=0.19.8,<0.20", "accelerate": ">=1.15.0,<1.16"}
