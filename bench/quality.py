@@ -5,7 +5,8 @@ same budget, then `pipeline evaluate` on the same held-out images.
 
 Columns: the VAE; the VAE-GAN at its defaults (the authors' gamma, joint discriminator batches, weight
 decay 1e-5); and the VAE-GAN as the plugin trained before those were corrected (gamma 6.4e-5, separate
-batches), to show what the correction did. Default data: the demo shards (scripts/demo.sh), 32x32
+batches), to show what the correction did; and kept runs alone (KEPT_ONLY) of code that is gone: the
+defaults before the joint batches' two gradient terms were the authors'. Default data: the demo shards (scripts/demo.sh), 32x32
 grayscale Fashion-MNIST. Every run: one process (`python -m pipeline.train`, DeepSpeed ZeRO-2), the demo's
 model size (latent 32, encoder FC 1024), RMSProp at the plugins' settings, the same seed, data order,
 steps and batch; the VAE-GANs with the demo's non-saturating decoder loss. Evaluation: split val, --count
@@ -48,7 +49,10 @@ COLUMNS = {
         {"weight_decay": 0.0},
     ),
 }
-PLUGINS = tuple(COLUMNS)
+# Columns of kept runs alone: the code that trained them is gone, so they are never retrained; each
+# was run with the config of the column named beside it.
+KEPT_ONLY = {"vaegan-uncorrected-joint": "vaegan"}  # before issue 30's two joint-batch gradient terms
+PLUGINS = (*COLUMNS, *KEPT_ONLY)
 # (label, section of the evaluation JSON, key, digits)
 METRICS = (
     ("FID, samples vs held-out images", "samples", "frechet_distance", 2),
@@ -61,7 +65,7 @@ METRICS = (
 
 
 def run_config(column: str, shards: Path, steps: int, batch_size: int, seed: int) -> dict:
-    plugin, options, optimizer = COLUMNS[column]
+    plugin, options, optimizer = COLUMNS[KEPT_ONLY.get(column, column)]
     return {
         "plugin": plugin,
         "model": {**MODEL, **options},
@@ -222,7 +226,7 @@ def main() -> None:
             raise SystemExit(f"no shards at {args.shards}: run scripts/demo.sh first, or pass --shards")
         # seed by seed, so that an interrupted bench has kept whole rows of results
         for seed in range(args.seeds):
-            for column in PLUGINS:
+            for column in COLUMNS:
                 train_and_evaluate(column, seed, args)
     results = kept_results(args)
     newest = max((run for runs in results.values() for run in runs), key=lambda run: run["date"])
@@ -242,8 +246,11 @@ with the same budget: {args.steps} steps of {args.batch_size} images ({images:,}
 ZeRO-2, {seeds_text}, the same data order for a seed), the demo's model size (latent 32, encoder FC 1024), RMSProp at
 the plugins' settings, the VAE-GANs with the non-saturating decoder loss, like the demo. `vae`: the VAE.
 `vaegan`: the VAE-GAN at its defaults, the authors' (gamma = w / ((1 - w) x 2) with w = 1e-6, joint
-discriminator batches, weight decay 1e-5). `vaegan-before`: the VAE-GAN as the plugin trained before those
-were corrected (gamma 6.4e-5, separate batches, no weight decay).
+discriminator batches, weight decay 1e-5), its joint-batch gradients the authors' to the last term.
+`vaegan-before`: the VAE-GAN as the plugin trained before those were corrected (gamma 6.4e-5, separate
+batches, no weight decay). `vaegan-uncorrected-joint`: kept runs of 2026-12-02, the `vaegan` column's
+config as trained before two joint-batch gradient terms were made the authors' (L_llike's target
+differentiated; the decoder's GAN term without the real images' rows): the code that trained them is gone.
 Then `pipeline evaluate CHECKPOINT --shards ... --split val --count {args.count}` on each final checkpoint.
 
 Protocol: {protocol["extractor"]} (sha256 `{protocol["extractor_sha256"][:16]}...`), {protocol["resolution"]} x

@@ -4,10 +4,12 @@
 |---------------|-------------------------------------------------------------------|
 | encoder       | L_prior + L_llike                                                 |
 | decoder       | gamma * L_llike + mean over generated images of log(1 - Dis(.))  |
+|               |   (joint batches: + mean over real images of log Dis(x), below)   |
 | discriminator | 0.5 * mean over real of -log Dis(x) + 0.5 * mean over generated of -log(1 - Dis(.)) |
 
 (the decoder's GAN term as written is the authors' saturating loss; `generator_loss: non_saturating`
-uses -log Dis(.) instead. eps 1e-3 inside every log, as the authors.)
+uses -log Dis(.) instead. eps 1e-3 inside every log, as the authors. L_llike's target Dis_l(x) is a
+constant: `feature_likelihood`.)
 
 Conventions, once. Every loss is a mean over the batch of per-example sums: L_prior is the KL summed
 over latent dimensions, L_llike = 0.5 x the squared distance of the Dis_l features summed over them.
@@ -31,9 +33,20 @@ Batch norm batches (`discriminator_batches`):
   images Dec([z, z_p]) (or Dec(z_p) without reconstructions discriminated); Dis([x, generated]) for
   the GAN terms. Batch statistics are joint over each concatenated batch. Running statistics move as
   in the authors' code: in Enc(x), Dec(z) and Dis([x, generated]); the other two passes run through
-  their shared-weight copies, whose statistics nothing uses.
+  their shared-weight copies, whose statistics nothing uses. The shared statistics open two gradient
+  paths, and model/aegan.py decides each (tests/test_vaegan_authors_graph.py rebuilds its graph):
+  - L_llike's target Dis_l(x), which depends on x~ through the statistics, is a constant: deeppy's
+    Gaussian likelihood back-propagates into its prediction only, so no gradient reaches the encoder
+    or the decoder through it.
+  - The decoder's GAN term covers the discriminator's whole batch: aegan.py hands the decoder the
+    reversed gradient of the discriminator's whole loss on [x, generated], so log Dis(x), which depends
+    on the generated images through the statistics, is in it with coefficient 1 (mean log(Dis(x) + eps)).
+    For `non_saturating`, which the authors do not have, the decoder minimises that whole loss with
+    every label swapped: mean -log Dis(generated) + mean -log(1 - Dis(x)); each reduces to the
+    familiar generated-only term when the statistics are not shared.
 - `separate`: each pass alone, each moving the running statistics, in this order: Enc(x), Dec(z_p),
-  Dis(x), Dis(x_p), Dec(z), Dis(x~); L_llike and the GAN terms share Dis(x) and Dis(x~).
+  Dis(x), Dis(x_p), Dec(z), Dis(x~); L_llike and the GAN terms share Dis(x) and Dis(x~). Neither path
+  above exists: no real image's output depends on a generated one.
 
 Equilibrium (the authors' balance, off by default): after the whole global batch of a step (every rank,
 every micro-batch), real_cost = mean over real images of -log Dis(x) and fake_cost = the mean over every
@@ -144,14 +157,14 @@ class VAEGAN(GaussianLatentModel):
 
         real_cost = -torch.log(torch.sigmoid(real_logit) + self.options.log_eps)  # per image
         fake_cost = -torch.log(1 - torch.sigmoid(fake_logit) + self.options.log_eps)
-        if self.options.generator_loss == "saturating":
-            gen = -fake_cost.mean()
-        else:
-            gen = -torch.log(torch.sigmoid(fake_logit) + self.options.log_eps).mean()
+        gen = self.generated_term(fake_logit, fake_cost)
         prior = gaussian_kl(mu, log_variance).mean()
-        llike = 0.5 * (reconstruction_features - real_features).pow(2).flatten(1).sum(1).mean()
+        llike = feature_likelihood(reconstruction_features, real_features)
         dis = 0.5 * real_cost.mean() + 0.5 * fake_cost.mean()
-        losses = {"encoder": prior + llike, "decoder": self.options.gamma * llike + gen, "discriminator": dis}
+        decoder_gan = gen
+        if self.options.discriminator_batches == "joint":
+            decoder_gan = gen + self.real_rows_term(real_logit, real_cost)
+        losses = {"encoder": prior + llike, "decoder": self.options.gamma * llike + decoder_gan, "discriminator": dis}
         metrics = {
             "prior": prior,
             "llike": llike,
@@ -170,6 +183,23 @@ class VAEGAN(GaussianLatentModel):
                 "fake_images": torch.tensor(float(len(fake_cost)), dtype=torch.float64, device=fake_cost.device),
             }
         return losses, {name: value.detach() for name, value in metrics.items()}, totals
+
+    def generated_term(self, fake_logit: torch.Tensor, fake_cost: torch.Tensor) -> torch.Tensor:
+        """The decoder's GAN term over the generated images: mean log(1 - Dis(.)) (saturating, the
+        authors'), or mean -log Dis(.) (non-saturating)."""
+        if self.options.generator_loss == "saturating":
+            return -fake_cost.mean()
+        return -torch.log(torch.sigmoid(fake_logit) + self.options.log_eps).mean()
+
+    def real_rows_term(self, real_logit: torch.Tensor, real_cost: torch.Tensor) -> torch.Tensor:
+        """Under joint batches, the real images' part of the decoder's GAN term: log Dis(x) depends on the
+        generated images through the shared batch statistics, and model/aegan.py hands the decoder the
+        reversed gradient of the discriminator's whole loss on [x, generated], real rows included
+        (saturating: mean log(Dis(x) + eps), coefficient 1 as in the discriminator's loss scaled by 2).
+        Non-saturating swaps every label of that loss: mean -log(1 - Dis(x) + eps)."""
+        if self.options.generator_loss == "saturating":
+            return -real_cost.mean()
+        return -torch.log(1 - torch.sigmoid(real_logit) + self.options.log_eps).mean()
 
     def _joint_passes(self, networks: nn.ModuleDict, images: torch.Tensor, z: torch.Tensor, prior_z: torch.Tensor):
         """The authors' passes (module docstring): concatenated batches, joint batch statistics."""
@@ -219,6 +249,14 @@ class VAEGAN(GaussianLatentModel):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = {name: int(state["skipped"][name]) for name in ("discriminator", "decoder")}
+
+
+def feature_likelihood(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_llike: half the squared distance of the Dis_l features, summed over them, a mean over the batch.
+    The target is a constant, as deeppy's Gaussian likelihood in model/aegan.py, which back-propagates into
+    its prediction only: under joint batches Dis_l(x) depends on x~ through the batch statistics, and that
+    path must not reach the encoder or the decoder."""
+    return 0.5 * (prediction - target.detach()).pow(2).flatten(1).sum(1).mean()
 
 
 def equilibrium_skips(costs: tuple[float, float], target: float, margin: float) -> set[str]:
