@@ -3,14 +3,14 @@ same budget, then `pipeline evaluate` on the same held-out images.
 
     python bench/quality.py [--shards DIR] [--steps 250] [--batch-size 64] [--count 500] [--seeds 1]
 
-Columns: the VAE; the VAE-GAN at its defaults (the authors' gamma, joint discriminator batches, weight
-decay 1e-5); and the VAE-GAN as the plugin trained before those were corrected (gamma 6.4e-5, separate
-batches), to show what the correction did; and kept runs alone (KEPT_ONLY) of code that is gone: the
-defaults before the joint batches' two gradient terms were the authors'. Default data: the demo shards (scripts/demo.sh), 32x32
+Columns: the VAE; the VAE-GAN at its defaults (the authors' gamma, joint discriminator batches, weight decay
+1e-5); and the VAE-GAN as the plugin trained before those were corrected (gamma 6.4e-5, separate batches), to
+show what the correction did; and kept runs alone (KEPT_ONLY) of code that is gone: the defaults before the
+joint batches' two gradient terms were the authors'. Default data: the demo shards (scripts/demo.sh), 32x32
 grayscale Fashion-MNIST. Every run: one process (`python -m pipeline.train`, DeepSpeed ZeRO-2), the demo's
-model size (latent 32, encoder FC 1024), RMSProp at the plugins' settings, the same seed, data order,
-steps and batch; the VAE-GANs with the demo's non-saturating decoder loss. Evaluation: split val, --count
-images, reconstructions and samples each, the shipped FID Inception. Results: a side-by-side table, and
+model size (latent 32, encoder FC 1024), RMSProp at the plugins' settings, the same seed, data order, steps
+and batch; the VAE-GANs with the demo's non-saturating decoder loss. Evaluation: split val, --count images,
+reconstructions and samples each, the shipped FID Inception. Results: a side-by-side table, and
 docs/benchmarks.md with each column's sample and reconstruction grids and loss curves
 (docs/quality-<column>-*.png).
 

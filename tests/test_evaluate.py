@@ -144,12 +144,21 @@ def test_evaluate_with_the_shipped_inception(trained) -> None:  # noqa: F811
         networks = loaded(weights)
         reconstructions = networks["decoder"](networks["encoder"](images)[0])
     assert report["reconstructions"]["pixel_mse"] == pytest.approx((reconstructions - images).pow(2).mean().item())
+    # PSNR by its formula (images in [-1, 1], range 2), SSIM by torchmetrics called here on [0, 1] images
+    mse_each = (reconstructions.double() - images.double()).pow(2).flatten(1).mean(1)
+    assert report["reconstructions"]["psnr"] == pytest.approx(float((10 * torch.log10(4 / mse_each)).mean()), rel=1e-5)
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    wanted_ssim = structural_similarity_index_measure((reconstructions + 1) / 2, (images + 1) / 2, data_range=1.0)
+    assert report["reconstructions"]["ssim"] == pytest.approx(float(wanted_ssim), rel=1e-5)
+    assert report["reconstructions"]["ms_ssim"] is None  # 32 px images: too small for five scales
     for distances in (report["samples"], report["reconstructions"]):
-        assert np.isfinite(list(distances.values())).all() and distances["frechet_distance"] > 0
+        figures = [value for value in distances.values() if value is not None]
+        assert np.isfinite(figures).all() and distances["frechet_distance"] > 0
     assert report["reconstructions"]["feature_distance"] > 0
     assert Image.open(report["grids"]["samples"]).size == (3 * 34 + 2, 3 * 34 + 2)  # 8 samples, 3 a row
     assert Image.open(report["grids"]["reconstructions"]).size == (4 * 34 + 2, 4 * 34 + 2)  # 8 pairs, 2 a row
-    for text in ("Frechet distance", "pixel MSE", protocol["extractor_sha256"][:16], "299"):
+    for text in ("Frechet distance", "pixel MSE", "PSNR", "SSIM", protocol["extractor_sha256"][:16], "299"):
         assert text in result.stdout
     assert checkpoint_files(weights) == before  # nothing written into the checkpoint
 
@@ -331,5 +340,8 @@ def test_evaluation_while_training_on_two_ranks_equals_pipeline_evaluate_of_the_
             "eval/reconstructions_kid": report["reconstructions"]["kid"],
             "eval/pixel_mse": report["reconstructions"]["pixel_mse"],
             "eval/feature_distance": report["reconstructions"]["feature_distance"],
+            "eval/psnr": report["reconstructions"]["psnr"],
+            "eval/ssim": report["reconstructions"]["ssim"],
         }
+        assert "eval/ms_ssim" not in record  # 8 px images
         assert {key: record[key] for key in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9)

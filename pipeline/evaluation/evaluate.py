@@ -36,6 +36,7 @@ from pipeline.checkpoints.optimizer_state import CheckpointError
 from pipeline.checkpoints.weights import check_output_beside, read_description
 from pipeline.evaluation.feature_distances import KernelDistance, frechet_distance, kernel_distance
 from pipeline.evaluation.features import INCEPTION_RESOLUTION, PREPROCESSING, FeatureExtractor, load_extractor
+from pipeline.evaluation.image_quality import MS_SSIM_MIN_SIDE, image_quality
 from pipeline.evaluation.model_commands import add_weights_choice
 from pipeline.model import load_model
 from pipeline.plugin import ModelPlugin, PluginError, capabilities, load_plugin_class, options_of_folder
@@ -48,6 +49,7 @@ from shards.reader import open_split
 SAMPLE_GRID = 64  # images in the samples grid
 RECONSTRUCTION_GRID = 32  # input/reconstruction pairs in the reconstructions grid
 MEASURED = {"samples": "sample", "reconstructions": "reconstruct"}  # each section, and the plugin method it needs
+QUALITY = ("psnr", "ssim", "ms_ssim")  # image_quality's figures
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class ReconstructionPass:
     reconstruction_features: np.ndarray | None
     pixel_mse: float | None
     feature_distance: float | None
+    # mean over the images of each one's PSNR (dB), SSIM and MS-SSIM (None where the images are too small)
+    quality: dict[str, float | None] | None
     grid: Image.Image | None  # the first RECONSTRUCTION_GRID inputs, each beside its reconstruction
 
 
@@ -121,6 +125,9 @@ def reconstruction_parts(
             part["reconstruction_features"] = extractor.embed(reconstructions).cpu()
             part["squared_errors"] = (reconstructions - images).pow(2).flatten(1).mean(1).cpu()
             part["distances"] = (part["image_features"] - part["reconstruction_features"]).norm(dim=1)
+            for name, values in image_quality(reconstructions, images).items():
+                if values is not None:
+                    part[name] = values.cpu()
             if sum(len(inputs) for inputs, _ in shown) < RECONSTRUCTION_GRID:
                 shown.append((images.cpu(), reconstructions.cpu()))
             advance(len(indices))
@@ -138,7 +145,7 @@ def reconstruction_pass(
         return torch.cat([part[name] for part in ordered])
 
     if "reconstruction_features" not in ordered[0]:
-        return ReconstructionPass(joined("image_features").numpy(), None, None, None, None)
+        return ReconstructionPass(joined("image_features").numpy(), None, None, None, None, None)
     grid = None
     if shown:
         inputs, outputs = (torch.cat(side)[:RECONSTRUCTION_GRID] for side in zip(*shown, strict=True))
@@ -148,6 +155,7 @@ def reconstruction_pass(
         joined("reconstruction_features").numpy(),
         joined("squared_errors").double().mean().item(),
         joined("distances").mean().item(),
+        {name: joined(name).double().mean().item() if name in ordered[0] else None for name in QUALITY},
         grid,
     )
 
@@ -221,6 +229,11 @@ def protocol(args: argparse.Namespace, extractor: FeatureExtractor, kid_subset_s
         "kid_subsets": kid_subsets,
         "pixel_mse": "mean squared error per pixel, images in [-1, 1]",
         "feature_distance": "mean L2 distance between the features of an image and of its reconstruction",
+        "psnr": "mean over images of each one's PSNR in dB, images mapped to [0, 1], data range 1, torchmetrics",
+        "ssim": "mean over images of each one's SSIM: 11x11 Gaussian window, sigma 1.5, k1 0.01, k2 0.03, "
+        "images mapped to [0, 1], data range 1, torchmetrics",
+        "ms_ssim": "mean over images of each one's MS-SSIM, the same window over 5 scales with Wang et al.'s "
+        f"weights, torchmetrics; null for images under {MS_SSIM_MIN_SIDE} px a side",
     }
 
 
@@ -266,6 +279,7 @@ def evaluate(args: argparse.Namespace) -> int:
         reconstruction_distances = {
             "pixel_mse": reconstructed.pixel_mse,
             "feature_distance": reconstructed.feature_distance,
+            **reconstructed.quality,
             **reconstruction_distances,
         }
     result = {
@@ -305,7 +319,7 @@ def write_json(path: Path, result: dict) -> None:
 def print_report(result: dict) -> None:
     step = f", step {result['step']}" if result["step"] is not None else ""
     title = escape(f"{result['plugin']}{step}: {result['weights']}")  # a path is never markup
-    table = Table(title=title, caption="lower is better in every row")
+    table = Table(title=title, caption="lower is better, but for PSNR, SSIM and MS-SSIM (higher is better)")
     for column, justify in (("metric", "left"), ("compares", "left"), ("value", "right")):
         table.add_column(column, justify=justify)
     samples, reconstructions = result["samples"], result["reconstructions"]
@@ -326,7 +340,11 @@ def print_report(result: dict) -> None:
             ("KID", "reconstructions vs images", kid(reconstructions)),
             ("pixel MSE", "each image vs its reconstruction", f"{reconstructions['pixel_mse']:.4f}"),
             ("feature distance", "each image vs its reconstruction", f"{reconstructions['feature_distance']:.3f}"),
+            ("PSNR (dB)", "each image vs its reconstruction", f"{reconstructions['psnr']:.2f}"),
+            ("SSIM", "each image vs its reconstruction", f"{reconstructions['ssim']:.4f}"),
         ]
+        if reconstructions["ms_ssim"] is not None:
+            rows.append(("MS-SSIM", "each image vs its reconstruction", f"{reconstructions['ms_ssim']:.4f}"))
     for name, compares, value in rows:
         table.add_row(name, compares, value)
     for section, ability in MEASURED.items():

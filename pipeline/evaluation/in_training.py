@@ -4,8 +4,8 @@ The held-out images are cut into batches of `eval.batch_size` as `pipeline evalu
 extracts the features of batches r, r + W, r + 2W, ... (the slow part), of its images, their
 reconstructions and the prior samples (every rank draws every batch of samples: they are one generator's
 stream, the one `pipeline evaluate --seed` draws). Rank 0 gathers the batches, puts them back in order
-and computes FID, KID, pixel MSE and feature distance with `pipeline evaluate`'s own functions, so the
-numbers equal what it reports for a checkpoint of the same step (tested on 2 ranks). The images'
+and computes FID, KID, pixel MSE, feature distance, PSNR and SSIM (MS-SSIM) with `pipeline evaluate`'s
+own functions, so the numbers equal what it reports for a checkpoint of the same step (tested on 2 ranks). The images'
 features are measured once per run and kept: they depend only on the shards, split, count and extractor.
 The networks evaluated are those `pipeline evaluate` takes from the step's checkpoint: the EMA weights
 when the run keeps them, batch norm statistics averaged over ranks.
@@ -104,6 +104,7 @@ class TrainingEvaluation:
                     "eval/reconstructions_kid": distances["kid"],
                     "eval/pixel_mse": measured.pixel_mse,
                     "eval/feature_distance": measured.feature_distance,
+                    **{f"eval/{name}": value for name, value in measured.quality.items() if value is not None},
                 }
             )
         return metrics
