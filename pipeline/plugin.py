@@ -17,6 +17,10 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
     plugin.sample(networks, count, generator)  -> images      (optional: a plugin that can sample)
     plugin.reconstruct(networks, images)       -> images      (optional: a plugin that can reconstruct)
     # with every checkpoint: plugin.state_dict() / plugin.load_state_dict(state)  (JSON-able)
+    # optional, state too large for JSON (the VAE-GAN's historical average), the same on every rank:
+    # plugin.state_tensors() -> {name: tensor}, saved as plugin_state.safetensors (not exported);
+    # plugin.load_state_tensors(tensors, networks) on resume ({} from a checkpoint without the file;
+    # ValueError when they do not fit)
     # optional, for `pipeline interpolate` and `pipeline attribute-vector` (eval mode, no_grad):
     plugin.encode(networks, images) -> codes (N x D)      plugin.decode(networks, codes) -> images
     # optional, for a decision that needs the whole global batch of a step (the VAE-GAN's equilibrium):

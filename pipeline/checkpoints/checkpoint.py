@@ -44,6 +44,7 @@ STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 LATEST = "latest"
 OPTIMIZER_FOLDER = "optimizer"
+PLUGIN_TENSORS_FILE = "plugin_state.safetensors"  # the plugin's state_tensors(): training state, not exported
 NAME = re.compile(r"step-(\d{8,})")
 
 
@@ -295,7 +296,7 @@ def export(checkpoint: Path, out: Path) -> list[Path]:
     written = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in [name for name in state["files"] if "/" not in name]:
+        for name in [name for name in state["files"] if "/" not in name and name != PLUGIN_TENSORS_FILE]:
             target = out / name
             temporary = out / f".{name}.tmp"
             shutil.copyfile(checkpoint / name, temporary)

@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint, optimizer_state
 from pipeline.checkpoints.optimizer_state import CheckpointError
@@ -109,6 +110,9 @@ class Checkpointer:
             files[f"{checkpoint.OPTIMIZER_FOLDER}/{optimizer_state.partition_file(rank)}"] = partition
         if accelerator.is_main_process:
             files.update({f"{name}.safetensors": (state, {"plugin": config.plugin}) for name, state in tensors.items()})
+            plugin_tensors = self.plugin.state_tensors() if hasattr(self.plugin, "state_tensors") else {}
+            if plugin_tensors:  # the same on every rank (pipeline/plugin.py)
+                files[checkpoint.PLUGIN_TENSORS_FILE] = (plugin_tensors, {"plugin": config.plugin})
             if self.ema is not None:  # the same on every rank
                 # one metadata key: safetensors writes several in a random order (not the same bytes twice)
                 ema = self.ema.state().items()
@@ -198,6 +202,9 @@ class Checkpointer:
         rng.restore(state["ranks"][rank]["rng"])  # its structure was checked when the checkpoint was read
         try:
             self.plugin.load_state_dict(state["ranks"][rank]["plugin"])
+            if hasattr(self.plugin, "load_state_tensors"):
+                path = folder / checkpoint.PLUGIN_TENSORS_FILE
+                self.plugin.load_state_tensors(load_file(str(path)) if path.is_file() else {}, self.networks)
         except (KeyError, TypeError, ValueError) as error:  # the plugin's own format, unknown to the trainer
             raise CheckpointError(
                 f"{folder / checkpoint.STATE_FILE}: not a valid checkpoint: rank {rank}'s plugin state does not "

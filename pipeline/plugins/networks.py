@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -111,26 +112,73 @@ class Decoder(nn.Module):
         return self.body(self.fc(z).view(-1, self.first_width, BOTTOM, BOTTOM))
 
 
-class Discriminator(nn.Module):
-    """x -> (logit of 'real', Dis_l features: the last convolution's output before its batch norm)."""
+class MinibatchDiscrimination(nn.Module):
+    """Salimans et al. (2016), section 3.2: f(x_i) in R^A times the learned tensor T in R^(A x B x C) gives
+    M_i in R^(B x C); c_b(x_i, x_j) = exp(-||M_i,b - M_j,b||_L1); o(x_i)_b = sum over j of c_b(x_i, x_j),
+    j over the rows of x_i's own group (the sum includes j = i, a constant 1, as the paper writes it;
+    the authors' Theano code leaves it out). Returns [f(x_i), o(x_i)], A + B features."""
 
-    def __init__(self, size: int, channels: int, fc_size: int = 512) -> None:
+    def __init__(self, in_features: int, kernels: int, kernel_dims: int) -> None:
+        super().__init__()
+        self.kernels, self.kernel_dims = kernels, kernel_dims
+        # the paper's T, flattened to A x (B C); N(0, 0.05) as the authors' Theano code initialises it
+        self.projection = nn.Parameter(torch.randn(in_features, kernels * kernel_dims) * 0.05)
+
+    def forward(self, hidden: torch.Tensor, groups: list[int]) -> torch.Tensor:
+        matrices = (hidden @ self.projection).view(-1, self.kernels, self.kernel_dims)
+        closeness = []
+        for group in matrices.split(groups):
+            distances = (group.unsqueeze(1) - group.unsqueeze(0)).abs().sum(3)  # i x j x B
+            closeness.append(torch.exp(-distances).sum(1))
+        return torch.cat([hidden, torch.cat(closeness)], dim=1)
+
+
+class DiscriminatorOutput(NamedTuple):
+    logit: torch.Tensor  # of 'real', one per image
+    features: torch.Tensor  # Dis_l: the last convolution's output before its batch norm
+    hidden: torch.Tensor  # the last hidden layer (FC, batch norm, ReLU), before minibatch features
+
+
+class Discriminator(nn.Module):
+    """x -> (logit of 'real', Dis_l features: the last convolution's output before its batch norm).
+    With `minibatch_kernels`, minibatch discrimination before the last layer (MinibatchDiscrimination)."""
+
+    def __init__(
+        self,
+        size: int,
+        channels: int,
+        fc_size: int = 512,
+        minibatch_kernels: int | None = None,
+        minibatch_kernel_dims: int = 5,
+    ) -> None:
         super().__init__()
         widths = DISCRIMINATOR_STAGES[size]
         self.first = nn.Sequential(_conv(channels, 32, stride=1, bias=True), nn.ReLU(inplace=True))
         layers = _down_stages(32, widths)
         self.to_features = nn.Sequential(*layers[:-2])  # up to and including the last convolution
         self.after_features = nn.Sequential(*layers[-2:], nn.Flatten())
+        extra = minibatch_kernels or 0
         self.head = nn.Sequential(
             nn.Linear(widths[-1] * BOTTOM * BOTTOM, fc_size, bias=False),
             _norm1d(fc_size),
             nn.ReLU(inplace=True),
-            nn.Linear(fc_size, 1),
+            nn.Linear(fc_size + extra, 1),
         )
+        self.minibatch = None
+        if minibatch_kernels:
+            self.minibatch = MinibatchDiscrimination(fc_size, minibatch_kernels, minibatch_kernel_dims)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, groups: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, features, _ = self.classify(images, groups)
+        return logit, features
+
+    def classify(self, images: torch.Tensor, groups: list[int] | None = None) -> DiscriminatorOutput:
+        """`groups`: the sizes of the consecutive groups of rows that minibatch discrimination compares
+        within (default: all rows one group)."""
         features = self.features(images)
-        return self.head(self.after_features(features)).squeeze(1), features
+        hidden = self.head[:-1](self.after_features(features))
+        last_input = hidden if self.minibatch is None else self.minibatch(hidden, groups or [len(images)])
+        return DiscriminatorOutput(self.head[-1](last_input).squeeze(1), features, hidden)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Dis_l alone: the layers up to L_llike's features (the authors' `discriminator_recon`)."""

@@ -61,7 +61,7 @@ Needs ZeRO stage 0-2 (parameters must be whole on each rank).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +69,8 @@ from torch import nn
 
 from pipeline.config import Flag, Integer, Number
 from pipeline.plugin import ImageInfo, StepOutput, own_gradients
+from pipeline.plugins.gan_terms import discriminator_cost, generated_term, real_rows_term
+from pipeline.plugins.historical_average import HistoricalAverage
 from pipeline.plugins.networks import (
     Decoder,
     Discriminator,
@@ -82,9 +84,29 @@ from pipeline.plugins.vae import GaussianLatentModel
 AUTHORS_RECON_VS_GAN_WEIGHT = 1e-6  # celeba_aegan.py's w
 
 
+class Passes(NamedTuple):
+    """What one micro-batch's forward passes give the losses."""
+
+    reconstruction: torch.Tensor  # x~ = Dec(z)
+    real_features: torch.Tensor  # Dis_l(x)
+    reconstruction_features: torch.Tensor  # Dis_l(x~)
+    real_logit: torch.Tensor
+    fake_logit: torch.Tensor  # every generated image the discriminator saw
+    real_hidden: torch.Tensor  # the discriminator's last hidden layer (feature matching)
+    fake_hidden: torch.Tensor
+
+
 def authors_gamma(generated_sets: int, weight: float = AUTHORS_RECON_VS_GAN_WEIGHT) -> float:
     """gamma that weighs L_llike against the GAN term as the authors' `recon_vs_gan_weight` does."""
     return weight / ((1 - weight) * generated_sets)
+
+
+class MinibatchOptions(BaseModel):
+    """Minibatch discrimination (Salimans et al. 3.2): B kernels of C dimensions each."""
+
+    model_config = ConfigDict(extra="forbid")
+    kernels: Integer = Field(100, gt=0, le=4096)
+    kernel_dims: Integer = Field(5, gt=0, le=1024)
 
 
 class VAEGANOptions(BaseModel):
@@ -98,7 +120,14 @@ class VAEGANOptions(BaseModel):
     )
     discriminate_reconstructions: Flag = Field(True, description="the paper's third GAN term (authors' code: off)")
     discriminator_batches: Literal["joint", "separate"] = "joint"
-    generator_loss: Literal["saturating", "non_saturating"] = "saturating"
+    generator_loss: Literal["saturating", "non_saturating", "feature_matching"] = "saturating"
+    label_smoothing: Number | None = Field(
+        None, gt=0, lt=1, description="one-sided: the real images' target in the discriminator's loss (0.9)"
+    )
+    minibatch_discrimination: MinibatchOptions | None = None
+    historical_averaging: Number | None = Field(
+        None, gt=0, description="weight of ||theta - mean of past theta||^2 in the decoder's and discriminator's loss"
+    )
     log_eps: Number = Field(1e-3, ge=0, description="added inside the GAN logs, as the authors")
     equilibrium: Flag = Field(False, description="the authors' balance: the stronger side sits out a step")
     equilibrium_target: Number = 0.68
@@ -125,46 +154,62 @@ class VAEGAN(GaussianLatentModel):
     def __init__(self, options: dict[str, Any], image: ImageInfo) -> None:
         super().__init__(options, image)
         self.skipped = {"discriminator": 0, "decoder": 0}  # steps each sat out (equilibrium), in checkpoints
+        weight = self.options.historical_averaging
+        self.history = HistoricalAverage(("decoder", "discriminator"), weight) if weight else None
 
     def build_networks(self) -> dict[str, nn.Module]:
         size, channels, latent = self.image.size, self.image.channels, self.options.latent_size
+        minibatch = self.options.minibatch_discrimination
         return {
             "encoder": Encoder(size, channels, latent, self.options.fc_size),
             "decoder": Decoder(size, channels, latent),
-            "discriminator": Discriminator(size, channels),
+            "discriminator": Discriminator(
+                size,
+                channels,
+                minibatch_kernels=minibatch.kernels if minibatch else None,
+                minibatch_kernel_dims=minibatch.kernel_dims if minibatch else 5,
+            ),
         }
 
     def optimizer_defaults(self) -> dict[str, Any]:
         # the authors': deeppy's RMSProp (decay 0.9, eps 1e-8), weight decay 1e-5 on every layer
         return {"name": "rmsprop", "lr": 3e-4, "alpha": 0.9, "eps": 1e-8, "weight_decay": 1e-5}
 
-    def routed_loss(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    def routed_loss(
+        self, networks: nn.ModuleDict, images: torch.Tensor, step: int | None = None
+    ) -> tuple[torch.Tensor, dict, dict]:
         """One loss whose gradient is, for each network, the gradient of its own loss (module docstring);
-        the metrics; and the equilibrium's cost sums."""
-        losses, metrics, totals = self.own_losses(networks, images)
+        the metrics; and the equilibrium's cost sums. `step`: the optimizer step (historical averaging)."""
+        losses, metrics, totals = self.own_losses(networks, images, step)
         return own_gradients(networks, losses), metrics, totals
 
-    def own_losses(self, networks: nn.ModuleDict, images: torch.Tensor) -> tuple[dict, dict, dict]:
+    def own_losses(
+        self, networks: nn.ModuleDict, images: torch.Tensor, step: int | None = None
+    ) -> tuple[dict, dict, dict]:
         """Each network's own loss, from one forward pass; detached metrics; the equilibrium's sums."""
         mu, log_variance = networks["encoder"](images)
         z = reparameterise(mu, log_variance)
         prior_z = torch.randn_like(z)
-        if self.options.discriminator_batches == "joint":
-            passes = self._joint_passes(networks, images, z, prior_z)
-        else:
-            passes = self._separate_passes(networks, images, z, prior_z)
-        reconstruction, real_features, reconstruction_features, real_logit, fake_logit = passes
-
-        real_cost = -torch.log(torch.sigmoid(real_logit) + self.options.log_eps)  # per image
-        fake_cost = -torch.log(1 - torch.sigmoid(fake_logit) + self.options.log_eps)
-        gen = self.generated_term(fake_logit, fake_cost)
+        options, eps = self.options, self.options.log_eps
+        joint = options.discriminator_batches == "joint"
+        passes = (self._joint_passes if joint else self._separate_passes)(networks, images, z, prior_z)
+        real_target = options.label_smoothing or 1.0
+        real_cost = discriminator_cost(passes.real_logit, 1.0, eps)  # per image; the equilibrium's, unsmoothed
+        fake_cost = discriminator_cost(passes.fake_logit, 0.0, eps)
+        real_loss = real_cost if real_target == 1 else discriminator_cost(passes.real_logit, real_target, eps)
+        gen = generated_term(options.generator_loss, passes.fake_logit, passes.real_hidden, passes.fake_hidden, eps)
         prior = gaussian_kl(mu, log_variance).mean()
-        llike = feature_likelihood(reconstruction_features, real_features)
-        dis = 0.5 * real_cost.mean() + 0.5 * fake_cost.mean()
+        llike = feature_likelihood(passes.reconstruction_features, passes.real_features)
+        dis = 0.5 * real_loss.mean() + 0.5 * fake_cost.mean()
         decoder_gan = gen
-        if self.options.discriminator_batches == "joint":
-            decoder_gan = gen + self.real_rows_term(real_logit, real_cost)
-        losses = {"encoder": prior + llike, "decoder": self.options.gamma * llike + decoder_gan, "discriminator": dis}
+        real_rows = real_rows_term(options.generator_loss, passes.real_logit, real_target, eps) if joint else None
+        if real_rows is not None:
+            decoder_gan = gen + real_rows
+        losses = {"encoder": prior + llike, "decoder": options.gamma * llike + decoder_gan, "discriminator": dis}
+        reconstruction = passes.reconstruction
+        penalties = self._historical_penalties(networks, step)
+        for name, penalty in penalties.items():
+            losses[name] = losses[name] + penalty
         metrics = {
             "prior": prior,
             "llike": llike,
@@ -173,6 +218,7 @@ class VAEGAN(GaussianLatentModel):
             "real_cost": real_cost.mean(),
             "fake_cost": fake_cost.mean(),
             "mse": (reconstruction.float() - images.float()).pow(2).mean(),
+            **{f"history/{name}": penalty for name, penalty in penalties.items()},
         }
         totals = {}
         if self.options.equilibrium:
@@ -184,22 +230,16 @@ class VAEGAN(GaussianLatentModel):
             }
         return losses, {name: value.detach() for name, value in metrics.items()}, totals
 
-    def generated_term(self, fake_logit: torch.Tensor, fake_cost: torch.Tensor) -> torch.Tensor:
-        """The decoder's GAN term over the generated images: mean log(1 - Dis(.)) (saturating, the
-        authors'), or mean -log Dis(.) (non-saturating)."""
-        if self.options.generator_loss == "saturating":
-            return -fake_cost.mean()
-        return -torch.log(torch.sigmoid(fake_logit) + self.options.log_eps).mean()
-
-    def real_rows_term(self, real_logit: torch.Tensor, real_cost: torch.Tensor) -> torch.Tensor:
-        """Under joint batches, the real images' part of the decoder's GAN term: log Dis(x) depends on the
-        generated images through the shared batch statistics, and model/aegan.py hands the decoder the
-        reversed gradient of the discriminator's whole loss on [x, generated], real rows included
-        (saturating: mean log(Dis(x) + eps), coefficient 1 as in the discriminator's loss scaled by 2).
-        Non-saturating swaps every label of that loss: mean -log(1 - Dis(x) + eps)."""
-        if self.options.generator_loss == "saturating":
-            return -real_cost.mean()
-        return -torch.log(1 - torch.sigmoid(real_logit) + self.options.log_eps).mean()
+    def _historical_penalties(self, networks: nn.ModuleDict, step: int | None) -> dict[str, torch.Tensor]:
+        """Historical averaging's term of each player's loss (historical_average.py), the average moved
+        first when `step` is a new one."""
+        if self.history is None:
+            return {}
+        if step is not None:
+            self.history.observe(networks, step)
+        if not self.history.means:
+            return {}
+        return {name: self.history.penalty(networks[name], name) for name in self.history.names}
 
     def _joint_passes(self, networks: nn.ModuleDict, images: torch.Tensor, z: torch.Tensor, prior_z: torch.Tensor):
         """The authors' passes (module docstring): concatenated batches, joint batch statistics."""
@@ -214,24 +254,41 @@ class VAEGAN(GaussianLatentModel):
         codes = torch.cat([z.detach(), prior_z]) if self.options.discriminate_reconstructions else prior_z
         with running_statistics_frozen(decoder):
             generated = decoder(codes)
-        logits, _ = discriminator(torch.cat([images, generated]))
-        return reconstruction, real_features, reconstruction_features, logits[:count], logits[count:]
+        # minibatch discrimination compares each row with its own set's: real, reconstructions, prior samples
+        out = discriminator.classify(torch.cat([images, generated]), [count] * (1 + len(codes) // count))
+        return Passes(
+            reconstruction,
+            real_features,
+            reconstruction_features,
+            out.logit[:count],
+            out.logit[count:],
+            out.hidden[:count],
+            out.hidden[count:],
+        )
 
     def _separate_passes(self, networks: nn.ModuleDict, images: torch.Tensor, z: torch.Tensor, prior_z: torch.Tensor):
         """Every pass alone, each moving the running statistics (module docstring)."""
         decoder, discriminator = networks["decoder"], networks["discriminator"]
         prior_samples = decoder(prior_z)
-        real_logit, real_features = discriminator(images)
-        prior_logit, _ = discriminator(prior_samples)
+        real = discriminator.classify(images)
+        prior = discriminator.classify(prior_samples)
         reconstruction = decoder(z)
-        reconstruction_logit, reconstruction_features = discriminator(reconstruction)
-        fakes = [prior_logit, reconstruction_logit] if self.options.discriminate_reconstructions else [prior_logit]
-        return reconstruction, real_features, reconstruction_features, real_logit, torch.cat(fakes)
+        rebuilt = discriminator.classify(reconstruction)
+        fakes = [prior, rebuilt] if self.options.discriminate_reconstructions else [prior]
+        return Passes(
+            reconstruction,
+            real.features,
+            rebuilt.features,
+            real.logit,
+            torch.cat([fake.logit for fake in fakes]),
+            real.hidden,
+            torch.cat([fake.hidden for fake in fakes]),
+        )
 
     def training_step(
         self, networks: nn.ModuleDict, images: torch.Tensor, labels: torch.Tensor, step: int
     ) -> StepOutput:
-        loss, metrics, totals = self.routed_loss(networks, images)
+        loss, metrics, totals = self.routed_loss(networks, images, step)
         return StepOutput(loss=loss, metrics=metrics, step_totals=totals)
 
     def networks_to_skip(self, totals: dict[str, float]) -> set[str]:
@@ -249,6 +306,14 @@ class VAEGAN(GaussianLatentModel):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = {name: int(state["skipped"][name]) for name in ("discriminator", "decoder")}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The historical average (pipeline/plugin.py: tensors a checkpoint keeps beside the weights)."""
+        return self.history.state_tensors() if self.history is not None else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], networks: nn.ModuleDict) -> None:
+        if self.history is not None:
+            self.history.load_state_tensors(tensors, networks)
 
 
 def feature_likelihood(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
