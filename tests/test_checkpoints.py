@@ -67,7 +67,16 @@ def assert_bit_identical(a: Path, b: Path) -> None:
 def vaegan_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
     settings = {
         "plugin": "vaegan",
-        "model": {"latent_size": 8, "fc_size": 32, "equilibrium": True},  # equilibrium: per-rank plugin state
+        # equilibrium: per-rank plugin state; historical averaging: plugin tensors (plugin_state.safetensors);
+        # the other options of Salimans et al. for their parameters and their paths
+        "model": {
+            "latent_size": 8,
+            "fc_size": 32,
+            "equilibrium": True,
+            "historical_averaging": 0.01,
+            "label_smoothing": 0.9,
+            "minibatch_discrimination": {"kernels": 4, "kernel_dims": 3},
+        },
         "data": {"shards": str(shards), "batch_size": 2, "workers": 2},
         "max_steps": 7,
         "checkpoint": {"every": 2},
@@ -95,6 +104,8 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
     assert_ok(launch(interrupted))  # resume: auto
 
     assert_bit_identical(latest(tmp_path / "straight"), latest(out))
+    history = load_file(str(latest(out) / "plugin_state.safetensors"))
+    assert (int(history["count"]), int(history["last_step"])) == (7, 6)  # the weights at the start of steps 1-7
     resumed, uninterrupted = state(latest(out)), state(latest(tmp_path / "straight"))
     assert resumed["files"] == uninterrupted["files"]  # the same bytes, file by file
     assert resumed["ranks"] == uninterrupted["ranks"]  # RNG and equilibrium counters of both ranks

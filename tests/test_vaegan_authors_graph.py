@@ -44,6 +44,7 @@ W = 1e-6  # celeba_aegan.py: recon_vs_gan_weight
 REAL_VS_GEN = 0.5  # celeba_aegan.py: real_vs_gen_weight
 EPS = 1e-3  # AEGAN's eps
 BATCH, LATENT = 6, 8
+KERNELS, KERNEL_DIMS = 4, 3  # minibatch discrimination, small
 
 
 class ScaleGradient(torch.autograd.Function):
@@ -80,16 +81,62 @@ def kld_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
 
 
-def discriminator_outputs(discriminator, batches: list[torch.Tensor], joint: bool) -> torch.Tensor:
-    """Dis(.) = sigmoid of the logit, on the concatenation (joint) or on each batch alone (separate)."""
+def paper_minibatch_features(hidden: torch.Tensor, projection: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """Salimans et al. (2016) section 3.2, element by element: M_i = f(x_i) T (B x C); o(x_i)_b = sum over
+    j of exp(-||M_i,b - M_j,b||_L1), j over x_i's own group (the rows of one set of one micro-batch)."""
+    kernels = projection.shape[1] // KERNEL_DIMS
+    matrices = (hidden @ projection).view(len(hidden), kernels, KERNEL_DIMS)
+    rows, start = [], 0
+    for size in groups:
+        members = range(start, start + size)
+        for i in members:
+            rows.append(
+                torch.stack(
+                    [
+                        sum(torch.exp(-(matrices[i, b] - matrices[j, b]).abs().sum()) for j in members)
+                        for b in range(kernels)
+                    ]
+                )
+            )
+        start += size
+    return torch.stack(rows)
+
+
+def reference_discriminator(discriminator, batch: torch.Tensor, groups: list[int], minibatch: bool):
+    """(Dis(.), the last hidden layer f) layer by layer, minibatch features by the paper's equation."""
+    hidden = discriminator.head[:-1](discriminator.after_features(discriminator.features(batch)))
+    last_input = hidden
+    if minibatch:
+        features = paper_minibatch_features(hidden, discriminator.minibatch.projection, groups)
+        last_input = torch.cat([hidden, features], dim=1)
+    return torch.sigmoid(discriminator.head[-1](last_input).squeeze(1)), hidden
+
+
+def discriminator_outputs(discriminator, batches: list[torch.Tensor], groups: list[int], joint: bool, minibatch: bool):
+    """Dis(.) and f on the concatenation (joint) or on each batch alone (separate); `groups`: each set's
+    size, real first (minibatch discrimination compares within each)."""
     if joint:
-        return torch.sigmoid(discriminator(torch.cat(batches))[0])
-    return torch.cat([torch.sigmoid(discriminator(batch)[0]) for batch in batches])
+        return reference_discriminator(discriminator, torch.cat(batches), groups, minibatch)
+    outputs = [reference_discriminator(discriminator, batch, [len(batch)], minibatch) for batch in batches]
+    return torch.cat([d for d, _ in outputs]), torch.cat([f for _, f in outputs])
 
 
-def authors_update(networks, images, noise, prior_noise, *, recon_gan: bool, batches: str, saturating: bool):
+def authors_update(
+    networks,
+    images,
+    noise,
+    prior_noise,
+    *,
+    recon_gan: bool,
+    batches: str,
+    generator: str = "saturating",
+    real_target: float = 1.0,
+    minibatch: bool = False,
+):
     """aegan.py's graph on `networks` (module docstring); returns each network's gradient as
-    GradientDescent steps it, and the networks whose running statistics are used at test time."""
+    GradientDescent steps it. With the options of Salimans et al. (ours, not the authors'): the real rows'
+    log term smoothed to `real_target`; feature matching as the decoder's share's loss; minibatch
+    discrimination before the discriminator's last layer."""
     joint = batches == "joint"
     encoder, decoder, discriminator = networks["encoder"], networks["decoder"], networks["discriminator"]
     decoder_neggrad, discriminator_recon = copy.deepcopy(decoder), copy.deepcopy(discriminator)
@@ -107,24 +154,36 @@ def authors_update(networks, images, noise, prior_noise, *, recon_gan: bool, bat
     codes = [z, prior_noise] if recon_gan else [prior_noise]
     gen_size = count * len(codes)
     generated = [decoder_neggrad(torch.cat(codes))] if joint else [decoder_neggrad(code) for code in codes]
+    groups = [count] * (1 + len(codes))
     weights = torch.full((count + gen_size,), (1 - REAL_VS_GEN) * count / gen_size, dtype=images.dtype)
     weights[:count] = REAL_VS_GEN
     scaled = ScaleGradient.apply(torch.cat([images, *generated]), (1 / weights).view(-1, 1, 1, 1))
-    d = discriminator_outputs(discriminator, list(scaled.split([count, *[len(g) for g in generated]])), joint)
+    parts = list(scaled.split([count, *[len(g) for g in generated]]))
+    d, _ = discriminator_outputs(discriminator, parts, groups, joint, minibatch)
     d = ScaleGradient.apply(d, weights)
     sign = torch.ones(count + gen_size, dtype=images.dtype)
     sign[count:] = -1
     offset = torch.zeros_like(sign)
     offset[count:] = 1
     gan_loss = torch.log(d * sign + offset + EPS)
+    # one-sided label smoothing: the real rows' log-likelihood of the target alpha
+    gan_loss = torch.cat([smoothed(d[:count], real_target), gan_loss[count:]])
     total = loss.sum() - gan_loss.sum()
     neggrad_parameters = list(decoder_neggrad.parameters())
-    if saturating:
+    if generator == "saturating":
         total.backward()
         neggrad = [p.grad for p in neggrad_parameters]
-    else:  # ours, not the authors': the share takes the swapped-label loss's gradient (module docstring)
-        swapped = torch.log(d * -sign + (1 - offset) + EPS)
+    elif generator == "non_saturating":  # ours: the share takes the swapped-label loss's gradient
+        swapped = torch.cat([smoothed(d[:count], 1 - real_target), torch.log(d[count:] + EPS)])
         neggrad = torch.autograd.grad(swapped.sum(), neggrad_parameters, retain_graph=True)
+        total.backward()
+    else:  # feature matching, the paper's 3.1, through a copy of the discriminator (no gradient scaling)
+        copy_batches = [images, *generated]
+        _, hidden = discriminator_outputs(copy.deepcopy(discriminator), copy_batches, groups, joint, minibatch)
+        matching = (hidden[:count].detach().mean(0) - hidden[count:].mean(0)).pow(2).sum()
+        # in the share's convention (weight -(1 - w)), at the GAN term's scale S x B (plugin docstring)
+        matched = torch.autograd.grad(matching, neggrad_parameters, retain_graph=True)
+        neggrad = [-len(codes) * count * g for g in matched]
         total.backward()
     gradients = {
         "encoder": [p.grad for p in encoder.parameters()],
@@ -134,6 +193,14 @@ def authors_update(networks, images, noise, prior_noise, *, recon_gan: bool, bat
         ),
     }
     return gradients
+
+
+def smoothed(d: torch.Tensor, target: float) -> torch.Tensor:
+    """log-likelihood of `target` under Dis: t log(Dis + eps) + (1 - t) log(1 - Dis + eps); aegan.py's real
+    rows' log(Dis + eps) at t = 1."""
+    if target == 1:
+        return torch.log(d + EPS)
+    return target * torch.log(d + EPS) + (1 - target) * torch.log(1 - d + EPS)
 
 
 def combined_gradients(parameters, weight: float, shared: list, shared_weight: float) -> list[torch.Tensor]:
@@ -155,8 +222,8 @@ def scale(network: str, recon_gan: bool, batch: int = BATCH) -> float:
     return batch * ((1 - W) * sets if network == "decoder" else 1.0)
 
 
-def small_networks() -> torch.nn.ModuleDict:
-    plugin = VAEGAN({"latent_size": LATENT, "fc_size": 32}, ImageInfo(32, 1))
+def small_networks(options: dict | None = None) -> torch.nn.ModuleDict:
+    plugin = VAEGAN(options or {"latent_size": LATENT, "fc_size": 32}, ImageInfo(32, 1))
     torch.manual_seed(0)
     return torch.nn.ModuleDict(plugin.build_networks()).double()
 
@@ -177,19 +244,32 @@ def plugin_gradients(plugin: VAEGAN, networks) -> dict[str, list[torch.Tensor]]:
     return {name: [p.grad for p in network.parameters()] for name, network in networks.items()}
 
 
-def relative_errors(plugin_class: type, *, recon_gan: bool, batches: str, saturating: bool) -> dict[str, float]:
-    """Each network's relative error, plugin against the authors' graph, from the same initial weights."""
+def relative_errors(plugin_class: type, *, recon_gan: bool, batches: str, saturating: bool = True, **extra) -> dict:
+    """Each network's relative error, plugin against the authors' graph, from the same initial weights.
+    `extra`: generator ("feature_matching"), real_target (label smoothing), minibatch."""
+    generator = extra.get("generator", "saturating" if saturating else "non_saturating")
+    real_target, minibatch = extra.get("real_target", 1.0), extra.get("minibatch", False)
     options = {
         "latent_size": LATENT,
         "fc_size": 32,
         "discriminate_reconstructions": recon_gan,
         "discriminator_batches": batches,
-        "generator_loss": "saturating" if saturating else "non_saturating",
+        "generator_loss": generator,
+        "label_smoothing": None if real_target == 1 else real_target,
+        "minibatch_discrimination": {"kernels": KERNELS, "kernel_dims": KERNEL_DIMS} if minibatch else None,
     }
-    initial = small_networks()
+    initial = small_networks(options)
     ours, authors = copy.deepcopy(initial), copy.deepcopy(initial)
     got = plugin_gradients(plugin_class(options, ImageInfo(32, 1)), ours)
-    wanted = authors_update(authors, *inputs(), recon_gan=recon_gan, batches=batches, saturating=saturating)
+    wanted = authors_update(
+        authors,
+        *inputs(),
+        recon_gan=recon_gan,
+        batches=batches,
+        generator=generator,
+        real_target=real_target,
+        minibatch=minibatch,
+    )
     errors = {}
     for name in wanted:
         plugin_flat = torch.cat([g.flatten() for g in got[name]]) * scale(name, recon_gan)
@@ -265,7 +345,7 @@ def test_running_statistics_move_as_in_the_authors_passes(batches: str) -> None:
     )
     images, noise, prior_noise = inputs()
     if batches == "joint":
-        authors_update(reference, images, noise, prior_noise, recon_gan=True, batches="joint", saturating=True)
+        authors_update(reference, images, noise, prior_noise, recon_gan=True, batches="joint")
     else:
         with torch.no_grad():
             mu, log_variance = reference["encoder"](images)

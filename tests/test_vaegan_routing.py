@@ -10,6 +10,7 @@ import copy
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from test_vaegan_authors_graph import authors_update, scale
 
@@ -250,18 +251,30 @@ def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path) -> 
         assert abs(share) < 0.5, (leak, share)
 
 
-def test_the_real_training_path_under_joint_batches_is_the_authors_update(tmp_path) -> None:
-    """The defaults (joint batches, saturating, the authors' gamma): the gradient the trainer applies to
-    each network is model/aegan.py's (tests/test_vaegan_authors_graph.py), averaged over the micro-batches,
-    to within float32's own error measured on this CPU. Before the two joint-batch terms were corrected,
-    the trainer was 0.53 (encoder) and 0.43 (decoder) off."""
-    model = {"latent_size": 8, "fc_size": 32}
+STABILITY = {  # the options of Salimans et al. that look across samples, in one run
+    "generator_loss": "feature_matching",
+    "label_smoothing": 0.9,
+    "minibatch_discrimination": {"kernels": 4, "kernel_dims": 3},
+}
+
+
+@pytest.mark.parametrize("options", [{}, STABILITY], ids=["defaults", "stability_options"])
+def test_the_real_training_path_under_joint_batches_is_the_authors_update(tmp_path, options: dict) -> None:
+    """Joint batches, the authors' gamma; the defaults (saturating), and feature matching with label
+    smoothing and minibatch discrimination: the gradient the trainer applies to each network is
+    model/aegan.py's (tests/test_vaegan_authors_graph.py, with the paper's equations for the options),
+    averaged over the micro-batches, to within float32's own error measured on this CPU. So feature
+    matching's means and minibatch discrimination's comparisons span one rank's micro-batch: the
+    reference computes each micro-batch alone. Before the two joint-batch terms were corrected, the
+    trainer was 0.53 (encoder) and 0.43 (decoder) off."""
+    model = {"latent_size": 8, "fc_size": 32, **options}
     initial, applied, micro_batches = one_trainer_step(tmp_path, model)
+    extra = {}
+    if options:
+        extra = {"generator": "feature_matching", "real_target": 0.9, "minibatch": True}
 
     def gradients_of(networks, images, noise, prior_noise) -> dict[str, torch.Tensor]:
-        gradients = authors_update(
-            networks, images, noise, prior_noise, recon_gan=True, batches="joint", saturating=True
-        )
+        gradients = authors_update(networks, images, noise, prior_noise, recon_gan=True, batches="joint", **extra)
         return {
             name: torch.cat([g.flatten() for g in grads]) / scale(name, recon_gan=True, batch=len(images))
             for name, grads in gradients.items()
