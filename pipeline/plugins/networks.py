@@ -121,7 +121,8 @@ class MinibatchDiscrimination(nn.Module):
     def __init__(self, in_features: int, kernels: int, kernel_dims: int) -> None:
         super().__init__()
         self.kernels, self.kernel_dims = kernels, kernel_dims
-        # the paper's T, flattened to A x (B C); N(0, 0.05) as the authors' Theano code initialises it
+        # the paper's T, flattened to A x (B C); N(0, 0.05) as the authors' Theano layer initialises it
+        # (that layer also rescales T and adds a bias: not in the paper's equation, not here)
         self.projection = nn.Parameter(torch.randn(in_features, kernels * kernel_dims) * 0.05)
 
     def forward(self, hidden: torch.Tensor, groups: list[int]) -> torch.Tensor:

@@ -56,6 +56,12 @@ step. The encoder always steps. The trainer makes the decision once per step, th
 from these sums (`step_totals`, `networks_to_skip`); a network that sits out keeps its weights and its
 optimizer state exactly.
 
+Training stability, the options of Salimans et al. (2016), each off by default (README, "Training
+stability"): `label_smoothing` (gan_terms.py), `generator_loss: feature_matching` (gan_terms.py),
+`minibatch_discrimination` (networks.MinibatchDiscrimination: each row compared within its own set of the
+rank's micro-batch), `historical_averaging` (historical_average.py: state kept by checkpoints through
+`state_tensors`). Virtual batch normalisation is not offered (README says why).
+
 Needs ZeRO stage 0-2 (parameters must be whole on each rank).
 """
 
