@@ -48,6 +48,9 @@ COLUMNS = {
         {**DEMO_VAEGAN, "gamma": 6.4e-5, "discriminator_batches": "separate"},
         {"weight_decay": 0.0},
     ),
+    # the training-stability options of Salimans et al. (2016), each alone over the default VAE-GAN
+    "vaegan-label-smoothing": ("vaegan", {**DEMO_VAEGAN, "label_smoothing": 0.9}, {}),
+    "vaegan-feature-matching": ("vaegan", {**DEMO_VAEGAN, "generator_loss": "feature_matching"}, {}),
 }
 # Columns of kept runs alone: the code that trained them is gone, so they are never retrained; each
 # was run with the config of the column named beside it.
@@ -61,7 +64,11 @@ METRICS = (
     ("KID, reconstructions vs held-out images", "reconstructions", "kid", 4),
     ("pixel MSE, image vs reconstruction ([-1, 1])", "reconstructions", "pixel_mse", 4),
     ("Inception feature distance, image vs reconstruction", "reconstructions", "feature_distance", 2),
+    ("PSNR (dB), image vs reconstruction (higher is better)", "reconstructions", "psnr", 2),
+    ("SSIM, image vs reconstruction (higher is better)", "reconstructions", "ssim", 4),
 )
+HIGHER_IS_BETTER = {"psnr", "ssim"}
+OSCILLATION = "dis"  # the discriminator's loss: its spread over the second half of training
 
 
 def run_config(column: str, shards: Path, steps: int, batch_size: int, seed: int) -> dict:
@@ -114,7 +121,7 @@ def figures(evaluation: dict) -> dict:
     """The evaluation's figures that the tables read, and its protocol."""
     kept: dict = {"protocol": evaluation["protocol"]}
     for _, section, key, _ in METRICS:
-        kept.setdefault(section, {})[key] = evaluation[section][key]
+        kept.setdefault(section, {})[key] = evaluation[section].get(key)  # None: an evaluation without it
     return kept
 
 
@@ -146,12 +153,16 @@ def train_and_evaluate(column: str, seed: int, args: argparse.Namespace) -> dict
         run(plot, OUT / f"{name}-plot.log")
         for kind, path in evaluation["grids"].items():
             shutil.copyfile(path, DOCS / f"quality-{column}-{kind}.png")
-    last_logged = json.loads((OUT / name / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = [json.loads(line) for line in (OUT / name / "metrics.jsonl").read_text().splitlines()]
+    logged = [record for record in logged if OSCILLATION in record]
+    last_logged = logged[-1]
+    second_half = [record[OSCILLATION] for record in logged[len(logged) // 2 :]]
     result = {
         **figures(evaluation),
         "train_seconds": train_seconds,
         "evaluate_seconds": evaluate_seconds,
         "last_logged": {key: last_logged[key] for key in ("mse", "images_per_s")},
+        "oscillation": statistics.stdev(second_half) if len(second_half) > 1 else None,
         "date": time.strftime("%Y-%m-%d"),
     }
     keep_run(name, config, result)
@@ -159,23 +170,29 @@ def train_and_evaluate(column: str, seed: int, args: argparse.Namespace) -> dict
 
 
 def kept_results(args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Per column, the kept runs of seeds 0..N-1 whose config is this bench's, in seed order."""
+    """Per column with kept runs, those of seeds 0..N-1 whose config is this bench's, in seed order."""
     kept, results = load_kept_runs(), {}
     for column in PLUGINS:
-        results[column] = []
+        runs = []
         for seed in range(args.seeds):
             run_ = kept.get(f"{column}-seed{seed}")
             config = kept_config(run_config(column, args.shards, args.steps, args.batch_size, seed))
             if not run_ or run_["config"] != config:
                 break  # seeds run in order: the table's "seeds 0 to N" has no gaps
-            results[column].append(run_["result"])
-        if not results[column]:
-            raise SystemExit(f"no kept run of {column} in {KEPT_RUNS} for these settings: run without --report")
+            runs.append(run_["result"])
+        if runs:
+            results[column] = runs
+    if not results:
+        raise SystemExit(f"no kept run in {KEPT_RUNS} for these settings: run without --report")
     return results
 
 
-def summary(values: list[float], digits: int) -> str:
-    """One seed: the value; several: mean ± std (sample std), then every seed's value."""
+def summary(values: list[float | None], digits: int) -> str:
+    """One seed: the value; several: mean ± std (sample std), then every seed's value; "n/a" for runs
+    kept before the figure was measured."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return "n/a"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     each = ", ".join(f"{value:.{digits}f}" for value in values)
@@ -183,33 +200,42 @@ def summary(values: list[float], digits: int) -> str:
 
 
 def quality_rows(results: dict[str, list[dict]]) -> list[list[str]]:
-    """Per metric: each plugin over its seeds, and the lower mean."""
+    """Per metric: each column over its seeds, and the best mean (lower, or higher for PSNR and SSIM)."""
     rows = []
     for label, section, key, digits in METRICS:
-        values = {plugin: [run[section][key] for run in results[plugin]] for plugin in PLUGINS}
-        means = {plugin: statistics.mean(values[plugin]) for plugin in PLUGINS}
-        rows.append([label, *(summary(values[plugin], digits) for plugin in PLUGINS), min(means, key=means.get)])
+        values = {column: [run[section].get(key) for run in runs] for column, runs in results.items()}
+        means = {
+            column: statistics.mean(measured)
+            for column, found in values.items()
+            if (measured := [value for value in found if value is not None])
+        }
+        best = (max if key in HIGHER_IS_BETTER else min)(means, key=means.get) if means else "n/a"
+        rows.append([label, *(summary(values[column], digits) for column in results), best])
     return rows
 
 
 def training_rows(results: dict[str, list[dict]]) -> list[list[str]]:
     def over_seeds(value, digits: int) -> list[str]:
-        return [summary([value(run) for run in results[plugin]], digits) for plugin in PLUGINS]
+        return [summary([value(run) for run in runs], digits) for runs in results.values()]
 
     return [
         ["pixel MSE on its training batch, last logged step", *over_seeds(lambda run: run["last_logged"]["mse"], 4)],
+        [
+            f"oscillation: std of `{OSCILLATION}` over the second half of the logged steps",
+            *over_seeds(lambda run: run.get("oscillation"), 4),
+        ],
         ["training images/s, last logged interval", *over_seeds(lambda run: run["last_logged"]["images_per_s"], 1)],
         ["training time (s, process start to end)", *over_seeds(lambda run: run["train_seconds"], 0)],
         ["evaluation time (s)", *over_seeds(lambda run: run["evaluate_seconds"], 0)],
     ]
 
 
-def grid_table() -> str:
+def grid_table(columns: list[str]) -> str:
     cells = [
-        [kind, *(f"![{plugin} {kind}](quality-{plugin}-{kind}.png)" for plugin in PLUGINS)]
+        [kind, *(f"![{column} {kind}](quality-{column}-{kind}.png)" for column in columns)]
         for kind in ("samples", "reconstructions", "loss-curves")
     ]
-    return markdown_table(["", *PLUGINS], cells)
+    return markdown_table(["", *columns], cells)
 
 
 def main() -> None:
@@ -241,7 +267,7 @@ def main() -> None:
     images = args.steps * args.batch_size
     body = f"""## VAE against VAE-GAN (`bench/quality.py`)
 
-{machine()}. Three models trained on the demo shards ({args.shards.name}: 32x32 grayscale Fashion-MNIST)
+{machine()}. The models of each column trained on the demo shards ({args.shards.name}: 32x32 grayscale Fashion-MNIST)
 with the same budget: {args.steps} steps of {args.batch_size} images ({images:,} images, one process, DeepSpeed
 ZeRO-2, {seeds_text}, the same data order for a seed), the demo's model size (latent 32, encoder FC 1024), RMSProp at
 the plugins' settings, the VAE-GANs with the non-saturating decoder loss, like the demo. `vae`: the VAE.
@@ -251,6 +277,9 @@ discriminator batches, weight decay 1e-5), its joint-batch gradients the authors
 batches, no weight decay). `vaegan-uncorrected-joint`: kept runs of 2026-12-02, the `vaegan` column's
 config as trained before two joint-batch gradient terms were made the authors' (L_llike's target
 differentiated; the decoder's GAN term without the real images' rows): the code that trained them is gone.
+`vaegan-label-smoothing`, `vaegan-feature-matching`: `vaegan` with one option of Salimans et al. (2016) each,
+one-sided label smoothing (0.9) or feature matching as the decoder's GAN term. A column appears once a run
+of it is kept; "n/a": runs kept before PSNR, SSIM or the loss's oscillation were recorded.
 Then `pipeline evaluate CHECKPOINT --shards ... --split val --count {args.count}` on each final checkpoint.
 
 Protocol: {protocol["extractor"]} (sha256 `{protocol["extractor_sha256"][:16]}...`), {protocol["resolution"]} x
@@ -262,11 +291,11 @@ biased upwards against the usual 10k-50k: compare rows of this table with each o
 With several seeds a cell is the mean ± the standard deviation over seeds, then each seed's value; the grids
 and loss curves are seed 0's.
 
-{markdown_table(["metric (lower is better)", *PLUGINS, "lower"], quality_rows(results))}
+{markdown_table(["metric (lower is better unless said)", *results, "best"], quality_rows(results))}
 
-{markdown_table(["training", *PLUGINS], training_rows(results))}
+{markdown_table(["training", *results], training_rows(results))}
 
-{grid_table()}
+{grid_table(list(results))}
 """
     print(body)
     write_section("quality", body)
