@@ -114,3 +114,43 @@ def test_historical_average_state_round_trips_and_is_checked() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         again.load_state_tensors(wrong, networks)
     assert VAEGAN({"latent_size": LATENT, "fc_size": 32}, ImageInfo(32, 1)).state_tensors() == {}
+
+
+def test_historical_average_through_the_trainer_is_the_mean_of_each_steps_weights(tmp_path) -> None:
+    """2 ranks x 2 micro-batches, ZeRO-2, 3 steps, a checkpoint after each: the average the last
+    checkpoint keeps is the mean of the weights at the start of steps 1-3 (the initial weights, then
+    the first and second checkpoints'), for the decoder and the discriminator."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+    from trainer_helpers import build_small_shards, launch, write_config
+
+    shards = build_small_shards(tmp_path / "data", images=40, size=32)
+    model = {"latent_size": 8, "fc_size": 32, "historical_averaging": 0.01}
+    config = write_config(
+        tmp_path / "run.yaml",
+        shards,
+        tmp_path / "run",
+        plugin="vaegan",
+        model=model,
+        max_steps=3,
+        optimizer={"name": "rmsprop", "lr": 0.01},
+        checkpoint={"every": 1, "keep_last": 5},
+        data={"shards": str(shards), "batch_size": 4, "workers": 0},
+    )
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    set_seed(7)  # write_config's seed: every rank's initial weights
+    initial = torch.nn.ModuleDict(VAEGAN(model, ImageInfo(32, 1)).build_networks())
+    folders = [tmp_path / "run" / "checkpoints" / f"step-{step:08d}" for step in (1, 2, 3)]
+    saved = load_file(str(folders[-1] / "plugin_state.safetensors"))
+    assert (int(saved["count"]), int(saved["last_step"])) == (3, 2)
+    for name in ("decoder", "discriminator"):
+        keys = [key for key, _ in initial[name].named_parameters()]
+        starts = [dict(initial[name].named_parameters())] + [
+            load_file(str(folder / f"{name}.safetensors")) for folder in folders[:2]
+        ]
+        for index, key in enumerate(keys):
+            mean = torch.stack([start[key].detach().double() for start in starts]).mean(0)
+            torch.testing.assert_close(saved[f"{name}.{index}"].double(), mean, rtol=1e-6, atol=1e-7, msg=key)
+        moved = [load_file(str(folder / f"{name}.safetensors"))[keys[0]] for folder in folders[:2]]
+        assert not torch.equal(moved[0], moved[1])  # the weights moved: the mean is not the weights
