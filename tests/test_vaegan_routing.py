@@ -130,26 +130,13 @@ def one_trainer_step(tmp_path: Path, model: dict) -> tuple[torch.nn.ModuleDict, 
     gradient (flat), and the 4 micro-batches' (images, reparameterisation noise, prior noise) as the
     trainer drew them."""
     from accelerate.utils import set_seed
-    from trainer_helpers import build_small_shards, launch, weights, write_config
+    from trainer_helpers import run_small_vaegan, weights
 
     from pipeline.training.data import StreamLayout, epoch_order
     from shards.random_access import SplitDataset
     from shards.reader import open_split
 
-    shards = build_small_shards(tmp_path / "data", images=40, size=32)
-    config = write_config(
-        tmp_path / "run.yaml",
-        shards,
-        tmp_path / "run",
-        plugin="vaegan",
-        model=model,
-        max_steps=1,
-        optimizer={"name": "sgd", "lr": LR},
-        seed=SEED,
-        data={"shards": str(shards), "batch_size": MICRO_BATCH, "workers": 0},
-    )
-    result = launch(config)
-    assert result.returncode == 0, result.stderr[-3000:]
+    shards = run_small_vaegan(tmp_path, model, MICRO_BATCH, max_steps=1, optimizer={"name": "sgd", "lr": LR}, seed=SEED)
     after = weights(tmp_path / "run")
 
     set_seed(SEED)

@@ -122,23 +122,11 @@ def test_historical_average_through_the_trainer_is_the_mean_of_each_steps_weight
     the first and second checkpoints'), for the decoder and the discriminator."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_file
-    from trainer_helpers import build_small_shards, launch, write_config
+    from trainer_helpers import run_small_vaegan
 
-    shards = build_small_shards(tmp_path / "data", images=40, size=32)
     model = {"latent_size": 8, "fc_size": 32, "historical_averaging": 0.01}
-    config = write_config(
-        tmp_path / "run.yaml",
-        shards,
-        tmp_path / "run",
-        plugin="vaegan",
-        model=model,
-        max_steps=3,
-        optimizer={"name": "rmsprop", "lr": 0.01},
-        checkpoint={"every": 1, "keep_last": 5},
-        data={"shards": str(shards), "batch_size": 4, "workers": 0},
-    )
-    result = launch(config)
-    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = {"every": 1, "keep_last": 5}
+    run_small_vaegan(tmp_path, model, 4, max_steps=3, optimizer={"name": "rmsprop", "lr": 0.01}, checkpoint=checkpoints)
     set_seed(7)  # write_config's seed: every rank's initial weights
     initial = torch.nn.ModuleDict(VAEGAN(model, ImageInfo(32, 1)).build_networks())
     folders = [tmp_path / "run" / "checkpoints" / f"step-{step:08d}" for step in (1, 2, 3)]

@@ -120,6 +120,18 @@ def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run_process([sys.executable, *args], timeout, env=environment())
 
 
+def run_small_vaegan(tmp_path: Path, model: dict, batch_size: int, **overrides) -> Path:
+    """A real `vaegan` run on 40 images of 32 x 32 (2 ranks, run.yaml's other settings: write_config's),
+    output in tmp_path/run; returns the shards it trained on."""
+    shards = build_small_shards(tmp_path / "data", images=40, size=32)
+    data = {"shards": str(shards), "batch_size": batch_size, "workers": 0}
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", shards, run, plugin="vaegan", model=model, data=data, **overrides)
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return shards
+
+
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
