@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic import Strict as StrictMode
 
 from shards.cli import one_line
-from shards.errors import UserError, describe_error, shown
+from shards.errors import UserError, describe_error, shown, without_credentials
 from shards.remote import DEFAULT_RETRY_SECONDS, RemoteAccess, is_remote
 
 COUNT_MAX = 2**53  # steps, images, intervals: exact as a float and in any JSON reader
@@ -146,6 +146,11 @@ class DataConfig(Strict):
     prefetch_shards: Integer | None = Field(
         None, ge=0, le=2**20, description="shards fetched ahead of training (default: 2 x shuffle_shards)"
     )
+
+    @field_serializer("shards")
+    def _location_without_credentials(self, location: Path | str) -> str:
+        """A URL's user:password@ is never copied into config.yaml, a checkpoint or a tracker."""
+        return without_credentials(str(location))
 
     @field_serializer("storage_options")
     def _without_secrets(self, options: dict[str, Any]) -> dict[str, Any]:

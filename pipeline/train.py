@@ -35,7 +35,7 @@ from pipeline.training.engine import checked_optimizer_defaults, optimizer_plan,
 from pipeline.training.run_lock import RunLock, wait_for_first_rank
 from pipeline.training.trackers import chosen as chosen_trackers
 from shards.cli import ArgumentParser, one_line
-from shards.errors import UserError
+from shards.errors import UserError, without_credentials
 from shards.reader import ShardSplit, open_split
 
 
@@ -93,7 +93,7 @@ def prepare_output_dir(output_dir: Path, resuming: bool, resume: str, lock: RunL
 def warn(message: str) -> None:
     """Every rank checks the same things; one of them says so."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"pipeline train: warning: {message}", file=sys.stderr)
+        print(f"pipeline train: warning: {one_line(message)}", file=sys.stderr)
 
 
 def find_checkpoint(config: RunConfig, split: ShardSplit) -> tuple[Path, dict] | None:
@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # a fault (another rank died: "Connection reset by peer") or a bug: the traceback for the latter,
         # then one line, then out at once (waiting for a dead peer in the teardown would hang)
-        traceback.print_exc()
-        first_line = (str(error).splitlines() or [""])[0]
+        print(without_credentials(traceback.format_exc()), end="", file=sys.stderr)
+        first_line = without_credentials((str(error).splitlines() or [""])[0])
         print(
             f"pipeline train: error: rank {torch.distributed.get_rank()} stopped on {type(error).__name__}: "
             f"{first_line[:300]} (if another rank died first, its log says why; resume=auto continues from the "

@@ -23,7 +23,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from shards import __version__
-from shards.errors import UserError
+from shards.errors import UserError, without_credentials
 from shards.imageops import CROPS, FORMATS, MODES, PIL_DEFAULT_MAX_PIXELS, ImageSpec
 
 BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
@@ -41,7 +41,9 @@ output = Console()
 
 
 def one_line(text: str) -> str:
-    """`text` as one printable line: line breaks escaped, undecodable file-name bytes as \\xNN."""
+    """`text` as one printable line: line breaks escaped, undecodable file-name bytes as \\xNN, no
+    credentials of a URL (errors.without_credentials)."""
+    text = without_credentials(text)
     try:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that is no escaped byte

@@ -14,6 +14,16 @@ class UserError(Exception):
     pass
 
 
+# a URL's user-info (user:password@), up to the last @ before its path: a password with a raw @ in it too
+URL_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user-info of every URL in it replaced by `***`: what a run prints or writes (its
+    config copies, errors, logs) never holds a password given in a URL (README, "Remote shards")."""
+    return URL_USER_INFO.sub(r"\g<scheme>***@", text)
+
+
 CLASS_NAME = re.compile(r" or instance of \w+")  # pydantic's "a valid dictionary or instance of ShardRecord"
 
 

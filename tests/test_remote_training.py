@@ -172,3 +172,29 @@ def start_up_error(tmp_path: Path, url: str) -> str:
     line = one_error_line(run_python("-m", "pipeline.train", "--config", str(config)))
     assert not (tmp_path / "run").exists()
     return line
+
+
+def test_a_password_in_the_url_reaches_no_file_and_no_terminal(tmp_path: Path, nginx) -> None:
+    """data.shards=http://alice:PASSWORD@host/...: the run trains (the URL is used as given), and the password
+    is in no file it writes (config.yaml, checkpoints' trainer_state.json, metrics, the trackers' files, the
+    cache) and in nothing it prints, nor in --dry-run's output, nor in the line of an error that names the
+    URL: each shows user-info as ***."""
+    secret = "S3cr3tPW"
+    with_password = nginx.url.replace("http://", f"http://alice:{secret}@")
+    config = run_config(tmp_path, f"{with_password}/shards", "run", cache_dir=str(tmp_path / "cache"))
+    dry_run = run_python("-m", "pipeline.train", "--config", str(config), "--dry-run")
+    assert_ok(dry_run)
+    result = launch(config)
+    assert_ok(result)
+    assert "http://***@127.0.0.1" in (tmp_path / "run" / "config.yaml").read_text()
+    written = [path for folder in ("run", "cache") for path in (tmp_path / folder).rglob("*") if path.is_file()]
+    assert len(written) > 10  # checkpoints, metrics, the tracker's event files, cached shards
+    holding = [str(path) for path in written if secret.encode() in path.read_bytes() or secret in str(path)]
+    assert not holding, holding
+    for output in (dry_run, result):
+        assert secret not in output.stdout + output.stderr
+    missing = run_config(tmp_path, f"{with_password}/no-such-folder", "missing", retry_seconds=1)
+    failed = run_python("-m", "pipeline.train", "--config", str(missing))
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    line = one_error_line(failed)
+    assert "http://***@127.0.0.1" in line and secret not in failed.stdout + failed.stderr

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.training.data_workers import guard_worker
+from shards.cli import one_line
 from shards.random_access import SampleError, SplitDataset
 from shards.reader import ShardSplit
 from shards.remote import StoreError, StoreUnavailable, take_counters
@@ -150,8 +151,10 @@ class TrainingSamples(torch.utils.data.Dataset):
             if error.shard not in self.reported:
                 self.reported.add(error.shard)
                 print(
-                    f"pipeline train: warning: rank {self.rank}: {error.shard}: sample {error.position} is unreadable "
-                    f"({error.reason}); this shard's bad samples are skipped and counted (bad_samples)",
+                    one_line(
+                        f"pipeline train: warning: rank {self.rank}: {error.shard}: sample {error.position} is "
+                        f"unreadable ({error.reason}); this shard's bad samples are skipped and counted (bad_samples)"
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )
