@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-from shards.errors import UserError
+from shards.errors import UserError, without_credentials
 from shards.folder import ShardFolder
 from shards.manifest import (
     MANIFEST_NAME,
@@ -74,7 +74,8 @@ def _rebuild_or_keep(existing: dict, options, fingerprint: str, shards_intact: b
         )
     if shards_intact and existing.get("source", {}).get("fingerprint") == fingerprint:
         return existing
-    console.print(f"[yellow]{where}: SRC changed or shards are missing since the last build; rebuilding[/]")
+    shown = without_credentials(where)
+    console.print(f"[yellow]{shown}: SRC changed or shards are missing since the last build; rebuilding[/]")
     return None
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from shards.errors import UserError
+from shards.errors import UserError, without_credentials
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 EXTRA_OF_SCHEME = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}  # pip install '.[s3]' ...
@@ -155,7 +155,7 @@ def retrying(call: Callable[[], T], url: str, budget: float) -> T:
             attempt += 1
             counters["fetch_retries"] += 1
             line = f"warning: {url}: {what_to_check(error)}; retry {attempt} in {delay:.1f} s"
-            print(line, file=sys.stderr, flush=True)
+            print(without_credentials(line), file=sys.stderr, flush=True)
             time.sleep(delay)
 
 

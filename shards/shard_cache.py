@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from shards.errors import UserError
+from shards.errors import UserError, without_credentials
 from shards.remote import LOCAL_DISK_ERRORS, RemoteFolder, counters
 
 
@@ -127,8 +127,10 @@ class ShardCache:
                 temp.unlink(missing_ok=True)
             if attempt == 1:
                 print(
-                    f"warning: {remote.url_of(name)}: the bytes fetched do not match the manifest's sha256; "
-                    "fetching it again",
+                    without_credentials(
+                        f"warning: {remote.url_of(name)}: the bytes fetched do not match the manifest's sha256; "
+                        "fetching it again"
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )
