@@ -78,3 +78,19 @@ def test_storage_options_that_look_like_credentials_are_never_written(tmp_path: 
     assert result.returncode == 0, result.stderr
     assert "Authorization: <redacted>" in result.stdout
     assert "s3cr3t" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://alice:S3cr3tPW@host:80/a/b", "http://***@host:80/a/b"),
+        ("see s3://key:secret@bucket/x and https://user@h/", "see s3://***@bucket/x and https://***@h/"),
+        ("http://alice:p@ss@host/x?mail=a@b", "http://***@host/x?mail=a@b"),  # a raw @ in the password
+        ("/local/folder@2x and a@b.c", "/local/folder@2x and a@b.c"),  # no URL: unchanged
+        ("http://host/path@1", "http://host/path@1"),  # an @ in the path is no user-info
+    ],
+)
+def test_without_credentials_hides_every_urls_user_info_and_nothing_else(text: str, shown: str) -> None:
+    from shards.errors import without_credentials
+
+    assert without_credentials(text) == shown
