@@ -10,9 +10,16 @@
     to_pil(images)[0].save("first.png")
 
 A weights folder is a checkpoint (OUTPUT/checkpoints/latest) or what `pipeline export` wrote from one.
-Images go in as the models take them (float N x C x H x W in [-1, 1]) or as users hold them: PIL images,
-uint8 arrays (H x W, H x W x C or N x H x W x C) and uint8 tensors (N x C x H x W); they must have the
-model's size (`model.image`). Loading reads safetensors only.
+Loading reads safetensors only. The rules of the arguments, each checked (a `ModelInputError`, a
+ValueError, when one is broken; the model commands print it as one line):
+- images go in as the models take them, float tensors N x C x H x W (or C x H x W) with every value
+  finite and in [-1, 1], or as users hold them: PIL images (any mode, converted as `shards build`
+  converts: 16-bit grayscale scaled by 1/256, transparency onto white), uint8 arrays (H x W, H x W x C or
+  N x H x W x C) and uint8 tensors (N x C x H x W); no other dtype (bool, int32, ...); they must have the
+  model's size and channels (`model.image`);
+- `sample(count, seed)`: count a whole number from 1 to MAX_DRAW a call (more: call again, with another
+  seed), seed a whole number from 0 to 2^63 - 1;
+- `decode(codes)`: finite float codes N x D, D what `encode` gives (`model.code_size`).
 """
 
 from __future__ import annotations
@@ -33,10 +40,23 @@ from pipeline.plugin import ImageInfo, ModelPlugin, PluginError, load_plugin_cla
 from pipeline.training.ema import SUFFIX as EMA_SUFFIX
 from pipeline.training.ema import ema_file, folder_has_ema
 from shards.errors import UserError
+from shards.imageops import to_mode
 from shards.reader import tensor_to_image, to_unit_range
 
 ImagesIn = torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Image]
 WEIGHTS = ("ema", "raw")
+MAX_DRAW = 2**16  # images one sample() call may draw: a bound on what it allocates
+
+
+class ModelInputError(UserError, ValueError):
+    """A broken rule of the API's arguments (module docstring): a ValueError to Python callers, one line
+    from the commands."""
+
+
+def whole_number(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not low <= value <= high:
+        raise ModelInputError(f"{name}: a whole number from {low} to {high:,}, not {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -45,6 +65,7 @@ class Model:
     networks: nn.ModuleDict  # in eval mode
     image: ImageInfo
     weights: str  # what was loaded: "ema" (each averaged network's EMA, the others' raw weights) or "raw"
+    _code_size: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -54,6 +75,7 @@ class Model:
     def sample(self, count: int, seed: int = 0) -> torch.Tensor:
         """`count` images from the prior, N x C x H x W in [-1, 1]; the same for a seed on any device."""
         require(self.plugin, "sample")
+        count, seed = whole_number("count", count, 1, MAX_DRAW), whole_number("seed", seed, 0, 2**63 - 1)
         return self.plugin.sample(self.networks, count, torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
@@ -62,10 +84,25 @@ class Model:
         require(self.plugin, "encode")
         return self.plugin.encode(self.networks, self.as_batch(images))
 
+    @property
+    def code_size(self) -> int:
+        """D of the N x D codes `encode` gives and `decode` takes (measured once, on a blank image)."""
+        if self._code_size is None:
+            blank = torch.zeros(1, self.image.channels, self.image.size, self.image.size)
+            self._code_size = int(self.encode(blank).shape[1])
+        return self._code_size
+
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         require(self.plugin, "decode")
-        return self.plugin.decode(self.networks, torch.as_tensor(codes).to(self.device, torch.float32))
+        codes = torch.as_tensor(codes)
+        if not codes.is_floating_point() or codes.ndim != 2 or codes.shape[1] != self.code_size:
+            raise ModelInputError(
+                f"codes of shape {tuple(codes.shape)} ({codes.dtype}): this model decodes float N x {self.code_size}"
+            )
+        if not torch.isfinite(codes).all():
+            raise ModelInputError("codes: some are not finite (NaN or infinite)")
+        return self.plugin.decode(self.networks, codes.to(self.device, torch.float32))
 
     @torch.no_grad()
     def reconstruct(self, images: ImagesIn) -> torch.Tensor:
@@ -77,32 +114,43 @@ class Model:
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(images, Sequence) and not isinstance(images, torch.Tensor | np.ndarray):
-            mode = "L" if self.image.channels == 1 else "RGB"
-            images = np.stack(
-                [np.asarray(image.convert(mode)).reshape(image.height, image.width, -1) for image in images]
-            )
+            images = np.stack([self._pixels_of(image) for image in images]) if images else np.zeros((0, 0, 0, 0))
         if isinstance(images, np.ndarray):
             images = _array_to_pixels(images)
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images: a tensor, a uint8 array or PIL images, not {type(images).__name__}")
+            raise ModelInputError(f"images: a tensor, a uint8 array or PIL images, not {type(images).__name__}")
         if images.ndim == 3:
             images = images.unsqueeze(0)
         expected = (self.image.channels, self.image.size, self.image.size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
             wanted = " x ".join(map(str, expected))
-            raise ValueError(f"images of shape {tuple(images.shape)}: this model takes N x {wanted}")
-        images = images.to(self.device)
-        return to_unit_range(images) if images.dtype == torch.uint8 else images.float()
+            raise ModelInputError(f"images of shape {tuple(images.shape)}: this model takes N x {wanted}, N >= 1")
+        if images.dtype == torch.uint8:
+            return to_unit_range(images.to(self.device))
+        if not images.is_floating_point():
+            raise ModelInputError(f"images of {images.dtype}: give uint8 pixels or floats in [-1, 1]")
+        if not torch.isfinite(images).all() or images.min() < -1 or images.max() > 1:
+            raise ModelInputError("images: float values must be finite and in [-1, 1] (pixels p as p / 127.5 - 1)")
+        return images.to(self.device).float()
+
+    def _pixels_of(self, image: object) -> np.ndarray:
+        """A PIL image as `shards build` converts it, H x W x C uint8."""
+        if not isinstance(image, Image.Image):
+            raise ModelInputError(f"images: a sequence of PIL images, not of {type(image).__name__}")
+        converted = to_mode(image.copy(), "L" if self.image.channels == 1 else "RGB")  # never the caller's
+        return np.asarray(converted).reshape(converted.height, converted.width, -1)
 
 
 def _array_to_pixels(array: np.ndarray) -> torch.Tensor:
     """A uint8 array as images are held (H x W, H x W x C, N x H x W x C) to uint8 N x C x H x W."""
     if array.dtype != np.uint8:
-        raise ValueError(f"an array of {array.dtype}: give uint8 pixels (or a float tensor in [-1, 1])")
+        raise ModelInputError(f"an array of {array.dtype}: give uint8 pixels (or a float tensor in [-1, 1])")
     if array.ndim == 2:
         array = array[None, :, :, None]
     elif array.ndim == 3:
         array = array[None]
+    if array.ndim != 4:
+        raise ModelInputError(f"an array of shape {array.shape}: give H x W, H x W x C or N x H x W x C pixels")
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 

@@ -226,3 +226,69 @@ def test_a_folder_loads_with_the_defaults_it_was_trained_with(tmp_path: Path, re
     plugin = load_model(folder).plugin
     expected = (0.5, "joint") if recorded else (6.4e-5, "separate")
     assert (plugin.options.gamma, plugin.options.discriminator_batches) == expected
+
+
+def test_every_argument_of_the_api_is_checked_with_one_error(tmp_path: Path, trained) -> None:
+    """The Python API's rules (pipeline/model.py's docstring), as a hostile caller would break them: each
+    a ValueError naming the rule, never a raw torch error, an unbounded allocation or a silent result."""
+    from pipeline.model import MAX_DRAW
+
+    weights, _ = trained
+    model = load_model(weights)
+    for count in (0, -1, 2.5, True, "3", MAX_DRAW + 1):
+        with pytest.raises(ValueError, match="count: a whole number"):
+            model.sample(count)
+    with pytest.raises(ValueError, match="seed: a whole number"):
+        model.sample(2, seed=-1)
+    images = model.sample(2)
+    nan = images.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    broken = {
+        "int32": images.int(),
+        "bool": images > 0,
+        "in \\[-1, 1\\]": images * 2,
+        "finite": nan,
+        "N x 1 x 32 x 32, N >= 1": images[:0],
+        "uint8 pixels": images.numpy().astype(np.int16),
+        "a sequence of PIL images": [images[0]],
+    }
+    for match, value in broken.items():
+        with pytest.raises(ValueError, match=match):
+            model.encode(value)
+    assert model.code_size == MODEL["latent_size"]
+    with pytest.raises(ValueError, match="this model decodes float N x 8"):
+        model.decode(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="this model decodes float N x 8"):
+        model.decode(torch.zeros(2, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="not finite"):
+        model.decode(torch.full((2, 8), float("inf")))
+
+
+def test_a_16_bit_image_is_encoded_as_shards_build_stores_it(tmp_path: Path, trained) -> None:
+    """A 16-bit grayscale PNG given to the API equals, once encoded, the same file built into a shard."""
+    from conftest import run_shards
+
+    from shards.random_access import SplitDataset
+    from shards.reader import open_split
+
+    weights, _ = trained
+    pixels = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 61 % 65536).astype(np.uint16)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "images" / "deep.png")
+    opened = Image.open(tmp_path / "images" / "deep.png")
+    assert opened.mode.startswith("I")
+    built = run_shards("build", tmp_path / "images", tmp_path / "shards", "--size", "32", "--mode", "L")
+    assert built.returncode == 0, built.stderr
+    stored = SplitDataset(open_split(tmp_path / "shards", "train"))[0][0]
+    model = load_model(weights)
+    torch.testing.assert_close(model.encode(opened), model.encode(stored))
+    assert opened.mode.startswith("I")  # the caller's image is not converted in place
+
+
+def test_a_model_command_given_images_of_another_size_says_so_in_one_line(tmp_path: Path, trained) -> None:
+    weights, _ = trained
+    small = build_small_shards(tmp_path / "data", images=24, size=8)
+    arguments = ["reconstruct", str(weights), str(tmp_path / "r.png"), "--shards", str(small), "--split", "train"]
+    result = run_python("-m", "pipeline.cli", *arguments)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "this model takes N x 1 x 32 x 32" in result.stderr.strip().splitlines()[-1]
