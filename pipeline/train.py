@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         resume = find_checkpoint(config, split)
         check_one_global_batch(config, split)
         precision = resolve_precision(config.precision)
+        build_deepspeed_config(config, precision)  # what DeepSpeed would refuse, or we could not checkpoint
         chosen_trackers(config.log_with)  # each installed
         plugin = make_plugin(plugin_class, config, split)
         torch.manual_seed(config.seed)  # identical initial weights on every rank

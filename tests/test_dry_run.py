@@ -184,3 +184,21 @@ def test_a_problem_is_one_line_and_exit_2(tmp_path: Path, shards: Path, capsys, 
     status, out, err = dry_run(capsys, write(tmp_path / "run.yaml", config))
     assert (status, out) == (2, "")
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("dry", [True, False], ids=["dry_run", "run"])
+def test_mixed_precision_without_zero_is_refused_before_any_folder(tmp_path: Path, shards: Path, capsys, dry) -> None:
+    """bf16 (or fp16) at ZeRO stage 0 cannot be checkpointed (DeepSpeed's mixed-precision optimizer keeps
+    its state unlinked to the parameters): one line naming the precision asked for, from --dry-run and from
+    a run alike, before the run folder or its lock exist."""
+    output_dir = tmp_path / "run"
+    config = write(tmp_path / "run.yaml", small_vaegan(shards, output_dir))
+    arguments = ["--config", str(config), "precision=bf16", "deepspeed.zero_stage=0", *(["--dry-run"] if dry else [])]
+    status = train.main(arguments)
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.strip() == (
+        "pipeline train: error: precision bf16 with ZeRO stage 0 cannot be checkpointed: set "
+        "deepspeed.zero_stage to 1 or 2, or precision fp32"
+    )
+    assert not output_dir.exists()

@@ -57,6 +57,13 @@ def build_deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
         zero["stage"] = config.deepspeed.zero_stage
     if zero["stage"] not in (0, 1, 2):
         raise ConfigError(f"deepspeed.config: ZeRO stage {zero['stage']} is not supported (0, 1 or 2)")
+    if zero["stage"] == 0 and precision != "fp32":
+        # DeepSpeed's mixed-precision optimizers without ZeRO keep their fp32 masters and state unlinked to
+        # the parameters: pipeline/checkpoints/optimizer_state.py cannot read or write them
+        raise ConfigError(
+            f"precision {precision} with ZeRO stage 0 cannot be checkpointed: set deepspeed.zero_stage to 1 or 2, "
+            "or precision fp32"
+        )
     if config.deepspeed.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     elif config.deepspeed.offload_optimizer == "none":

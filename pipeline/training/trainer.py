@@ -83,7 +83,10 @@ class Trainer:
         optimizer = build_optimizer(config, module.networks, plugin.optimizer_defaults())
         self.engine, self.optimizer = self.accelerator.prepare(module, optimizer)
         if not optimizer_state.supported(self.engine):
-            raise ConfigError("precision fp16 without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2")
+            # build_deepspeed_config refuses what leads here before any folder exists: this is a guard
+            raise ConfigError(
+                f"precision {self.precision} without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2"
+            )
         faults.skip_nonfinite_updates(self.engine)
         internals.skip_single_rank_allreduce(self.engine)
         self.networks = self.accelerator.unwrap_model(self.engine).networks
