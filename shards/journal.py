@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from shards.regular_files import read_regular
+
 JOURNAL_NAME = "journal.jsonl"
 
 
@@ -26,7 +28,7 @@ class Journal:
         """Records of an earlier run with the same header, or [] (the earlier run is discarded)."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text().splitlines()
+        lines = read_regular(self.path).decode("utf-8", "surrogateescape").splitlines()
         try:
             if json.loads(lines[0]) != self.header:
                 return []

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from shards.errors import UserError, check_structure, parse_json
+from shards.regular_files import read_regular
 from shards.shard_writer import TAR_BLOCK, sync_folder
 
 FORMAT_VERSION = 1
@@ -145,7 +146,7 @@ def read_manifest(out: Path) -> dict:
     if not path.is_file():
         raise ManifestError(f"{out} is not a shard folder: {MANIFEST_NAME} is missing (build it with `shards build`)")
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError as error:
         raise ManifestError(f"cannot read {path}: {error.strerror or error}") from None
     return parse_manifest(data, path)

@@ -47,6 +47,7 @@ from shards.external_sort import ExternalSort
 from shards.journal import Journal
 from shards.manifest import SPLITS
 from shards.publish import publisher_for
+from shards.regular_files import open_regular, read_regular
 from shards.remote import RemoteFolder, StoreNotFound, is_remote
 from shards.sources import Entry, Fingerprint, list_sources, scan_local_sources
 
@@ -93,9 +94,11 @@ class PlanStore:
             except StoreNotFound:
                 return None
         try:
-            return (self.folder / name).read_bytes()
+            return read_regular(self.folder / name)
         except FileNotFoundError:
             return None
+        except OSError as error:  # a FIFO in its place, say
+            raise UserError(f"{self.folder / name}: cannot read it ({error.strerror or error})") from None
 
     def local_copy(self, name: str, scratch: Path) -> Path:
         if not self.remote:
@@ -241,7 +244,11 @@ def _write_inputs(path: Path, rows: ExternalSort) -> None:
 def read_inputs(path: Path, root: str, start: int, stop: int) -> list[Entry]:
     """Inputs [start, stop) of a split, read as a stream: a part holds only its own in memory."""
     entries = []
-    with gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape") as lines:
+    try:
+        raw = open_regular(path)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
+    with raw, gzip.open(raw, "rt", encoding="utf-8", errors="surrogateescape") as lines:
         for number, line in enumerate(lines):
             if number >= stop:
                 break

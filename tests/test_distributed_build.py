@@ -265,3 +265,22 @@ def test_a_plan_sorted_in_many_runs_gives_the_same_bytes(tmp_path: Path, source:
     assert run_shards("build", out, "--part", "1/1").returncode == 0
     assert run_shards("merge", out).returncode == 0
     assert folder_bytes(out) == reference
+
+
+@pytest.mark.parametrize("fifo", ["plan.json", "inputs-train.jsonl.gz"])
+def test_a_fifo_in_place_of_a_plan_file_is_refused_never_waited_on(tmp_path: Path, source: Path, fifo: str) -> None:
+    import os
+
+    out = tmp_path / "out"
+    assert run_shards("plan", source, out, *OPTIONS).returncode == 0
+    (out / ".plan" / fifo).unlink()
+    os.mkfifo(out / ".plan" / fifo)
+    for command in (["build", out, "--part", "1/2"], ["merge", out]):
+        result = run_shards(*command, timeout=60)  # a wait would end in a timeout
+        if command[0] == "merge" and fifo != "plan.json":
+            continue  # merge reads the plan, not its inputs
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert (
+            result.stderr.strip()
+            == f"shards {command[0]}: error: {out / '.plan' / fifo}: cannot read it (not a regular file)"
+        )

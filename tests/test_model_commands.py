@@ -292,3 +292,32 @@ def test_a_model_command_given_images_of_another_size_says_so_in_one_line(tmp_pa
     result = run_python("-m", "pipeline.cli", *arguments)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "this model takes N x 1 x 32 x 32" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("fifo", ["decoder.safetensors", "decoder.ema.safetensors", "trainer_state.json", "extractor"])
+def test_a_fifo_in_place_of_a_file_a_command_reads_is_refused_never_waited_on(tmp_path: Path, trained, fifo) -> None:
+    """Opening a FIFO for reading waits for a writer, for ever if none comes: weights, EMA weights, a
+    checkpoint's trainer_state.json and an --extractor file that are FIFOs are one line, at once."""
+    import os
+    import shutil
+
+    weights, shards = trained
+    folder = tmp_path / "weights"
+    shutil.copytree(weights.resolve(), folder)
+    extractor = tmp_path / "extractor.pt"
+    if fifo == "extractor":
+        os.mkfifo(extractor)
+        command = ["evaluate", folder, "--shards", shards, "--split", "train", "--count", "4", "--extractor", extractor]
+        command += ["--resolution", "32", "--json", tmp_path / "e.json"]
+    else:
+        (folder / fifo).unlink()
+        os.mkfifo(folder / fifo)
+        command = (
+            ["export", folder, tmp_path / "out"]
+            if fifo == "trainer_state.json"
+            else ["sample", folder, tmp_path / "s.png"]
+        )
+    result = run_python("-m", "pipeline.cli", *map(str, command), timeout=120)  # a wait would end in a timeout
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "not a regular file" in line and fifo.split(".")[0] in line, line

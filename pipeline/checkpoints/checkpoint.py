@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from pipeline.checkpoints.checkpoint_state import TrainerState, WeightsConfig
 from pipeline.checkpoints.optimizer_state import CheckpointError, check_coverage, read_partitions
 from shards.errors import check_structure, parse_json
+from shards.regular_files import check_regular, open_regular, read_regular
 from shards.shard_writer import sync_folder
 
 FORMAT_VERSION = 1
@@ -78,7 +79,7 @@ def _chunk_digest(job: tuple[Path, int]) -> bytes:
     if length <= 0:
         return hashlib.sha256(b"").digest()
     # mapped, not read: no copy of the chunk (reading it doubled the time)
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as view:
+    with open_regular(path) as file, mmap.mmap(file.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as view:
         return hashlib.sha256(view).digest()
 
 
@@ -188,7 +189,7 @@ def read_state(folder: Path) -> dict[str, Any]:
     """trainer_state.json, its structure checked (checkpoint_state.py); not yet the files it lists."""
     state_path = folder / STATE_FILE
     try:
-        data = state_path.read_bytes()
+        data = read_regular(state_path)
     except FileNotFoundError:
         raise CheckpointError(f"{state_path}: missing (an incomplete checkpoint)") from None
     except OSError as error:
@@ -207,7 +208,7 @@ def read_weights_config(folder: Path) -> dict[str, Any]:
     """config.json of a checkpoint or an export (plugin, its options, image size and channels), checked."""
     path = folder / CONFIG_FILE
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError as error:
         raise CheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
     config = parse_json(data, path, "checkpoint", CheckpointError)
@@ -269,6 +270,7 @@ def check_shapes(folder: Path, plugin: str, networks: dict) -> None:
         path = folder / f"{name}.safetensors"
         expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
         try:
+            check_regular(path)
             with safe_open(str(path), framework="pt") as file:
                 saved = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
         except (OSError, SafetensorError) as error:

