@@ -187,7 +187,7 @@ def save_checkpoint(root: Path, step: int, version: int, protected: Path | None)
     files = {name: (tensors, {"plugin": "vae"}) for name, tensors in tensor_files(version).items()}
     hashed = checkpoint.write_tensor_files(staging, files)
     checkpoint.write_durably(staging / "config.json", json.dumps({"plugin": "vae"}) + "\n")
-    final = checkpoint.commit(staging, trainer_state(step, version), hashed)
+    final = checkpoint.commit(staging, trainer_state(step, version), hashed, protected)
     checkpoint.prune(root, 1, final, protected)
     return final
 
@@ -244,12 +244,16 @@ def test_a_save_makes_each_step_durable_before_the_next_relies_on_it(tmp_path: P
     root_synced = first_after(ops, renamed, "fsync", ROOT)
 
     pointing = [index for index, op in enumerate(ops) if moves_latest(op)]
+    assert ("unlink", checkpoint.LATEST) not in ops, f"latest is never absent: replaced in one rename: {ops}"
+    if scenario == "re-reached step":  # latest named the abandoned step 4: first the resumed-from step 2
+        assert [ops[index][0] for index in pointing] == ["rename", "rename"], f"latest set twice: {ops}"
+        aside = at(ops, "rename", NEW)
+        assert ops[pointing[0]][3] == OLD and pointing[0] < first_after(ops, pointing[0], "fsync", ROOT) < aside, ops
+        pointing = pointing[1:]
     assert [ops[index][0] for index in pointing] == ["rename"], f"latest set once, by a rename: {ops}"
     swapped = pointing[0]
     assert ops[swapped][3] == NEW, f"latest replaced by a symlink to {NEW}: {ops[swapped]}"
     assert renamed < root_synced < swapped, f"the rename into {NEW} durable before latest names it: {ops}"
-    if scenario == "new step":  # latest is never absent: replaced in one step
-        assert ("unlink", checkpoint.LATEST) not in ops, ops
     final_sync = first_after(ops, swapped, "fsync", ROOT)
     after = [op for op in ops[swapped + 1 :] if op != ("fsync", ROOT)]
     touched = [op for op in after if any(str(part).split("/")[0] in (STAGING, NEW) for part in op[1:3])]
@@ -271,9 +275,9 @@ def check_resumable(output_dir: Path, known: set[tuple[str, int]], when: str) ->
         except CheckpointError as error:
             pytest.fail(f"{when}: an incomplete {folder.name}: {error}")
     latest = root / checkpoint.LATEST
-    if latest.is_symlink():
-        assert latest.resolve().is_dir(), f"{when}: latest -> {os.readlink(latest)}, which is missing"
-        assert checkpoint.step_of(latest.resolve()) is not None, f"{when}: latest -> {os.readlink(latest)}"
+    assert latest.is_symlink(), f"{when}: latest is absent"  # at every moment it names a checkpoint
+    assert latest.resolve().is_dir(), f"{when}: latest -> {os.readlink(latest)}, which is missing"
+    assert checkpoint.step_of(latest.resolve()) is not None, f"{when}: latest -> {os.readlink(latest)}"
     warnings: list[str] = []
     found = checkpoint.find_resume(output_dir, "auto", warnings.append)
     assert found is not None and not warnings, f"{when}: {found} {warnings}"

@@ -110,10 +110,12 @@ def write_tensor_files(folder: Path, files: dict[str, tuple[dict, dict[str, str]
     return dict(zip(files, file_digests([folder / name for name in files]), strict=True))
 
 
-def commit(staging: Path, state: dict[str, Any], hashed: dict[str, str]) -> Path:
+def commit(staging: Path, state: dict[str, Any], hashed: dict[str, str], resumed_from: Path | None = None) -> Path:
     """Rank 0, once every rank's files are in `staging` (and fsynced): record their hashes in
     trainer_state.json, rename the folder into place, then point `latest` at it. `hashed`: the digests
-    of files their writers already hashed (each rank hashes its own partition, in parallel)."""
+    of files their writers already hashed (each rank hashes its own partition, in parallel).
+    `resumed_from`: the checkpoint the run started from, which `latest` names while a re-reached step's
+    older folder is moved aside (so that at every moment it names a complete checkpoint)."""
     root = staging.parent
     # every file a rank reported, whether or not this node's view of a shared file system shows it yet
     files = sorted({str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file()} | set(hashed))
@@ -134,7 +136,13 @@ def commit(staging: Path, state: dict[str, Any], hashed: dict[str, str]) -> Path
     final = root / folder_name(state["step"])
     replaced = root / f".{final.name}.replaced"
     if final.exists():  # a run resumed from an older checkpoint re-reaches this step: the new one wins
-        (root / LATEST).unlink(missing_ok=True)  # never left pointing at a folder that is briefly absent
+        if os.path.islink(root / LATEST) and os.readlink(root / LATEST) == final.name:
+            # never left naming a folder that is briefly absent, nor absent itself
+            if resumed_from is not None and resumed_from.name != final.name and resumed_from.is_dir():
+                point_latest(root, resumed_from.name)
+                sync_folder(root)
+            else:
+                (root / LATEST).unlink()
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staging, final)
@@ -142,12 +150,17 @@ def commit(staging: Path, state: dict[str, Any], hashed: dict[str, str]) -> Path
     # only once the new folder's name is durable: deleted earlier, a power cut could leave the old name
     # on the old folder's deleted files
     shutil.rmtree(replaced, ignore_errors=True)
-    temporary_link = root / f".{LATEST}.tmp"
-    temporary_link.unlink(missing_ok=True)
-    temporary_link.symlink_to(final.name)
-    os.replace(temporary_link, root / LATEST)
+    point_latest(root, final.name)
     sync_folder(root)
     return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    """`latest` replaced in one rename by a link to `name`: it is never absent meanwhile."""
+    temporary_link = root / f".{LATEST}.tmp"
+    temporary_link.unlink(missing_ok=True)
+    temporary_link.symlink_to(name)
+    os.replace(temporary_link, root / LATEST)
 
 
 def step_of(folder: Path) -> int | None:

@@ -135,7 +135,7 @@ class Checkpointer:
                 }
                 checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
                 hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}
-                final = checkpoint.commit(staging, self._trainer_state(ranks, progress), hashed)
+                final = checkpoint.commit(staging, self._trainer_state(ranks, progress), hashed, self.resumed_from)
                 checkpoint.prune(self.root, config.checkpoint.keep_last, final, self.resumed_from)
             except (OSError, UserError) as error:
                 failure = f"cannot complete the checkpoint of step {step}: {error}"
