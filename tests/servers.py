@@ -188,7 +188,7 @@ class FaultyProxy(Server):
                     fault = proxy.fault(method, self.path, asked)
                     if fault:
                         proxy.faults.append((fault, self.path))
-                if fault in ("503", "429"):
+                if fault in ("503", "429", "404"):
                     self.send_response(int(fault))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
