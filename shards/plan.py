@@ -46,6 +46,7 @@ from shards.errors import UserError
 from shards.external_sort import ExternalSort
 from shards.journal import Journal
 from shards.manifest import SPLITS
+from shards.part_records import check_recorded_shards, planned_names, read_records
 from shards.publish import publisher_for
 from shards.regular_files import open_regular, read_regular
 from shards.remote import RemoteFolder, StoreNotFound, is_remote
@@ -313,15 +314,17 @@ def merge(out: Path | str) -> dict:
     """Check that the parts cover every planned shard, then write the manifest and drop the plan."""
     store, plan = read_plan(out)
     records, sizes = [], set()
+    planned = planned_names(plan.part_ranges(1, 1), plan.options.shard_size)
     for name in store.names(PARTS_DIR):
         match = DONE_NAME.fullmatch(name)
         if match:
             sizes.add(int(match[2]))
             data = store.get(f"{PARTS_DIR}/{name}") or b""
-            records += [json.loads(line) for line in data.decode().splitlines() if line]
+            records += read_records(data, f"{store.location}/{PARTS_DIR}/{name}", planned)
     missing = _missing_parts(plan, records, sizes)
     if missing:
         raise UserError(missing)
+    check_recorded_shards(out, records)  # before the manifest is published and the plan deleted
     manifest = build_manifest(plan.source, records, plan.options)
     publisher = publisher_for(out)
     publish(manifest, publisher, plan.header["src"])

@@ -284,3 +284,77 @@ def test_a_fifo_in_place_of_a_plan_file_is_refused_never_waited_on(tmp_path: Pat
             result.stderr.strip()
             == f"shards {command[0]}: error: {out / '.plan' / fifo}: cannot read it (not a regular file)"
         )
+
+
+def built_parts(tmp_path: Path, source: Path) -> Path:
+    """A plan of `source` with both of its 2 parts made, not yet merged."""
+    out = tmp_path / "out"
+    assert run_shards("plan", source, out, *OPTIONS).returncode == 0
+    for part in ("1/2", "2/2"):
+        assert run_shards("build", out, "--part", part, "--workers", "0").returncode == 0
+    return out
+
+
+def refused_merge(out: Path) -> str:
+    """merge refused in one line, nothing published or deleted: the plan and every shard stay."""
+    shards_before = sorted(path.name for path in out.glob("*.tar"))
+    result = run_shards("merge", out)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (out / "manifest.json").exists() and (out / ".plan" / "plan.json").is_file()
+    assert sorted(path.name for path in out.glob("*.tar")) == shards_before
+    return result.stderr.strip()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "overwritten", "cut short"])
+def test_merge_checks_each_recorded_shard_against_the_bytes(tmp_path: Path, source: Path, damage: str) -> None:
+    """A shard deleted, overwritten by another one's bytes, or cut short after its part recorded it: merge
+    says which, in one line, and publishes nothing; put right, the merge gives the reference bytes."""
+    out = built_parts(tmp_path, source)
+    victim, other = out / "train-000001.tar", out / "train-000002.tar"
+    kept = victim.read_bytes()
+    if damage == "deleted":
+        victim.unlink()
+    elif damage == "overwritten":
+        victim.write_bytes(other.read_bytes())
+    else:
+        victim.write_bytes(kept[: len(kept) // 2])
+    line = refused_merge(out)
+    expected = {"deleted": "is missing", "overwritten": "sha256", "cut short": "bytes, its part recorded"}[damage]
+    assert f"{victim} " in line and expected in line, line
+    victim.write_bytes(kept)
+    assert run_shards("merge", out).returncode == 0
+    assert run_shards("verify", out).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("forged", "expected"),
+    [
+        ("name", "the plan numbers that shard train-"),
+        ("truncated", "not a valid parts record: not JSON"),
+        ("not utf-8", "not UTF-8"),
+        ("wrong type", "not a valid parts record"),
+        ("not planned", "not a shard of the plan"),
+    ],
+)
+def test_merge_refuses_a_forged_or_damaged_record_before_writing_or_deleting(
+    tmp_path: Path, source: Path, forged: str, expected: str
+) -> None:
+    out = built_parts(tmp_path, source)
+    record_file = out / ".plan" / "parts" / "1-of-2.jsonl"
+    lines = record_file.read_bytes().splitlines()
+    first = json.loads(lines[0])
+    if forged == "name":
+        first["name"] = "../../etc/passwd"
+    elif forged == "wrong type":
+        first["next"] = str(first["next"])
+    elif forged == "not planned":
+        first["next"] += 1
+    changed = json.dumps(first).encode()
+    if forged == "truncated":
+        changed = lines[0][: len(lines[0]) // 2]
+    elif forged == "not utf-8":
+        changed = lines[0] + b"\xff"
+    record_file.write_bytes(b"\n".join([changed, *lines[1:]]) + b"\n")
+    line = refused_merge(out)
+    assert str(record_file) in line and expected in line, line
