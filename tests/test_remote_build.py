@@ -106,6 +106,16 @@ def test_a_build_planned_into_s3_made_in_parts_on_two_machines(tmp_path: Path, m
         (tmp_path / machine).mkdir()
         result = shards(moto, tmp_path / machine, "build", out, "--part", part, "--workers", "1")
         assert result.returncode == 0, result.stderr
+    # a shard overwritten in the store after its part recorded it: merge reads it back and refuses
+    import s3fs
+
+    store = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto.url, skip_instance_cache=True)
+    kept = store.cat_file("planned/shards/train-000000.tar")
+    store.pipe_file("planned/shards/train-000000.tar", store.cat_file("planned/shards/train-000001.tar"))
+    refused = shards(moto, tmp_path / "a", "merge", out)
+    assert refused.returncode == 2 and "train-000000.tar" in refused.stderr, refused.stderr
+    assert "manifest.json" not in {name.rsplit("/", 1)[1] for name in planned_names(moto)}
+    store.pipe_file("planned/shards/train-000000.tar", kept)
     merged = shards(moto, tmp_path / "a", "merge", out)
     assert merged.returncode == 0, merged.stderr
     assert bucket_bytes(moto, "planned/shards") == local
