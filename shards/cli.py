@@ -16,6 +16,7 @@ import re
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import NoReturn
@@ -236,6 +237,23 @@ def build_option_defaults() -> dict[str, object]:
     return {action.dest: action.default for action in probe._actions}
 
 
+def build_option_validators() -> dict[str, Callable[[str], object]]:
+    """Each option add_build_options defines, and what checks a value of it given as text: its argparse
+    type, or its choices (what a plan's options must pass again when a part or merge reads them)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_build_options(probe)
+    return {action.dest: _choice(action.choices) if action.choices else action.type for action in probe._actions}
+
+
+def _choice(choices: Iterable[str]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text[:80]!r} is not one of {', '.join(sorted(choices))}")
+        return text
+
+    return check
+
+
 def part_of(text: str) -> tuple[int, int]:
     """An argparse type: K/N, 1 <= K <= N."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
@@ -438,8 +456,11 @@ def run_build(args: argparse.Namespace) -> int:
         return run_part(args)
     if args.out is None:
         raise UserError("give SRC and OUT (or OUT --part K/N for a part of a planned build)")
+    from shards.plan import refuse_or_drop_plan
+
     options = build_options(args)
     check_build_out(args.out, options, args.overwrite)
+    refuse_or_drop_plan(args.out, args.overwrite)
     ray_address = args.ray_address if args.executor == "ray" else None
     with no_empty_out_left(args.out):
         manifest = build(args.src, args.out, options, args.workers, args.overwrite, ray_address)

@@ -42,11 +42,12 @@ from shards.build import (
     write_segments,
     writing_to,
 )
+from shards.cli import build_option_validators
 from shards.errors import UserError
 from shards.external_sort import ExternalSort
 from shards.journal import Journal
 from shards.manifest import SPLITS
-from shards.part_records import check_recorded_shards, planned_names, read_records
+from shards.plan_records import check_plan_header, check_recorded_shards, planned_names, read_records
 from shards.publish import publisher_for
 from shards.regular_files import open_regular, read_regular
 from shards.remote import RemoteFolder, StoreNotFound, is_remote
@@ -135,13 +136,14 @@ class PlanStore:
         data = self.get(PLAN_NAME)
         if data is None:
             return None
+        where = f"{self.location}/{PLAN_NAME}"
         try:
             header = json.loads(data)
-        except ValueError:
-            raise UserError(f"{self.location}/{PLAN_NAME} is damaged: run `shards plan` again") from None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply
+            raise UserError(f"{where} is damaged: run `shards plan` again") from None
         if not isinstance(header, dict) or header.get("format_version") != PLAN_VERSION:
-            raise UserError(f"{self.location}/{PLAN_NAME} is not a plan this version reads: run `shards plan` again")
-        return header
+            raise UserError(f"{where} is not a plan this version reads: run `shards plan` again")
+        return check_plan_header(header, where, build_option_validators())
 
 
 @dataclass(frozen=True)
@@ -242,21 +244,47 @@ def _write_inputs(path: Path, rows: ExternalSort) -> None:
         text.detach()
 
 
-def read_inputs(path: Path, root: str, start: int, stop: int) -> list[Entry]:
-    """Inputs [start, stop) of a split, read as a stream: a part holds only its own in memory."""
+def read_inputs(path: Path, root: str, start: int, stop: int, total: int) -> list[Entry]:
+    """Inputs [start, stop) of a split of `total`, read as a stream: a part holds only its own in memory.
+    The file must hold what the plan's counts say: a part past its end, or one ending the split before
+    the file does, is one line (an edited plan), never a part that makes nothing and exits 0."""
     entries = []
     try:
         raw = open_regular(path)
     except OSError as error:
         raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
-    with raw, gzip.open(raw, "rt", encoding="utf-8", errors="surrogateescape") as lines:
-        for number, line in enumerate(lines):
-            if number >= stop:
-                break
-            if number >= start:
-                row = json.loads(line)
-                entries.append(Entry(row[0], row[2] if len(row) > 2 else root + row[0], row[1]))
+    extra = False
+    try:
+        with raw, gzip.open(raw, "rt", encoding="utf-8", errors="surrogateescape") as lines:
+            for number, line in enumerate(lines):
+                if number >= stop:
+                    extra = True
+                    break
+                if number >= start:
+                    row = json.loads(line)
+                    entries.append(Entry(row[0], row[2] if len(row) > 2 else root + row[0], row[1]))
+    except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError) as error:  # gzip, JSON, a row's shape
+        raise UserError(f"{path}: damaged ({type(error).__name__}): run `shards plan` again") from None
+    if len(entries) != stop - start or (stop == total and extra):
+        raise UserError(
+            f"{path}: does not hold the inputs the plan's counts say (inputs {start}..{stop} of {total}): the plan "
+            "was changed since `shards plan` wrote it; run `shards plan` again"
+        )
     return entries
+
+
+def refuse_or_drop_plan(out: Path | str, overwrite: bool) -> None:
+    """A plain `shards build` never mixes with a plan it did not make: while OUT holds one it is refused,
+    unless --overwrite, which drops the plan and its parts' records (parts run later then find none)."""
+    store = PlanStore(out)
+    if store.get(PLAN_NAME) is None:
+        return
+    if not overwrite:
+        raise UserError(
+            f"{out} holds a planned build in progress ({PLAN_DIR}/): finish it with `shards build OUT --part K/N` "
+            "and `shards merge OUT`, or pass --overwrite to build over it (the plan is dropped)"
+        )
+    store.remove()
 
 
 def read_plan(out: Path | str) -> tuple[PlanStore, Plan]:
@@ -304,7 +332,7 @@ def _load_segments(store: PlanStore, plan: Plan, segments: list[Segment], scratc
             continue
         path = store.local_copy(inputs_name(split), scratch)
         first, last = mine[0].start, mine[-1].stop
-        entries = read_inputs(path, plan.header["root"], first, last)
+        entries = read_inputs(path, plan.header["root"], first, last, plan.counts[split])
         for segment in mine:
             loaded[segment] = entries[segment.start - first : segment.stop - first]
     return loaded

@@ -358,3 +358,57 @@ def test_merge_refuses_a_forged_or_damaged_record_before_writing_or_deleting(
     record_file.write_bytes(b"\n".join([changed, *lines[1:]]) + b"\n")
     line = refused_merge(out)
     assert str(record_file) in line and expected in line, line
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("options", "size", 99999), "options.size"),  # a part would allocate ~10 GB
+        (("options", "shard_size", 0), "options.shard_size"),
+        (("options", "format", "exe"), "options.format"),
+        (("counts", "train", "96"), "counts.train"),
+        (("root", None, None), "root"),
+        (("source", None, None), "source"),
+        (("counts", "train", 10**9), "shards planned, more than 10,000,000"),
+        (("counts", "train", 10**5), "does not hold the inputs the plan's counts say"),
+        (("counts", "train", 1), "does not hold the inputs the plan's counts say"),
+    ],
+)
+def test_an_edited_plan_is_one_line_for_every_part_and_merge(tmp_path: Path, source: Path, edit, expected) -> None:
+    """plan.json's fields are checked as `shards plan` writes them, its options by the command line's own
+    validators, and its counts against the inputs a part reads: an edited plan is one line, never a
+    traceback, a part that allocates without bound, or parts that exit 0 and leave merge waiting."""
+    out = tmp_path / "out"
+    assert run_shards("plan", source, out, *OPTIONS).returncode == 0
+    plan_file = out / ".plan" / "plan.json"
+    header = json.loads(plan_file.read_text())
+    key, field, value = edit
+    if field is None:
+        header[key] = None if key == "root" else {}
+    else:
+        header[key][field] = value
+    plan_file.write_text(json.dumps(header))
+    results = [run_shards("build", out, "--part", f"{part}/2", timeout=60) for part in (1, 2)]
+    if "counts say" not in expected:
+        results.append(run_shards("merge", out, timeout=60))
+    refused = [result for result in results if result.returncode != 0]
+    assert refused, [result.stdout for result in results]
+    for result in refused:
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
+
+
+def test_a_plain_build_never_mixes_with_a_plan_it_did_not_make(tmp_path: Path, source: Path) -> None:
+    """`shards build SRC OUT` into a folder holding an unfinished plan is refused (a part would later finish
+    it over shards of other options); --overwrite drops the plan, and a part then finds none."""
+    out = tmp_path / "out"
+    assert run_shards("plan", source, out, *OPTIONS).returncode == 0
+    other = ["--size", "8", "--shard-size", "5"]
+    refused = run_shards("build", source, out, *other)
+    assert refused.returncode == 2 and "holds a planned build in progress" in refused.stderr, refused.stderr
+    assert not list(out.glob("*.tar")) and (out / ".plan" / "plan.json").is_file()
+    assert run_shards("build", source, out, *other, "--overwrite").returncode == 0
+    assert not (out / ".plan").exists()
+    late_part = run_shards("build", out, "--part", "1/2")
+    assert late_part.returncode == 2 and "has no plan" in late_part.stderr
+    assert run_shards("verify", out).returncode == 0

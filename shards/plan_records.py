@@ -1,14 +1,18 @@
-"""What `shards merge` reads from the parts, checked as strictly as a manifest before anything is written
-or deleted: each record of `.plan/parts/K-of-N.jsonl` (UTF-8 JSON lines, every field of the type a part
-writes, a planned shard's end and, for a shard, the name the plan numbers it with), and then the bytes each
-record describes: the shard in OUT must have the recorded size and sha256. A forged or damaged record, or
-a shard deleted or overwritten since its part recorded it, is one line naming it; the plan is kept."""
+"""What a plan and its parts record, checked as strictly as a manifest before a part or `shards merge`
+acts on it: `plan.json` (every field of the type `shards plan` writes, the build options within the bounds
+of the command line's own validators), and each record of `.plan/parts/K-of-N.jsonl` (UTF-8 JSON lines,
+every field of the type a part writes, a planned shard's end and, for a shard, the name the plan numbers it
+with), and then the bytes each record describes: the shard in OUT must have the recorded size and sha256.
+A forged or damaged file, or a shard deleted or overwritten since its part recorded it, is one line naming
+it, before anything is written or deleted."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -18,6 +22,54 @@ from shards.regular_files import open_regular
 from shards.remote import RemoteFolder, StoreNotFound, is_remote
 
 HASH_BLOCK = 1 << 20
+# every part lists the planned shards: 10M of 1,000 images is 10 billion images, and a list of them fits
+MAX_PLANNED_SHARDS = 10**7
+
+
+class SourceSummaryRecord(Record):
+    fingerprint: str
+    images: Count
+    labels: list[str] | None
+
+
+class CountsRecord(Record):
+    train: Count
+    val: Count
+
+
+class PlanHeaderRecord(Record):
+    format_version: Literal[1]
+    src: str
+    root: str
+    options: dict[str, Any]
+    source: SourceSummaryRecord
+    rejected: list[Annotated[list[str], Field(min_length=2, max_length=2)]]  # [path, reason]
+    counts: CountsRecord
+
+
+def check_plan_header(header: Any, where: str, option_types: dict[str, Callable[[str], Any]]) -> dict:
+    """plan.json's content, checked; `option_types`: each build option's command-line validator (argparse
+    `type`, or the choices it takes), so that an edited plan cannot ask for more than the command can."""
+    check_structure(PlanHeaderRecord, header, where, "plan", UserError)
+    options = header["options"]
+    unknown = sorted(set(options) ^ set(option_types))
+    if unknown:
+        raise UserError(f"{where}: not a valid plan: options: {unknown[0]!r} is unknown or missing")
+    for name, check in option_types.items():
+        value = options[name]
+        if value is not None and (type(value) not in (int, float, str) or isinstance(value, bool)):
+            raise UserError(f"{where}: not a valid plan: options.{name}: {value!r:.80} is not a number or a word")
+        try:
+            if value is not None and check(str(value)) != value:
+                raise ValueError(f"{value!r:.80} does not read back as itself")
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            raise UserError(f"{where}: not a valid plan: options.{name}: {error}") from None
+    shards = sum(-(-count // options["shard_size"]) for count in header["counts"].values())
+    if shards > MAX_PLANNED_SHARDS:
+        raise UserError(
+            f"{where}: not a valid plan: counts: {shards:,} shards planned, more than {MAX_PLANNED_SHARDS:,}"
+        )
+    return header
 
 
 class PartRecord(Record):
