@@ -42,7 +42,7 @@ from shards.build import (
     write_segments,
     writing_to,
 )
-from shards.cli import build_option_validators
+from shards.cli import build_option_defaults, build_option_validators
 from shards.errors import UserError
 from shards.external_sort import ExternalSort
 from shards.journal import Journal
@@ -143,7 +143,8 @@ class PlanStore:
             raise UserError(f"{where} is damaged: run `shards plan` again") from None
         if not isinstance(header, dict) or header.get("format_version") != PLAN_VERSION:
             raise UserError(f"{where} is not a plan this version reads: run `shards plan` again")
-        return check_plan_header(header, where, build_option_validators())
+        nullable = {name for name, default in build_option_defaults().items() if default is None}
+        return check_plan_header(header, where, build_option_validators(), nullable)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,12 @@ class PlanHeaderRecord(Record):
     counts: CountsRecord
 
 
-def check_plan_header(header: Any, where: str, option_types: dict[str, Callable[[str], Any]]) -> dict:
+def check_plan_header(
+    header: Any, where: str, option_types: dict[str, Callable[[str], Any]], nullable: set[str]
+) -> dict:
     """plan.json's content, checked; `option_types`: each build option's command-line validator (argparse
-    `type`, or the choices it takes), so that an edited plan cannot ask for more than the command can."""
+    `type`, or the choices it takes), so that an edited plan cannot ask for more than the command can;
+    `nullable`: the options whose default is null."""
     check_structure(PlanHeaderRecord, header, where, "plan", UserError)
     options = header["options"]
     unknown = sorted(set(options) ^ set(option_types))
@@ -57,6 +60,8 @@ def check_plan_header(header: Any, where: str, option_types: dict[str, Callable[
         raise UserError(f"{where}: not a valid plan: options: {unknown[0]!r} is unknown or missing")
     for name, check in option_types.items():
         value = options[name]
+        if value is None and name not in nullable:
+            raise UserError(f"{where}: not a valid plan: options.{name}: null")
         if value is not None and (type(value) not in (int, float, str) or isinstance(value, bool)):
             raise UserError(f"{where}: not a valid plan: options.{name}: {value!r:.80} is not a number or a word")
         try:
