@@ -33,7 +33,7 @@ from pydantic import Strict as StrictMode
 
 from shards.cli import one_line
 from shards.errors import UserError, describe_error, shown, without_credentials
-from shards.remote import DEFAULT_RETRY_SECONDS, RemoteAccess, is_remote
+from shards.remote import DEFAULT_READ_TIMEOUT, DEFAULT_RETRY_SECONDS, RemoteAccess, is_remote
 
 COUNT_MAX = 2**53  # steps, images, intervals: exact as a float and in any JSON reader
 GRID_MAX = 4096  # images in one grid, as the model commands allow
@@ -143,6 +143,12 @@ class DataConfig(Strict):
     cache_dir: FilePath | None = Field(None, description="node-local shard cache (default: under the temp folder)")
     cache_limit: Integer | None = Field(None, gt=0, description="bytes the shard cache may keep (LRU eviction)")
     retry_seconds: Number = Field(DEFAULT_RETRY_SECONDS, gt=0, le=7 * 86400, description="retry budget of a request")
+    read_timeout: Number = Field(
+        DEFAULT_READ_TIMEOUT, gt=0, le=86400, description="seconds a request, or 8 MiB of a shard, may take"
+    )
+    redirects: Literal["same-origin", "any"] = Field(
+        "same-origin", description="HTTP redirects followed: same-origin, or any (a CDN on another host)"
+    )
     prefetch_shards: Integer | None = Field(
         None, ge=0, le=2**20, description="shards fetched ahead of training (default: 2 x shuffle_shards)"
     )
@@ -164,7 +170,14 @@ class DataConfig(Strict):
         return default_workers() if value is None else value
 
     def remote_access(self) -> RemoteAccess:
-        return RemoteAccess(self.storage_options, self.cache_dir, self.cache_limit, self.retry_seconds)
+        return RemoteAccess(
+            self.storage_options,
+            self.cache_dir,
+            self.cache_limit,
+            self.retry_seconds,
+            self.read_timeout,
+            self.redirects,
+        )
 
 
 class NetworkOptimizer(Strict):

@@ -24,7 +24,7 @@ class ShardFolder:
     def at(cls, location: str | Path, access: RemoteAccess | None = None) -> ShardFolder:
         if is_remote(location):
             access = access or RemoteAccess()
-            remote = RemoteFolder(str(location), access.storage_options, access.retry_seconds)
+            remote = access.folder(str(location))
             return cls(None, remote, ShardCache(access.cache_dir, access.cache_limit))
         return cls(Path(location).resolve())  # absolute: webdataset must never take a name for pipe: or a URL
 

@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
+from shards import remote
 from shards.errors import UserError, check_structure, parse_json
-from shards.regular_files import read_regular
+from shards.regular_files import open_regular
 from shards.shard_writer import TAR_BLOCK, sync_folder
 
 FORMAT_VERSION = 1
@@ -146,7 +147,11 @@ def read_manifest(out: Path) -> dict:
     if not path.is_file():
         raise ManifestError(f"{out} is not a shard folder: {MANIFEST_NAME} is missing (build it with `shards build`)")
     try:
-        data = read_regular(path)
+        with open_regular(path) as file:
+            size, limit = os.fstat(file.fileno()).st_size, remote.MAX_RECORD_FILE_BYTES
+            if size > limit:
+                raise ManifestError(f"{path}: {size} bytes, more than the {limit} bytes such a file may weigh")
+            data = file.read()
     except OSError as error:
         raise ManifestError(f"cannot read {path}: {error.strerror or error}") from None
     return parse_manifest(data, path)

@@ -29,6 +29,10 @@ TASK_RETRIES = 5  # Ray runs a task again when its node dies; a task that raises
 
 
 CONNECT_SECONDS = 10  # Ray itself waits minutes for a head that does not answer
+# HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5): Ray's head (its
+# GCS, or the Ray client server of ray://) speaks gRPC, so it answers with a SETTINGS frame of its own
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 0x04, 0, 0, 0, 0, 0])
+SETTINGS_FRAME_TYPE = 0x04
 
 
 @contextlib.contextmanager
@@ -61,10 +65,23 @@ def _check_answers(address: str) -> None:
     if not host or not port.isdigit():
         raise UserError(f"--ray-address {address!r} is not HOST:PORT (or auto)")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+        connection = socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS)
     except OSError as error:
         reason = error.strerror or error
         raise UserError(f"nothing answers at --ray-address {address} ({reason}): is the Ray head up?") from None
+    # Something listens; ray.init would retry for minutes if it is not Ray. A gRPC server answers an HTTP/2
+    # preface with its SETTINGS frame (the 4th byte of a frame is its type) within the same bound.
+    with connection:
+        try:
+            connection.sendall(HTTP2_PREFACE)
+            answer = connection.recv(9)
+        except OSError:
+            answer = b""
+    if len(answer) < 4 or answer[3] != SETTINGS_FRAME_TYPE:
+        raise UserError(
+            f"what answers at --ray-address {address} is not a Ray head (no gRPC within {CONNECT_SECONDS} s): "
+            "give the address `ray start --head` printed (its GCS port, 6379 by default)"
+        )
 
 
 def make_on_ray(

@@ -4,7 +4,17 @@ A `RemoteFolder` reads and writes the files of one remote folder by name. Every 
 `retrying`: a transient failure (HTTP 5xx or 429, a dropped or refused connection, a timeout) is
 retried with exponential backoff and full jitter until the folder's retry budget is spent; a permanent
 one (404, 403, bad credentials, a host that does not resolve) is a one-line `StoreError` at once,
-naming the URL and what to check. Credentials are never ours to store: fsspec's backends read them the
+naming the URL and what to check.
+
+Every wait is bounded, whatever the store does: each request, and each ranged read of up to CHUNK
+bytes, must finish within `read_timeout` seconds (a store that answers and then trickles times out like
+one that does not answer, and is retried from the byte reached); a transfer that makes progress starts
+its retry budget again. Nothing a store sends can grow without bound: files are read in ranged pieces
+of the size asked, HTTP bodies are never decompressed (`Accept-Encoding: identity`; a gzip bomb stays
+its size on the wire, and its bytes fail the manifest's sha256), an answer longer than the range asked
+is refused, and a manifest or record file may weigh at most MAX_RECORD_FILE_BYTES. An HTTP redirect is
+followed only within the same origin (scheme, host and port) unless `redirects="any"`: the folder a
+user names is the one read. Credentials are never ours to store: fsspec's backends read them the
 way each store's own tools do (AWS_* variables and profiles, gcloud's), and `storage_options` carries
 the rest (an S3-compatible store's `endpoint_url`, say).
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import random
 import socket
@@ -35,6 +46,8 @@ EXTRA_OF_SCHEME = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}  # pip install '.[s3]'
 LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 CHUNK = 8 * 2**20  # one ranged read; a dropped connection costs at most this much again
 DEFAULT_RETRY_SECONDS = 120.0
+DEFAULT_READ_TIMEOUT = 60.0  # seconds for one request or one CHUNK: a store slower than ~140 KB/s times out
+MAX_RECORD_FILE_BYTES = 256 * 2**20  # a manifest (about 1.5 million shards), a plan or a part's record
 FIRST_DELAY, MAX_DELAY = 0.25, 15.0  # seconds: the backoff's first and largest step (before jitter)
 
 # this process's fetch counters, read and reset by whoever reports them (the trainer's log)
@@ -54,6 +67,11 @@ class RemoteAccess:
     cache_dir: Path | None = None  # None: shard_cache.default_cache_dir()
     cache_limit: int | None = None  # bytes; None: no limit but the disk
     retry_seconds: float = DEFAULT_RETRY_SECONDS
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    redirects: str = "same-origin"
+
+    def folder(self, url: str) -> RemoteFolder:
+        return RemoteFolder(url, self.storage_options, self.retry_seconds, self.read_timeout, self.redirects)
 
 
 class StoreError(UserError):
@@ -66,6 +84,10 @@ class StoreNotFound(StoreError):
 
 class StoreUnavailable(UserError):
     """A remote folder kept failing for longer than the retry budget."""
+
+
+class StoreMisbehaved(StoreError):
+    """The store answered what no honest store does (more bytes than asked, a redirect elsewhere)."""
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -126,23 +148,33 @@ def what_to_check(error: BaseException) -> str:
         return "access denied: check the credentials (AWS_* variables or profile, gcloud) and the bucket's policy"
     if does_not_resolve(error):
         return "the host does not resolve: check the URL or data.storage_options' endpoint_url"
+    if isinstance(error, TimeoutError):
+        return "no answer within data.read_timeout"
     if status is not None:
         return f"HTTP {status} {getattr(error, 'message', '')}".rstrip()
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else 'no detail'}"
 
 
-def retrying(call: Callable[[], T], url: str, budget: float) -> T:
+def retrying(call: Callable[[], T], url: str, budget: float, progress: Callable[[], int] | None = None) -> T:
     """call(), retried on transient failures with exponential backoff and full jitter for up to `budget`
     seconds. Full jitter: many ranks and workers that failed together must not retry together. A full
-    local disk (writing what was read) is raised as it is: the caller's to report, not the store's."""
+    local disk (writing what was read) is raised as it is: the caller's to report, not the store's; so is
+    a StoreError the call raised itself. `progress` (bytes transferred so far): a failure after progress
+    starts the budget and the backoff again, so that a long transfer on a flaky link is not cut short by
+    failures spread over hours."""
     deadline = time.monotonic() + budget
     attempt = 0
+    reached = progress() if progress else 0
     while True:
         try:
             return call()
         except Exception as error:
             if isinstance(error, OSError) and error.errno in LOCAL_DISK_ERRORS:
                 raise
+            if isinstance(underlying(error), StoreError):  # ours, raised inside fsspec's call
+                raise underlying(error) from None
+            if progress is not None and progress() > reached:
+                reached, attempt, deadline = progress(), 0, time.monotonic() + budget
             if not is_transient(error):
                 refusal = StoreNotFound if is_not_found(error) else StoreError
                 raise refusal(f"{url}: {what_to_check(error)}") from None
@@ -163,11 +195,16 @@ class RemoteFolder:
     """The files of one remote folder, by name."""
 
     def __init__(
-        self, url: str, storage_options: dict[str, Any] | None = None, retry_seconds: float = DEFAULT_RETRY_SECONDS
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        redirects: str = "same-origin",
     ) -> None:
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.retry_seconds = retry_seconds
+        self.retry_seconds, self.read_timeout, self.redirects = retry_seconds, read_timeout, redirects
         self._fs, self._root, self._pid = None, "", -1
 
     def __getstate__(self) -> dict:  # spawned DataLoader workers get the address, never the session
@@ -176,7 +213,7 @@ class RemoteFolder:
     @property
     def fs(self):
         if self._pid != os.getpid():
-            self._fs, self._root = file_system(self.url, self.storage_options)
+            self._fs, self._root = file_system(self.url, self.storage_options, redirects=self.redirects)
             self._pid = os.getpid()
         return self._fs
 
@@ -187,65 +224,135 @@ class RemoteFolder:
         self.fs  # noqa: B018 - sets _root in this process
         return f"{self._root.rstrip('/')}/{name}"
 
-    def retrying(self, call: Callable[[], T], name: str) -> T:
-        return retrying(call, self.url_of(name), self.retry_seconds)
+    def retrying(self, call: Callable[[], T], name: str, progress: Callable[[], int] | None = None) -> T:
+        return retrying(call, self.url_of(name), self.retry_seconds, progress)
 
-    def read_bytes(self, name: str) -> bytes:
-        return self.retrying(lambda: self.fs.cat_file(self.path_of(name)), name)
+    def _bounded(self, method: str, *args, timeout: float | None = None, **kwargs):
+        """fsspec's `method` on the folder's file system, given `timeout` seconds (read_timeout by default)
+        to finish: its async form run on fsspec's loop, cancelled when the time is up (FSTimeoutError, a
+        TimeoutError: transient)."""
+        fs = self.fs
+        if not getattr(fs, "async_impl", False):  # every store of REMOTE_SCHEMES is async; others are not bounded
+            return getattr(fs, method)(*args, **kwargs)
+        from fsspec.asyn import sync
+
+        return sync(fs.loop, getattr(fs, f"_{method}"), *args, timeout=timeout or self.read_timeout, **kwargs)
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file (fewer at its end), in one request bounded by read_timeout;
+        an answer longer than asked is refused (StoreMisbehaved)."""
+        path = self.path_of(name)
+        if "http" in self.fs.protocol:
+            from fsspec.asyn import sync
+
+            data = sync(self.fs.loop, http_range, self.fs, path, start, end, timeout=self.read_timeout)
+        else:
+            data = self._bounded("cat_file", path, start=start, end=end)
+        if len(data) > end - start:
+            raise StoreMisbehaved(f"{self.url_of(name)}: answered {len(data)} bytes for a range of {end - start}")
+        return data
+
+    def read_bytes(self, name: str, limit: int | None = None) -> bytes:
+        """A small file (a manifest, a plan, a record) whole: at most `limit` bytes (MAX_RECORD_FILE_BYTES),
+        else StoreMisbehaved before a byte of it is read."""
+        limit = MAX_RECORD_FILE_BYTES if limit is None else limit
+        size = self.size(name)
+        if size > limit:
+            raise StoreMisbehaved(
+                f"{self.url_of(name)}: {size} bytes, more than the {limit} bytes such a file may weigh"
+            )
+        into = io.BytesIO()
+        if self.download(name, size, into, digest=False) != size:
+            raise StoreError(f"{self.url_of(name)}: shorter than the {size} bytes the store says it holds")
+        return into.getvalue()
 
     def size(self, name: str) -> int:
-        return int(self.retrying(lambda: self.fs.info(self.path_of(name))["size"], name))
+        return int(self.retrying(lambda: self._bounded("info", self.path_of(name))["size"], name))
 
-    def download(self, name: str, size: int, into: BinaryIO) -> str:
-        """Write the file's `size` bytes into `into`; returns their sha256. A failure mid-file resumes at
-        the byte reached (ranged reads), within the retry budget."""
-        digest, done = hashlib.sha256(), 0
+    def download(self, name: str, size: int, into: BinaryIO, digest: bool = True) -> int | str:
+        """Write the file's first `size` bytes into `into`, in ranged reads of CHUNK bytes; a failure
+        mid-file resumes at the byte reached, within the retry budget (which progress renews). Returns the
+        sha256 of the bytes when `size` were read ("" when the file was shorter), or with digest=False the
+        number read."""
+        hasher, done = hashlib.sha256(), 0
 
         def read_rest() -> None:
             nonlocal done
-            known_size = {"size": size} if "http" in self.fs.protocol else {}  # no HEAD request for it
-            with self.fs.open(self.path_of(name), "rb", block_size=CHUNK, cache_type="none", **known_size) as source:
-                source.seek(done)
-                while done < size:
-                    chunk = source.read(min(CHUNK, size - done))
-                    if not chunk:
-                        break
-                    into.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    counters["fetched_bytes"] += len(chunk)
+            while done < size:
+                chunk = self.read_range(name, done, min(size, done + CHUNK))
+                if not chunk:
+                    return
+                into.write(chunk)
+                hasher.update(chunk)
+                done += len(chunk)
+                counters["fetched_bytes"] += len(chunk)
 
-        self.retrying(read_rest, name)
-        return digest.hexdigest() if done == size else ""
+        self.retrying(read_rest, name, progress=lambda: done)
+        if not digest:
+            return done
+        return hasher.hexdigest() if done == size else ""
 
     def upload(self, local: Path, name: str) -> None:
-        """Put a finished local file under `name`. Object stores make it visible whole or not at all."""
-        self.retrying(lambda: self.fs.put_file(str(local), self.path_of(name)), name)
+        """Put a finished local file under `name`. Object stores make it visible whole or not at all. Its
+        time bound: read_timeout for each CHUNK of it."""
+        pieces = 1 + local.stat().st_size // CHUNK
+        self.retrying(
+            lambda: self._bounded("put_file", str(local), self.path_of(name), timeout=pieces * self.read_timeout),
+            name,
+        )
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self.retrying(lambda: self.fs.pipe_file(self.path_of(name), data), name)
+        self.retrying(lambda: self._bounded("pipe_file", self.path_of(name), data), name)
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(StoreNotFound):
-            self.retrying(lambda: self.fs.rm_file(self.path_of(name)), name)
+            self.retrying(lambda: self._bounded("rm_file", self.path_of(name)), name)
 
     def names(self) -> list[str]:
         """The names of the files directly in the folder ([] when there is none yet)."""
         self.fs.invalidate_cache()  # s3fs caches listings: this one must be of the store as it is now
         try:
-            found = self.retrying(lambda: self.fs.ls(self.path_of("").rstrip("/"), detail=False), "")
+            found = self.retrying(lambda: self._bounded("ls", self.path_of("").rstrip("/"), detail=False), "")
         except StoreNotFound:
             return []
         return [path.rstrip("/").rsplit("/", 1)[-1] for path in found]
 
 
-def file_system(url: str, storage_options: dict[str, Any], shared: bool = False):
+async def http_range(fs, url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) over HTTP, read from the stream no further than asked: a server that sends more
+    (ignoring the range, or lying in it) costs no more memory than the range. A server without range
+    requests (200) serves a file from its start only."""
+    session = await fs.set_session()
+    options = {key: value for key, value in fs.kwargs.items() if key != "headers"}
+    headers = {**fs.kwargs.get("headers", {}), "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+    async with session.get(fs.encode_url(url), headers=headers, **options) as response:
+        if response.status == 416:  # the range starts at or past the end
+            return b""
+        response.raise_for_status()
+        if response.status == 200 and start > 0:
+            raise StoreMisbehaved(f"{url}: the server ignores range requests (HTTP 200 for a range)")
+        if response.status not in (200, 206):
+            raise StoreMisbehaved(f"{url}: HTTP {response.status} for a range request")
+        wanted = end - start
+        body = bytearray()
+        while len(body) < wanted and (piece := await response.content.read(wanted - len(body))):
+            body += piece
+        if response.status == 206 and await response.content.read(1):
+            raise StoreMisbehaved(f"{url}: answered more bytes than the range of {wanted} asked")
+        return bytes(body)
+
+
+def file_system(url: str, storage_options: dict[str, Any], shared: bool = False, redirects: str = "same-origin"):
     """fsspec's file system for `url` and the path in it; a missing extra is one line. `shared`: fsspec's
-    instance for these options in this process (one session for many small reads), else a new one."""
+    instance for these options in this process (one session for many small reads), else a new one. Over
+    HTTP: bodies never decompressed, redirects as `redirects` says."""
     import fsspec.core
 
+    options = dict(storage_options)
+    if url.lower().startswith(("http://", "https://")):
+        options = http_options(options, redirects)
     try:
-        return fsspec.core.url_to_fs(url, skip_instance_cache=not shared, **storage_options)
+        return fsspec.core.url_to_fs(url, skip_instance_cache=not shared, **options)
     except ImportError as error:
         scheme = url.split("://", 1)[0].lower()
         extra = EXTRA_OF_SCHEME.get(scheme)
@@ -253,3 +360,43 @@ def file_system(url: str, storage_options: dict[str, Any], shared: bool = False)
         raise StoreError(f"{url}: {scheme}:// needs a package that is not installed ({error.name}): {hint}") from None
     except (TypeError, ValueError) as error:
         raise StoreError(f"{url}: data.storage_options not accepted: {error}") from None
+
+
+def http_options(storage_options: dict[str, Any], redirects: str) -> dict[str, Any]:
+    """fsspec HTTP options with ours under the user's: aiohttp's session never inflates a body (a gzip
+    bomb), every request asks for the bytes as stored, and redirects stay on the same origin unless
+    `redirects` is "any"."""
+    client = dict(storage_options.get("client_kwargs") or {})
+    client.setdefault("auto_decompress", False)
+    if redirects != "any":
+        client["trace_configs"] = [*client.get("trace_configs", ()), same_origin_redirects()]
+    headers = {"Accept-Encoding": "identity", **(storage_options.get("headers") or {})}
+    return {**storage_options, "client_kwargs": client, "headers": headers}
+
+
+_same_origin_trace = None
+
+
+def same_origin_redirects():
+    """An aiohttp trace that refuses a redirect to another origin (one object: fsspec's instance cache
+    keys file systems by their options)."""
+    global _same_origin_trace
+    if _same_origin_trace is None:
+        import aiohttp
+
+        async def check(session, context, params) -> None:
+            target = params.response.url.join(aiohttp.client.URL(params.response.headers.get("Location", "")))
+            if origin(target) != origin(params.url):
+                raise StoreMisbehaved(
+                    without_credentials(
+                        f"{params.url}: redirected to another origin ({target}); data.redirects: any follows it"
+                    )
+                )
+
+        _same_origin_trace = aiohttp.TraceConfig()
+        _same_origin_trace.on_request_redirect.append(check)
+    return _same_origin_trace
+
+
+def origin(url) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host or "", url.port)

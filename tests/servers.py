@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import shutil
 import socket
@@ -150,8 +151,10 @@ def moto_available() -> bool:
     return False
 
 
-# what a FaultyProxy does with one request: None (forward it), "503" or "429", "cut" (half the body, then
-# close), or "corrupt" (one byte of the body changed)
+# what a FaultyProxy does with one request: None (forward it), "503", "429" or "404", "cut" (half the body,
+# then close), "corrupt" (one byte of the body changed), "trickle" (the right headers, then a byte every
+# 0.2 s), "gzip-bomb" (Content-Encoding: gzip, 16 KB on the wire for 16 MB inflated), "oversize" (206 with
+# the whole file and 1 MB more, whatever the range asked), or "redirect:URL" (302 to URL + the path)
 Fault = Callable[[str, str, int], str | None]  # (method, path, how many such requests came before)
 
 
@@ -193,14 +196,46 @@ class FaultyProxy(Server):
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if fault and fault.startswith("redirect:"):
+                    self.send_response(302)
+                    self.send_header("Location", fault.removeprefix("redirect:") + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fault == "gzip-bomb" and method == "GET":
+                    self.answer(206, gzip.compress(bytes(16 * 2**20)), {"Content-Encoding": "gzip"})
+                    return
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
-                headers = {key: value for key, value in self.headers.items() if key.lower() == "range"}
+                # the range (unless the fault ignores it) and what S3 requests are signed with
+                headers = {
+                    key: value
+                    for key, value in self.headers.items()
+                    if (key.lower() == "range" and fault != "oversize")
+                    or key.lower() == "authorization"
+                    or key.lower().startswith("x-amz-")
+                }
                 upstream.request(method, self.path, headers=headers)
                 answer = upstream.getresponse()
                 body = answer.read()
                 upstream.close()
                 if fault == "corrupt" and body:
                     body = bytes([body[0] ^ 1]) + body[1:]
+                if fault == "oversize" and method == "GET":
+                    self.answer(206, body + bytes(2**20), {})
+                    return
+                if fault == "trickle" and method == "GET":
+                    self.send_response(answer.status)
+                    for key, value in answer.getheaders():
+                        if key.lower() not in ("connection", "keep-alive", "transfer-encoding"):
+                            self.send_header(key, value)
+                    self.end_headers()
+                    with contextlib.suppress(OSError):  # the client gave up: the connection is gone
+                        for byte in body:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    self.close_connection = True
+                    return
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in ("connection", "keep-alive", "transfer-encoding"):
@@ -213,6 +248,14 @@ class FaultyProxy(Server):
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if method == "GET":
+                    self.wfile.write(body)
+
+            def answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                with contextlib.suppress(OSError):
                     self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, folder_bytes, read_manifest, run_process, run_shards, started, write_images
-from servers import MotoS3
+from servers import FaultyProxy, MotoS3
 from test_remote_build import bucket_bytes, make_bucket
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
@@ -121,6 +121,20 @@ def test_no_ray_or_no_cluster_is_one_line(tmp_path: Path, source: Path) -> None:
     nobody = run_shards("build", source, tmp_path / "b", "--executor", "ray", "--ray-address", "127.0.0.1:1")
     assert nobody.returncode == 2 and "nothing answers at --ray-address 127.0.0.1:1" in nobody.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_address_where_something_else_listens_is_one_line_at_once(tmp_path: Path, source: Path) -> None:
+    """An HTTP server where the Ray head should be passes a TCP check; ray.init then retried for minutes.
+    The gRPC handshake tells them apart within CONNECT_SECONDS."""
+    with FaultyProxy(1, lambda *request: "503") as web:  # any HTTP server: this one answers 503 to all
+        began = time.monotonic()
+        result = run_shards(
+            "build", source, tmp_path / "c", "--executor", "ray", "--ray-address", f"127.0.0.1:{web.port}"
+        )
+        took = time.monotonic() - began
+    assert result.returncode == 2, result.stderr
+    assert "is not a Ray head" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert took < 60 and not (tmp_path / "c").exists()
 
 
 @pytest.fixture(scope="module")
