@@ -274,6 +274,13 @@ class FaultsConfig(Strict):
         le=7 * 24 * 60,
         description="a rank waiting this long for the others in a collective fails the run (no hang); at most a week",
     )
+    stop_grace_seconds: Number = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="after SIGTERM, how long a rank still waiting for data (a stalled store) waits before it stops "
+        "without a new checkpoint",
+    )
 
 
 class RunConfig(Strict):

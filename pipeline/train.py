@@ -35,7 +35,7 @@ from pipeline.training.engine import checked_optimizer_defaults, optimizer_plan,
 from pipeline.training.run_lock import RunLock, wait_for_first_rank
 from pipeline.training.trackers import chosen as chosen_trackers
 from shards.cli import ArgumentParser, one_line
-from shards.errors import UserError, without_credentials
+from shards.errors import UserError, UserStop, without_credentials
 from shards.reader import ShardSplit, open_split
 
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.training.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
 
         Trainer(config, plugin, split, networks, resume).train()
-    except UserError as error:
+    except (UserError, UserStop) as error:
         say_once(f"pipeline train: error: {one_line(str(error))}")
         return leave_without_finalization(2) if torch.distributed.is_initialized() else 2
     except Exception as error:

@@ -14,6 +14,12 @@ class UserError(Exception):
     pass
 
 
+class UserStop(BaseException):
+    """A stop the user (or their scheduler) asked for, said as one line as a UserError is; a BaseException
+    (as KeyboardInterrupt is) so that no `except Exception` on its way, a retry loop or a sample's error
+    handling, takes it for a fault to retry or to skip."""
+
+
 # a URL's user-info (user:password@), up to the last @ before its path: a password with a raw @ in it too
 URL_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 

@@ -6,12 +6,16 @@ budget, nothing grows past what the manifest says, and each ends in one line."""
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import started
 from servers import FaultyProxy, MotoS3, moto_available
-from trainer_helpers import build_small_shards
+from trainer_helpers import build_small_shards, environment, write_config
 
 from shards import remote
 from shards.folder import ShardFolder
@@ -154,3 +158,36 @@ def test_a_manifest_heavier_than_any_is_refused_before_it_is_read(tmp_path, shar
     assert [request for request in nginx.requests()[len(before) :] if request[0] == "GET"] == []
     with pytest.raises(ManifestError, match="more than the 1024 bytes"):
         ShardFolder.at(heavy).manifest()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_stops_a_run_waiting_on_a_trickling_store(tmp_path, shards, nginx, workers) -> None:
+    """`pipeline train` whose every shard trickles, with bounds far off (read_timeout and retry_seconds 600):
+    SIGTERM while it waits for its first batch (in the rank itself with workers 0, in a data worker with
+    1) stops it faults.stop_grace_seconds later with one line, not after the fetch's own bounds."""
+    with FaultyProxy(nginx.port, shard_faults("trickle")) as proxy:
+        url = f"{proxy.url}/shards"
+        data = {"shards": url, "workers": workers, "cache_dir": str(tmp_path / "cache"), "batch_size": 2}
+        config = write_config(
+            tmp_path / "run.yaml",
+            url,
+            tmp_path / "run",
+            data={**data, "read_timeout": 600, "retry_seconds": 600, "prefetch_shards": 0},
+            faults={"stop_grace_seconds": 2},
+        )
+        command = [sys.executable, "-m", "pipeline.train", "--config", str(config)]
+        with started(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment()) as run:
+            deadline = time.monotonic() + 120
+            while not proxy.faults and time.monotonic() < deadline and run.poll() is None:
+                time.sleep(0.2)
+            assert proxy.faults, "the run never asked for a shard"
+            time.sleep(1)
+            run.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            _, stderr = run.communicate(timeout=60)
+            took = time.monotonic() - signalled
+    assert run.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "stopped by SIGTERM while waiting for data" in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert took < 30

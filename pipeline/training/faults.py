@@ -8,19 +8,25 @@ rank sees the same inf/NaN). Either way the engine counts the skipped updates in
 
 SIGTERM (what SLURM sends before a preemption or at the time limit, and what the launcher forwards):
 each rank that receives it raises a flag; at every step boundary the ranks take the maximum of their
-flags, so that all of them stop after the same step, write a checkpoint, and exit 0.
+flags, so that all of them stop after the same step, write a checkpoint, and exit 0. A rank that is
+waiting for its next batch when SIGTERM comes (a stalled store) cannot reach that boundary: if it is
+still waiting `faults.stop_grace_seconds` later, the wait is interrupted (SIGALRM, whose handler raises
+in the main thread, where the DataLoader's or the fetch's wait can be interrupted) and the rank stops
+with one line, its last checkpoint kept as it is: a scheduler's kill must not find it waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
 
 from pipeline.training import deepspeed_internals as internals
-from shards.errors import UserError
+from shards.errors import UserError, UserStop
 
 
 class TrainingStopped(UserError):
@@ -55,20 +61,50 @@ def guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = step_if_finite
 
 
+class StoppedWaitingForData(UserStop):
+    """SIGTERM came while this rank waited for data, and the data did not come within the grace time."""
+
+
 class StopRequest:
     """SIGTERM raises this rank's flag; `agreed` tells every rank whether any rank's flag is up, and
     whether any rank's clock says a checkpoint is due (`checkpoint.every_minutes`): the same one
     all-reduce a step, so that every rank takes part in the same checkpoints (a checkpoint is a
     collective) even though their clocks and signals differ."""
 
-    def __init__(self, checkpoint_minutes: float | None = None) -> None:
+    def __init__(self, checkpoint_minutes: float | None = None, grace_seconds: float = 30) -> None:
         self.received = False
+        self.waiting_for_data = False
+        self.grace_seconds = grace_seconds
         self.previous = signal.signal(signal.SIGTERM, self._receive)
+        self.previous_alarm = signal.signal(signal.SIGALRM, self._grace_over)
         self.checkpoint_seconds = None if checkpoint_minutes is None else checkpoint_minutes * 60
         self.clock_started()
 
     def _receive(self, signum: int, frame) -> None:
+        if not self.received and self.waiting_for_data:
+            signal.setitimer(signal.ITIMER_REAL, self.grace_seconds)
         self.received = True  # a second SIGTERM (the launcher forwarding it) changes nothing
+
+    def _grace_over(self, signum: int, frame) -> None:
+        if self.waiting_for_data:
+            self.waiting_for_data = False
+            raise StoppedWaitingForData(
+                f"stopped by SIGTERM while waiting for data: none came within faults.stop_grace_seconds "
+                f"({self.grace_seconds:g} s; a slow or stalled store: data.read_timeout and data.retry_seconds "
+                "bound each fetch); no checkpoint written since the last one: run again to resume from it"
+            )
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The block waits for data: SIGTERM during it (or before it) gives it the grace time, no more."""
+        self.waiting_for_data = True
+        if self.received:
+            signal.setitimer(signal.ITIMER_REAL, self.grace_seconds)
+        try:
+            yield
+        finally:
+            self.waiting_for_data = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def clock_started(self) -> None:
         """A checkpoint was written (or the run started): the clock of `checkpoint.every_minutes` starts again."""
@@ -83,4 +119,6 @@ class StopRequest:
         return stop, clock
 
     def restore(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, self.previous)
+        signal.signal(signal.SIGALRM, self.previous_alarm)

@@ -147,7 +147,7 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         accelerator.init_trackers(trackers.PROJECT, config=trackers.hyperparameters(resolved))
         set_seed(config.seed, device_specific=True)  # the plugin's noise: seed + rank, from here on
-        stop = faults.StopRequest(config.checkpoint.every_minutes)
+        stop = faults.StopRequest(config.checkpoint.every_minutes, config.faults.stop_grace_seconds)
         try:
             self._resume_and_loop(stop)
         finally:
@@ -170,7 +170,8 @@ class Trainer:
                 print(f"pipeline train: {self.output_dir} is already at step {self.step} of {self.total_steps}")
             accelerator.wait_for_everyone()
             return
-        grid_inputs = self._grid_inputs()
+        with stop.waiting():  # reads the grid's samples: the first fetch of a remote split
+            grid_inputs = self._grid_inputs()
         prefetcher = self._start_prefetcher()
         loader = training_loader(
             self.split,
@@ -205,7 +206,12 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         micro_steps_summed = 0
         skipped_before = self.engine.skipped_steps
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            with stop.waiting():  # a stalled store must not hold a rank past SIGTERM's grace time
+                batch = next(batches, None)
+            if batch is None:
+                return
             metrics = self.train_step(batch)
             if prefetcher is not None:
                 prefetcher.advance(self.micro_step)
