@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -78,7 +79,24 @@ def open_split(
     shards = split_shards(manifest, split, folder.location)
     if check_shards or folder.remote is None:
         folder.check_shards(shards)
+    if check_shards:  # one rank of a run says it
+        warn_if_cache_too_small(folder, shards)
     return ShardSplit(folder, split, shards, manifest["image"], labels_of(manifest))
+
+
+def warn_if_cache_too_small(folder: ShardFolder, shards: tuple[dict, ...]) -> None:
+    """A cache limit below one shard cannot be kept: every shard is fetched whole, then the cache holds
+    it (and the others in use) whatever the limit. Said once, at start-up, not found out from the disk."""
+    limit = folder.cache.limit if folder.cache is not None else None
+    largest = max(shards, key=lambda shard: shard["bytes"])
+    if limit is not None and largest["bytes"] > limit:
+        print(
+            f"warning: data.cache_limit ({limit} bytes) is smaller than a shard ({largest['name']}, "
+            f"{largest['bytes']} bytes): the cache holds every shard in use whatever the limit; give it at least "
+            "data.shuffle_shards x the largest shard",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def split_shards(manifest: dict, split: str, where: object) -> tuple[dict, ...]:

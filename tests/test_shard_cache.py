@@ -4,8 +4,10 @@ with the same sample read from the local folder."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import resource
 import shutil
 import signal
@@ -202,3 +204,94 @@ def test_cache_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(Exception, match=r"data.cache_dir .*file/cache: cannot create it"):
         ShardCache(tmp_path / "file" / "cache")
+
+
+def read_shard(split, index: int) -> bytes:
+    with split.cache.open(split.remote, split.shards[index]) as file:
+        return file.read()
+
+
+@pytest.mark.parametrize("keep_times", [False, True], ids=["copied-over", "copied-over-times-restored"])
+def test_a_cached_copy_changed_on_disk_is_fetched_again(tmp_path, shards, nginx, capfd, keep_times) -> None:
+    """Another shard's bytes copied over a cached shard (the same inode, as `cp` does; with its times then
+    set back, as `cp -p` or a restore would): the next open finds the copy is not the manifest's shard (its
+    identity changed, then its sha256), removes it and fetches it again: the right bytes, one warning,
+    a second GET."""
+    served_copy(shards, f"tamper-{keep_times}")
+    url = f"{nginx.url}/tamper-{keep_times}"
+    split = open_split(url, "train", RemoteAccess(cache_dir=tmp_path / "cache"))
+    assert read_shard(split, 0) == (shards / split.shards[0]["name"]).read_bytes()
+    target = split.cache.path_of(split.shards[0])
+    before = target.stat()
+    other = (shards / split.shards[5]["name"]).read_bytes()  # 5 samples: another size too
+    with open(target, "r+b") as file:
+        file.write(other)
+        file.truncate()
+    if keep_times:
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    capfd.readouterr()
+    assert read_shard(split, 0) == (shards / split.shards[0]["name"]).read_bytes()
+    assert "not the shard the manifest names" in capfd.readouterr().err
+    assert len(gets(nginx, f"tamper-{keep_times}")[split.shards[0]["name"]]) == 2
+
+
+def test_a_same_size_copy_with_other_bytes_is_caught_by_its_identity(tmp_path, shards, nginx, capfd) -> None:
+    """The hardest case for a cheap check: one byte changed in place, the size and mtime set back. The
+    ctime moved, so the copy is hashed, found wrong, and fetched again."""
+    served_copy(shards, "flipped")
+    split = open_split(f"{nginx.url}/flipped", "train", RemoteAccess(cache_dir=tmp_path / "cache"))
+    good = read_shard(split, 1)
+    target = split.cache.path_of(split.shards[1])
+    before = target.stat()
+    with open(target, "r+b") as file:
+        file.seek(700)
+        byte = file.read(1)
+        file.seek(700)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size
+    assert read_shard(split, 1) == good
+    assert len(gets(nginx, "flipped")[split.shards[1]["name"]]) == 2
+    # and an untouched copy is opened without a hash: its recorded identity is its own
+    assert split.cache.recorded_identity(split.shards[1]) is not None
+    capfd.readouterr()
+    assert read_shard(split, 1) == good and "warning" not in capfd.readouterr().err
+
+
+def test_a_truncated_cached_copy_is_fetched_again(tmp_path, shards, nginx) -> None:
+    served_copy(shards, "cut-cache")
+    split = open_split(f"{nginx.url}/cut-cache", "train", RemoteAccess(cache_dir=tmp_path / "cache"))
+    good = read_shard(split, 2)
+    target = split.cache.path_of(split.shards[2])
+    os.truncate(target, len(good) // 2)
+    assert split.cache.fetch(split.remote, split.shards[2]).read_bytes() == good  # the size check alone
+    assert len(gets(nginx, "cut-cache")[split.shards[2]["name"]]) == 2
+
+
+def test_parts_of_dead_fetches_are_removed_and_live_ones_kept(tmp_path, shards, nginx) -> None:
+    """A SIGKILLed fetch leaves its `.part`: the next cache opened over the folder removes it (its
+    shard's lock is free), but not the `.part` of a fetch still holding its lock; fetches in flight count
+    against cache_limit."""
+    cache_dir = tmp_path / "cache"
+    split = open_split(f"{nginx.url}/shards", "train", RemoteAccess(cache_dir=cache_dir))
+    dead, live = split.shards[0]["sha256"], split.shards[1]["sha256"]
+    (cache_dir / f".{dead}.tar.4242.part").write_bytes(bytes(10**6))
+    (cache_dir / f".{live}.tar.4343.part").write_bytes(bytes(10**6))
+    with open(cache_dir / ".locks" / f"{live}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another open file: as another process holds it
+        cache = ShardCache(cache_dir, limit=10**6 + int(2.5 * split.shards[2]["bytes"]))
+        assert sorted(path.name for path in cache_dir.glob(".*.part")) == [f".{live}.tar.4343.part"]
+        for index in (2, 3, 4):  # room for two shards beside the live part: the first is evicted
+            cache.fetch(split.remote, split.shards[index])
+            time.sleep(0.01)
+        assert not cache.path_of(split.shards[2]).exists()
+        assert cache.path_of(split.shards[3]).exists() and cache.path_of(split.shards[4]).exists()
+
+
+def test_a_cache_limit_below_one_shard_is_said_at_start_up(tmp_path, shards, nginx, capfd) -> None:
+    capfd.readouterr()
+    open_split(f"{nginx.url}/shards", "train", RemoteAccess(cache_dir=tmp_path / "cache", cache_limit=1000))
+    err = capfd.readouterr().err
+    assert "warning: data.cache_limit (1000 bytes) is smaller than a shard" in err
+    open_split(f"{nginx.url}/shards", "train", RemoteAccess(cache_dir=tmp_path / "cache", cache_limit=10**9))
+    assert "cache_limit" not in capfd.readouterr().err
