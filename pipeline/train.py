@@ -28,6 +28,7 @@ from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.evaluation import in_training
 from pipeline.launch import LAUNCHER_PID
 from pipeline.plugin import ImageInfo, PluginError, check_required, load_plugin_class
+from pipeline.training import stop_cause
 from pipeline.training.data_workers import die_with_parent
 from pipeline.training.deepspeed_config import build_deepspeed_config
 from pipeline.training.deepspeed_internals import check_versions
@@ -123,10 +124,12 @@ def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit):
 
 def run(args: argparse.Namespace) -> int:
     die_with_launcher()
+    output_dir = None
     try:
         # Everything a user can get wrong is checked first, before a process group or engine exists.
         check_versions()
         config = load_config(args.config, args.overrides)
+        output_dir = config.output_dir
         # one process holds the run folder, from before anything reads it to the run's end (run_lock.py)
         rank_zero = int(os.environ.get("RANK", "0")) == 0
         first_rank = rank_zero and not args.dry_run
@@ -155,26 +158,42 @@ def run(args: argparse.Namespace) -> int:
             return 0
         # last: a rejected config leaves no folder behind
         prepare_output_dir(config.output_dir, resume is not None, config.resume, lock)
+        if lock is not None:
+            stop_cause.clear(config.output_dir)
         if lock is None:
             wait_for_first_rank(config.output_dir, config.faults.collective_timeout_minutes * 60)
         from pipeline.training.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
 
         Trainer(config, plugin, split, networks, resume).train()
     except (UserError, UserStop) as error:
-        say_once(f"pipeline train: error: {one_line(str(error))}")
-        return leave_without_finalization(2) if torch.distributed.is_initialized() else 2
+        line = f"pipeline train: error: {one_line(str(error))}"
+        if not torch.distributed.is_initialized():
+            say_once(line)
+            return 2
+        stop_cause.leave(output_dir, torch.distributed.get_rank(), line)  # before the peers see this rank gone
+        say_once(line)
+        return leave_without_finalization(2)
     except Exception as error:
         if not torch.distributed.is_initialized():
             raise
         # The launcher, which saw the same peer die, stops this rank with SIGTERM meanwhile; the trainer's
         # SIGTERM handler is gone by now, and dying of it would lose the line that says why
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        rank = torch.distributed.get_rank()
+        first_line = without_credentials((str(error).splitlines() or [""])[0])
+        cause = stop_cause.find(output_dir) if output_dir is not None else None
+        if cause is not None:  # a peer stopped on a user's error: its line first, this rank's fault after
+            print(
+                f"{cause[1]} (rank {cause[0]} stopped on it; rank {rank} then on {type(error).__name__}: "
+                f"{first_line[:200]})",
+                file=sys.stderr,
+            )
+            leave_without_finalization(2)  # the run's cause is the user's: the launcher adds nothing to it
         # a fault (another rank died: "Connection reset by peer") or a bug: the traceback for the latter,
         # then one line, then out at once (waiting for a dead peer in the teardown would hang)
         print(without_credentials(traceback.format_exc()), end="", file=sys.stderr)
-        first_line = without_credentials((str(error).splitlines() or [""])[0])
         print(
-            f"pipeline train: error: rank {torch.distributed.get_rank()} stopped on {type(error).__name__}: "
+            f"pipeline train: error: rank {rank} stopped on {type(error).__name__}: "
             f"{first_line[:300]} (if another rank died first, its log says why; resume=auto continues from the "
             "last checkpoint)",
             file=sys.stderr,

@@ -198,3 +198,24 @@ def test_a_password_in_the_url_reaches_no_file_and_no_terminal(tmp_path: Path, n
     assert failed.returncode == 2, failed.stderr[-2000:]
     line = one_error_line(failed)
     assert "http://***@127.0.0.1" in line and secret not in failed.stdout + failed.stderr
+
+
+def test_a_shard_gone_mid_run_is_reported_at_its_first_answer_without_retrying(tmp_path: Path, nginx) -> None:
+    """A permanent answer, 404 for a shard's GET after the start-up checks saw it (HEAD): the run stops with
+    one line naming the shard at once, not after data.retry_seconds (600 s here: a retry would run into
+    the launch's timeout) of retries, and no retry is logged."""
+    gone = "/shards/train-000004.tar"
+
+    def fault(method: str, path: str, asked: int) -> str | None:
+        return "404" if method == "GET" and path == gone else None
+
+    with FaultyProxy(nginx.port, fault) as proxy:
+        config = run_config(
+            tmp_path, f"{proxy.url}/shards", "run", cache_dir=str(tmp_path / "cache"), retry_seconds=600
+        )
+        result = launch(config, timeout=240)
+        assert result.returncode != 0
+        lines = [line for line in result.stderr.splitlines() if "error:" in line and "train-000004.tar" in line]
+        assert lines and "not found" in lines[0], result.stderr[-4000:]
+        assert "retry" not in result.stderr, result.stderr[-4000:]
+        assert proxy.seen[("GET", gone)] >= 1

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.plugin import ImageInfo, StepOutput
+from shards.errors import UserError
 
 
 class LinearGenerator:
@@ -40,6 +41,9 @@ class LinearGenerator:
         self.seconds_per_micro_batch = float(options.get("seconds_per_micro_batch", 0.0))
         self.step = 0
         self.decisions: list[dict] = []
+        # {"step": S, "rank": R}: that rank stops on a user's error at optimizer step S (the others go on
+        # into the step's collectives), as a rank that met a store gone for good does
+        self.user_error = options.get("user_error")
 
     def build_networks(self) -> dict[str, nn.Module]:
         return {"encoder": nn.Linear(self.pixels, self.hidden), "decoder": nn.Linear(self.hidden, self.pixels)}
@@ -55,6 +59,9 @@ class LinearGenerator:
     def training_step(self, networks, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepOutput:
         if self.seconds_per_micro_batch:
             time.sleep(self.seconds_per_micro_batch)
+        stop = self.user_error
+        if stop and step == stop["step"] and int(os.environ.get("RANK", "0")) == stop["rank"]:
+            raise UserError(f"injected: rank {stop['rank']} cannot go on at step {step}")
         if self.noise:  # off by default: no draw at all, so runs without it consume no random numbers
             images = images + self.noise * torch.randn_like(images)
         loss = self.loss(networks, images)
