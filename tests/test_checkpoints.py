@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from trainer_helpers import (
     build_small_shards,
     launch,
@@ -23,7 +23,7 @@ from trainer_helpers import (
     write_config,
 )
 
-from pipeline.checkpoints.checkpoint import prune
+from pipeline.checkpoints.checkpoint import point_latest, prune
 from pipeline.training.data import StreamLayout, epoch_order, resume_micro_step
 
 
@@ -377,3 +377,28 @@ def test_checkpoints_by_the_clock_are_taken_by_every_rank_at_the_same_step(tmp_p
         folder = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
         assert validate(folder)["step"] == step
         assert len(list((folder / "optimizer").glob("*.safetensors"))) >= 2  # both ranks' partitions
+
+
+def test_auto_resumes_from_latest_not_from_a_later_step_of_an_abandoned_timeline(
+    tmp_path: Path, shards: Path, finished: Path
+) -> None:
+    """The case the rule exists for: a run resumed from step 2 by path (its step-4 folder, from the timeline
+    it abandoned, left beside it) whose `latest` names step 2 again. resume=auto must take `latest`, the
+    run's own newest, not step 4, the newest folder: the run goes on from step 2 and re-reaches step 4 with
+    its own weights, which equal those of the original timeline's step 4 (the same data and noise)."""
+    run = copy_run(finished, tmp_path)
+    root = run / "checkpoints"
+    original_step_4 = all_tensors(root / "step-00000004")
+    tampered = root / "step-00000004" / "encoder.safetensors"  # the abandoned timeline's weights: not these
+    tensors = load_file(tampered)
+    save_file({name: tensor + 1 for name, tensor in tensors.items()}, tampered)
+    point_latest(root, "step-00000002")
+    config = write_config(tmp_path / "again.yaml", shards, run, max_steps=4, checkpoint={"every": 2})
+    dry = run_python("-m", "pipeline.train", "--config", str(config), "--dry-run")
+    assert_ok(dry)
+    assert f"resume from {root / 'step-00000002'} (step 2)" in dry.stdout
+    assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
+    assert state(latest(run))["step"] == 4
+    again = all_tensors(latest(run))
+    assert again.keys() == original_step_4.keys()
+    assert all(torch.equal(again[key], original_step_4[key]) for key in again)

@@ -426,3 +426,18 @@ def test_a_plain_build_never_mixes_with_a_plan_it_did_not_make(tmp_path: Path, s
     late_part = run_shards("build", out, "--part", "1/2")
     assert late_part.returncode == 2 and "has no plan" in late_part.stderr
     assert run_shards("verify", out).returncode == 0
+
+
+def test_merge_refuses_parts_whose_records_miss_a_planned_shard(tmp_path: Path, source: Path) -> None:
+    """Both parts finished, but part 2's record lacks its last shard's line (a record cut by an editor or a
+    copy, still valid line by line): the coverage check names part 2 and merge publishes nothing; without
+    it, a manifest short of a shard would be published and that shard deleted as stale."""
+    out = built_parts(tmp_path, source)
+    record = out / ".plan" / "parts" / "2-of-2.jsonl"
+    lines = record.read_text().splitlines()
+    assert len(lines) > 1
+    record.write_text("\n".join(lines[:-1]) + "\n")
+    line = refused_merge(out)
+    assert "parts 2 of 2 are not finished" in line, line
+    record.write_text("\n".join(lines) + "\n")
+    assert run_shards("merge", out).returncode == 0
