@@ -187,3 +187,45 @@ def assert_ema_follows_the_steps_taken(steps: dict[int, Path], skipped: dict[int
                 weights = load_file(str(folder / f"{network}.safetensors"))
                 if step == max(steps):  # by then the average trails the weights: moving toward them would show
                     assert not torch.equal(after["weight"], weights["weight"])
+
+
+def authors_equilibrium(real_cost: float, fake_cost: float, target: float, margin: float) -> set[str]:
+    """model/aegan.py, GradientDescent.train_epoch: the discriminator sits out when either of its costs is
+    below target - margin, the decoder when either is above target + margin, and neither when both would."""
+    train_dis = not (real_cost < target - margin or fake_cost < target - margin)
+    train_dec = not (real_cost > target + margin or fake_cost > target + margin)
+    if not (train_dis or train_dec):
+        train_dis = train_dec = True
+    return {name for name, trains in (("discriminator", train_dis), ("decoder", train_dec)) if not trains}
+
+
+def test_the_vaegans_equilibrium_is_one_decision_from_the_global_batch(tmp_path: Path) -> None:
+    """The VAE-GAN's own equilibrium (not the linear plugin's rule) on 2 ranks x 2 micro-batches, ZeRO-2, a
+    margin narrow enough that the decision changes from step to step: every step, the networks that took
+    no update (metrics.jsonl's updated/*) are those the authors' rule picks from the step's costs over the
+    whole global batch (the logged real_cost and fake_cost, means over every rank's micro-batches), and
+    every rank counted the same steps sat out."""
+    from trainer_helpers import run_small_vaegan
+
+    target, margin = 0.69, 0.02
+    model = {"latent_size": 8, "fc_size": 32, "equilibrium": True, "equilibrium_target": target}
+    model["equilibrium_margin"] = margin
+    run_small_vaegan(tmp_path, model, 2, max_steps=8, log_every=1, checkpoint={"every": 8}, seed=SEED)
+    records = metrics(tmp_path / "run")
+    assert [record["step"] for record in records] == list(range(1, 9))
+    seen = set()
+    for record in records:
+        real, fake = record["real_cost"], record["fake_cost"]
+        near = [abs(cost - edge) for cost in (real, fake) for edge in (target - margin, target + margin)]
+        assert min(near) > 1e-6, "a cost on the rule's edge: float sums over ranks could decide either way"
+        expected = authors_equilibrium(real, fake, target, margin)
+        sat_out = {name for name in ("discriminator", "decoder") if record[f"updated/{name}"] == 0}
+        assert sat_out == expected, (record["step"], real, fake)
+        seen.add(frozenset(expected))
+    assert len(seen) > 1, f"the rule decided the same every step ({seen}): the test would not tell"
+    state = json.loads((checkpoint(tmp_path / "run", 8) / "trainer_state.json").read_text())
+    skipped = [rank["plugin"]["skipped"] for rank in state["ranks"]]
+    assert skipped[0] == skipped[1]
+    assert skipped[0] == {
+        name: sum(record[f"updated/{name}"] == 0 for record in records) for name in ("discriminator", "decoder")
+    }
