@@ -274,6 +274,23 @@ class FaultsConfig(Strict):
         le=7 * 24 * 60,
         description="a rank waiting this long for the others in a collective fails the run (no hang); at most a week",
     )
+    on_diverge: Literal["stop", "rollback"] = Field(
+        "stop",
+        description="when updates stay non-finite (or the loss spikes): stop, or roll back to the last checkpoint "
+        "and skip the data that led there",
+    )
+    spike_factor: Number | None = Field(
+        None, gt=1, description="also diverged: a step's loss above this many times the median of the last 100"
+    )
+    rollback_skip_steps: Integer = Field(
+        0, ge=0, le=COUNT_MAX, description="steps of data skipped after the divergence, beyond those before it"
+    )
+    max_rollbacks: Integer = Field(3, gt=0, le=1000, description="rollbacks in the run's record before it stops")
+    skip_micro_steps: list[tuple[Integer, Integer]] = Field(
+        default_factory=list,
+        description="[[FROM, TO], ...]: when the data position reaches global micro-step FROM, it goes on at TO "
+        "(what a rollback records)",
+    )
     stop_grace_seconds: Number = Field(
         30,
         gt=0,
@@ -336,6 +353,18 @@ class RunConfig(Strict):
     def one_length(self) -> RunConfig:
         if (self.max_steps is None) == (self.max_images is None):
             raise ValueError("give exactly one of max_steps and max_images")
+        return self
+
+    @model_validator(mode="after")
+    def skips_between_steps(self) -> RunConfig:
+        """A skip starts and ends between optimizer steps: it leaves out whole global batches."""
+        every = self.gradient_accumulation_steps
+        for start, end in self.faults.skip_micro_steps:
+            if not 0 <= start < end or start % every or end % every:
+                raise ValueError(
+                    f"faults.skip_micro_steps: [{start}, {end}] must be FROM < TO, both multiples of "
+                    f"gradient_accumulation_steps ({every})"
+                )
         return self
 
 

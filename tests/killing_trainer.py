@@ -9,6 +9,8 @@ KILL_AT=sigterm:N         rank 0 sends SIGTERM to every process of the run after
 KILL_AT=rank_1:N          only rank 1 dies (SIGKILL) after N micro-batches; it first writes the time to
                           the file $KILL_TIME_FILE
 KILL_AT=freeze_1:N        only rank 1 freezes (SIGSTOP: alive, sockets open, silent) after N micro-batches
+KILL_AT=rollback:N        right after the N-th rollback (faults.on_diverge: rollback) is recorded, before
+                          any rank trains on
 """
 
 from __future__ import annotations
@@ -86,6 +88,15 @@ def main() -> int:
         return train.main()
     if kind == "micro_step":
         after_micro_steps(count, kill_the_run)
+    elif kind == "rollback":
+        original_roll_back = Trainer._roll_back
+
+        def roll_back(self, log) -> None:
+            original_roll_back(self, log)
+            if len(self.rollbacks) == count:
+                kill_the_run()
+
+        Trainer._roll_back = roll_back
     elif kind == "sigterm":
         after_micro_steps(count, lambda: kill_the_run(signal.SIGTERM))
     elif kind == "state_write":

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field, model_validator
 
+from pipeline.training.rollback import SPIKE_WINDOW
 from shards.manifest import Count, ImageRecord, Record
 
 Positive = Annotated[int, Field(gt=0, lt=2**63)]
@@ -120,6 +121,8 @@ class TrainerState(Record):
     precision: Name | None = None
     loss_scaler: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,99}$")], bool | int | Finite] | None = None
     config: dict[str, Any] | None = None
+    rollbacks: list[dict[Name, Count]] = Field(default_factory=list, max_length=10**6)  # informative
+    recent_losses: list[Finite] = Field(default_factory=list, max_length=SPIKE_WINDOW)  # the spike watch's window
 
     @model_validator(mode="after")
     def _one_state_per_rank(self) -> TrainerState:

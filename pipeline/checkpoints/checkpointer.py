@@ -50,6 +50,8 @@ class Progress:
     images: int
     micro_step: int  # micro-batches done: with the seed, the exact position in the data stream
     bad_samples: int  # unreadable samples left out so far, all ranks
+    rollbacks: tuple[dict[str, int], ...] = ()  # the run's rollbacks so far (pipeline/training/rollback.py)
+    recent_losses: tuple[float, ...] = ()  # the spike watch's window (faults.spike_factor)
 
 
 class Checkpointer:
@@ -163,6 +165,8 @@ class Checkpointer:
             "zero_stage": engine.zero_optimization_stage(),
             "precision": self.precision,
             "bad_samples": progress.bad_samples,
+            "rollbacks": list(progress.rollbacks),
+            "recent_losses": list(progress.recent_losses),
             "engine": internals.counters(engine),
             "loss_scaler": internals.loss_scaler_state(engine),
             "ranks": ranks,
@@ -192,7 +196,8 @@ class Checkpointer:
         if state.get("precision") == self.precision:
             internals.restore_loss_scaler(self.engine, state.get("loss_scaler"))
         micro_step = resume_micro_step(state["data"], self.layout)
-        return Progress(state["step"], state["images"], micro_step, state.get("bad_samples", 0))
+        losses = tuple(float(loss) for loss in state.get("recent_losses", ()))
+        return Progress(state["step"], state["images"], micro_step, state.get("bad_samples", 0), (), losses)
 
     def _restore_rank_state(self, folder: Path, state: dict[str, Any]) -> None:
         """This rank's RNG and plugin state; ranks the saved run did not have start their own streams."""

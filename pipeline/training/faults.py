@@ -110,13 +110,18 @@ class StopRequest:
         """A checkpoint was written (or the run started): the clock of `checkpoint.every_minutes` starts again."""
         self.last_checkpoint = time.monotonic()
 
-    def agreed(self, accelerator: Accelerator) -> tuple[bool, bool]:
-        """(stop, checkpoint by the clock), the same on every rank. A collective: call on every rank at the
-        same point."""
+    def agreed(self, accelerator: Accelerator, share: torch.Tensor | float = 0.0) -> tuple[bool, bool, float]:
+        """(stop, checkpoint by the clock, the sum of every rank's `share`), the same on every rank: one
+        all-reduce carries them all (the share: each rank's part of the step's mean loss). A collective:
+        call on every rank at the same point."""
         due = self.checkpoint_seconds is not None and time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
-        flags = torch.tensor([float(self.received), float(due)], device=accelerator.device)
-        stop, clock = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
-        return stop, clock
+        device = accelerator.device
+        flags = torch.tensor([float(self.received), float(due)], dtype=torch.float64, device=device)
+        summed = accelerator.reduce(
+            torch.cat([flags, torch.as_tensor(share, dtype=torch.float64, device=device).view(1)]), reduction="sum"
+        )
+        stop, clock, total = summed.tolist()
+        return stop > 0, clock > 0, total
 
     def restore(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -56,6 +56,12 @@ class RunLog:
             file.write(json_line({"step": step, **metrics, "eval_seconds": round(seconds, 2)}) + "\n")
         self.say(f"step {step}: " + " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
+    def event(self, step: int, record: dict) -> None:
+        """A record of something the run did at `step` (a rollback), on rank 0."""
+        if self.main:
+            with open(self.metrics_path, "a") as file:
+                file.write(json_line({"step": step, **record}) + "\n")
+
     def advance(self, step: int) -> None:
         if self.progress:
             self.progress.update(self.task, completed=step)

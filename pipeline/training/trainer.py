@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import torch
 import yaml
@@ -38,7 +38,7 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.evaluation.in_training import TrainingEvaluation
 from pipeline.plugin import ModelPlugin, capabilities
 from pipeline.training import deepspeed_internals as internals
-from pipeline.training import faults, kernels, trackers
+from pipeline.training import faults, kernels, rollback, trackers
 from pipeline.training.data import MicroBatch, StreamLayout, training_loader
 from pipeline.training.ema import weight_average
 from pipeline.training.engine import (
@@ -117,6 +117,10 @@ class Trainer:
         self.fetch_counts: dict[str, int] = {}  # a remote split's fetches so far, all ranks (shards.remote.counters)
         self.fetch_counts_here: Counter[str] = Counter()  # ... by this rank and its workers since the last count
         self.skipped_in_a_row = 0  # updates skipped for a non-finite gradient, up to the last step
+        self.spikes = rollback.SpikeWatch(config.faults.spike_factor)
+        self.step_loss = 0.0  # this rank's losses of the step so far (only with faults.spike_factor)
+        self.rollbacks: list[dict[str, int]] = []  # the run's record (rollback.py), read when the loop starts
+        self.skips: dict[int, int] = {}
         self.output_dir = Path(config.output_dir)
         self.evaluation = TrainingEvaluation(config, self.accelerator) if config.eval.every else None
         self.checkpointer = Checkpointer(
@@ -172,23 +176,33 @@ class Trainer:
             return
         with stop.waiting():  # reads the grid's samples: the first fetch of a remote split
             grid_inputs = self._grid_inputs()
-        prefetcher = self._start_prefetcher()
-        loader = training_loader(
-            self.split,
-            self.layout,
-            accelerator.process_index,
-            start=self.micro_step,
-            workers=config.data.workers,
-            hflip=config.data.hflip,
-            pin_memory=torch.cuda.is_available(),
-        )
+        self.rollbacks = rollback.read_records(self.output_dir)
+        self.skips = rollback.skip_table(config.faults.skip_micro_steps, self.rollbacks)
         log = RunLog(self.output_dir, accelerator, self.total_steps, self.step, self.images_seen)  # clock starts
         try:
-            self._loop(loader, log, grid_inputs, stop, prefetcher)
+            while True:  # once, unless the data jumps over a skip or the run rolls back
+                self.micro_step = rollback.jump(self.micro_step, self.skips)
+                prefetcher = self._start_prefetcher()
+                loader = training_loader(
+                    self.split,
+                    self.layout,
+                    accelerator.process_index,
+                    start=self.micro_step,
+                    workers=config.data.workers,
+                    hflip=config.data.hflip,
+                    pin_memory=torch.cuda.is_available(),
+                )
+                try:
+                    outcome = self._loop(loader, log, grid_inputs, stop, prefetcher)
+                finally:
+                    if prefetcher is not None:
+                        prefetcher.stop()
+                if outcome == "diverged":
+                    self._roll_back(log)
+                elif outcome == "done":
+                    break
         finally:
             log.stop()
-            if prefetcher is not None:
-                prefetcher.stop()
         # Every rank must be done before end_training() destroys the process group: without this
         # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
         accelerator.wait_for_everyone()
@@ -200,7 +214,9 @@ class Trainer:
         grid_inputs: torch.Tensor,
         stop: faults.StopRequest,
         prefetcher: ShardPrefetcher | None,
-    ) -> None:
+    ) -> Literal["done", "diverged", "jump"]:
+        """Train until the run ends ("done"), diverges with a rollback to make, or its data position reaches
+        a skip ("jump": the caller makes a loader from the skip's end)."""
         config, accelerator = self.config, self.accelerator
         first_step = self.step
         sums: dict[str, torch.Tensor] = {}
@@ -211,7 +227,7 @@ class Trainer:
             with stop.waiting():  # a stalled store must not hold a rank past SIGTERM's grace time
                 batch = next(batches, None)
             if batch is None:
-                return
+                return "done"
             metrics = self.train_step(batch)
             if prefetcher is not None:
                 prefetcher.advance(self.micro_step)
@@ -227,12 +243,15 @@ class Trainer:
             diverged = self._count_skipped_update(self.engine.skipped_steps > skipped_before)
             skipped_before = self.engine.skipped_steps
             last = self.step >= self.total_steps
-            stopping, clock_due = stop.agreed(accelerator)
-            if self.step % config.log_every == 0 or last or stopping or diverged:
+            stopping, clock_due, step_loss = stop.agreed(accelerator, self._take_step_loss())
+            spiked = self.spikes.spiked(step_loss)
+            if self.step % config.log_every == 0 or last or stopping or diverged or spiked:
                 log.log(self.step, self.images_seen, self._reduce(sums, micro_steps_summed))
                 sums, micro_steps_summed = {}, 0
-            if diverged:
-                self._stop_diverged()
+            if diverged or spiked:
+                if self._may_roll_back():
+                    return "diverged"
+                self._stop_diverged(spiked, step_loss)
             if self.step % config.sample_every == 0 or last:
                 self._draw_grids(grid_inputs)
             if self.evaluation is not None and self.step % config.eval.every == 0:
@@ -244,7 +263,47 @@ class Trainer:
             if stopping and not last:
                 log.say(f"stopped by SIGTERM after step {self.step}, its checkpoint written: run again to resume")
             if last or stopping:
-                return
+                return "done"
+            if self.micro_step in self.skips:
+                return "jump"
+
+    def _take_step_loss(self) -> torch.Tensor | float:
+        """This rank's share of the step's mean loss (its micro-batches' losses / all micro-batches of the
+        step), for the spike watch; summed over ranks by StopRequest.agreed."""
+        share = self.step_loss / (self.config.gradient_accumulation_steps * self.accelerator.num_processes)
+        self.step_loss = 0.0
+        return share
+
+    def _may_roll_back(self) -> bool:
+        latest = checkpoint.checkpoints_root(self.output_dir) / checkpoint.LATEST
+        faults_config = self.config.faults
+        return (
+            faults_config.on_diverge == "rollback"
+            and latest.is_dir()
+            and len(self.rollbacks) < faults_config.max_rollbacks
+        )
+
+    def _roll_back(self, log: RunLog) -> None:
+        """Every rank: back to the last checkpoint, the data from the divergence (plus
+        faults.rollback_skip_steps) on; recorded before training goes on (rollback.py)."""
+        folder = (checkpoint.checkpoints_root(self.output_dir) / checkpoint.LATEST).resolve()
+        diverged_at, divergence = self.step, self.micro_step
+        self.load_checkpoint(folder, checkpoint.validate(folder))
+        skip_to = divergence + self.config.faults.rollback_skip_steps * self.config.gradient_accumulation_steps
+        record = dict(zip(rollback.FIELDS, (diverged_at, self.step, self.micro_step, skip_to), strict=True))
+        self.rollbacks.append(record)
+        self.skips[self.micro_step] = skip_to
+        if self.accelerator.is_main_process:
+            rollback.append_record(self.output_dir, self.rollbacks)
+            log.event(self.step, {"event": "rollback", **record})
+        self.accelerator.wait_for_everyone()  # recorded before any rank trains on
+        self.skipped_in_a_row, self.step_loss = 0, 0.0
+        log.advance(self.step)
+        log.say(
+            f"step {diverged_at}: diverged; rolled back to {folder.name} (rollback {len(self.rollbacks)} of "
+            f"faults.max_rollbacks {self.config.faults.max_rollbacks}), skipping global micro-steps "
+            f"{record['from_micro_step']} to {skip_to} of the data"
+        )
 
     def train_step(self, batch: MicroBatch) -> dict[str, torch.Tensor]:
         """One micro-batch: forward through the plugin, backward; DeepSpeed steps the optimizer at the
@@ -274,6 +333,8 @@ class Trainer:
             if accelerator.sync_gradients:  # this micro-batch's backward ends with the optimizer step
                 self.network_skip.networks = self._networks_to_skip()
             skipped_before = self.engine.skipped_steps
+            if self.spikes.factor is not None:  # a tensor: no wait for the device at each micro-batch
+                self.step_loss = self.step_loss + output.loss.detach().double()
             accelerator.backward(output.loss)
             self.optimizer.step()  # under DeepSpeed these two are no-ops: backward() stepped
             self.optimizer.zero_grad()
@@ -320,14 +381,25 @@ class Trainer:
             )
         return self.skipped_in_a_row >= limit
 
-    def _stop_diverged(self) -> NoReturn:
+    def _stop_diverged(self, spiked: bool, loss: float) -> NoReturn:
         """Stop without a checkpoint of this state: the last one written stays the newest."""
         latest = checkpoint.checkpoints_root(self.output_dir) / checkpoint.LATEST
         last_good = latest.resolve().name if latest.exists() else "none yet"
+        if spiked:
+            what = f"loss {loss:.4g}, above faults.spike_factor x the median of the last {rollback.SPIKE_WINDOW} steps"
+        else:
+            what = (
+                f"non-finite loss or gradients for {self.skipped_in_a_row} steps in a row (their updates were "
+                "skipped; faults.max_skipped_steps_in_a_row)"
+            )
+        if self.config.faults.on_diverge == "rollback":
+            why = "no checkpoint to roll back to" if not latest.exists() else "faults.max_rollbacks reached"
+            advice = f"rolling back is not possible ({why})"
+        else:
+            advice = "faults.on_diverge: rollback would go back to it and skip the data that led here"
         raise TrainingStopped(
-            f"step {self.step}: non-finite loss or gradients for {self.skipped_in_a_row} steps in a row (their "
-            f"updates were skipped; faults.max_skipped_steps_in_a_row); the last good checkpoint is {last_good}: "
-            "lower the learning rate and resume from it"
+            f"step {self.step}: {what}; the last good checkpoint is {last_good}: lower the learning rate and resume "
+            f"from it ({advice})"
         )
 
     def _record_rank(self) -> None:
@@ -451,12 +523,14 @@ class Trainer:
         return self.checkpointer.save(self.progress())
 
     def progress(self) -> Progress:
-        return Progress(self.step, self.images_seen, self.micro_step, self.bad_samples)
+        window = tuple(self.spikes.losses)
+        return Progress(self.step, self.images_seen, self.micro_step, self.bad_samples, tuple(self.rollbacks), window)
 
     def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         """Continue from a checkpoint (pipeline/checkpoints/checkpointer.py): the loop's counters come back with it."""
         progress = self.checkpointer.load(folder, state)
         self.step, self.images_seen, self.micro_step = progress.step, progress.images, progress.micro_step
         self.bad_samples = progress.bad_samples
+        self.spikes = rollback.SpikeWatch(self.config.faults.spike_factor, progress.recent_losses)
         if self.accelerator.is_main_process:
             RunLog.drop_records_after(self.output_dir, self.step)

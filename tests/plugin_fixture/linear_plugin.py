@@ -28,7 +28,9 @@ class LinearGenerator:
         self.hidden = int(options.get("hidden", 8))
         self.steps_seen = 0
         # fault injection for the tests: {"steps": [...], "rank": R, "kind": "loss" | "gradient"} makes that
-        # rank's loss (or only its gradient) non-finite at those optimizer steps
+        # rank's loss (or only its gradient) non-finite at those optimizer steps ("spike": 1000 times larger);
+        # {"batch_mean": M, "rank": R}
+        # at the micro-batch whose mean pixel is M (to 1e-6): a sample that diverges, wherever it comes
         self.nonfinite = options.get("nonfinite")
         # input noise, drawn from torch's global RNG as real plugins draw theirs (reparameterisation): with
         # it on, a resume that does not restore each rank's RNG no longer matches a run that never stopped
@@ -62,12 +64,21 @@ class LinearGenerator:
         stop = self.user_error
         if stop and step == stop["step"] and int(os.environ.get("RANK", "0")) == stop["rank"]:
             raise UserError(f"injected: rank {stop['rank']} cannot go on at step {step}")
+        clean_mean = float(images.double().mean()) if len(images) else None  # the data's, before the noise
         if self.noise:  # off by default: no draw at all, so runs without it consume no random numbers
             images = images + self.noise * torch.randn_like(images)
         loss = self.loss(networks, images)
         fault = self.nonfinite
-        if fault and step in fault["steps"] and int(os.environ.get("RANK", "0")) == fault.get("rank", 0):
-            loss = loss * float("nan") if fault.get("kind", "loss") == "loss" else NaNGradient.apply(loss)
+        here = fault and int(os.environ.get("RANK", "0")) == fault.get("rank", 0)
+        if here and "batch_mean" in fault:
+            if clean_mean is not None and abs(clean_mean - fault["batch_mean"]) < 1e-6:
+                loss = loss * float("nan")
+        elif here and step in fault["steps"]:
+            kind = fault.get("kind", "loss")
+            if kind == "spike":  # finite, a thousand times the loss: the update is taken, and it hurts
+                loss = loss * 1000
+            else:
+                loss = loss * float("nan") if kind == "loss" else NaNGradient.apply(loss)
         self.steps_seen += 1
         self.step = step
         totals = {}
