@@ -1,18 +1,24 @@
 """Property tests for the inputs issue 31 found outside the fuzzers' reach, run in process: a plan header,
-a part's records, URLs holding credentials. Each reader either takes a value or refuses it with one
-UserError line; no other exception, whatever the input."""
+a part's records, URLs holding credentials, the node cache's files, the run's rollback record. Each reader
+either takes a value or refuses it with one UserError line; no other exception, whatever the input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import string
+import tempfile
+from pathlib import Path
 
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from pipeline.training import rollback
 from shards.cli import build_option_defaults, build_option_validators
 from shards.errors import UserError, without_credentials
 from shards.plan_records import check_plan_header, planned_names, read_records
+from shards.shard_cache import ShardCache
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
@@ -115,3 +121,78 @@ def test_no_password_in_a_url_survives(user: str, password: str, scheme: str) ->
     text = f"error: {scheme}://{user}:{secret}@host.example:8080/path/train-000001.tar: not found"
     shown = without_credentials(text)
     assert secret not in shown and f"{scheme}://***@host.example:8080/path/train-000001.tar" in shown
+
+
+class LocalStore:
+    """What the node cache asks of a remote folder (url_of, download), served from a local shard folder:
+    the cache's own checks under test, with any bytes in its files."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def url_of(self, name: str) -> str:
+        return f"store://{name}"
+
+    def download(self, name: str, size: int, into) -> str:
+        data = (self.folder / name).read_bytes()[:size]
+        into.write(data)
+        return hashlib.sha256(data).hexdigest() if len(data) == size else ""
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+SHARD = b"".join(bytes([n % 251]) * 512 for n in range(8))  # 4 KiB, the stand-in for a shard
+
+
+@given(
+    cached=st.one_of(st.binary(max_size=5000), st.integers(0, len(SHARD) - 1).map(lambda at: flip(SHARD, at))),
+    identity=st.one_of(st.none(), st.binary(max_size=300), JSON_VALUES.map(lambda value: json.dumps(value).encode())),
+    keep_times=st.booleans(),
+)
+@example(cached=SHARD[:100], identity=None, keep_times=False)
+@example(cached=flip(SHARD, 7), identity=None, keep_times=True)
+def test_any_bytes_in_the_cache_are_never_read_as_the_shard(cached: bytes, identity: bytes | None, keep_times) -> None:
+    """A cached copy replaced by any bytes (another file, a cut, one byte flipped with its times set back)
+    and any identity record beside it: the cache hands out the manifest's shard, never those bytes, and
+    never anything but a UserError."""
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp)
+        (root / "store").mkdir()
+        (root / "store" / "train-000000.tar").write_bytes(SHARD)
+        record = {"name": "train-000000.tar", "bytes": len(SHARD), "sha256": hashlib.sha256(SHARD).hexdigest()}
+        cache = ShardCache(root / "cache")
+        store = LocalStore(root / "store")
+        with cache.open(store, record) as file:  # fetched once, its identity recorded
+            assert file.read() == SHARD
+        path = cache.path_of(record)
+        before = path.stat()
+        with open(path, "r+b") as file:  # in place: the same inode, as `cp` over it writes
+            file.write(cached)
+            file.truncate()
+        if keep_times:
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if identity is not None:
+            cache.identity_path(record).write_bytes(identity)
+        with cache.open(store, record) as file:
+            assert file.read() == SHARD
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=400),
+        st.lists(JSON_VALUES, max_size=4).map(lambda lines: "\n".join(json.dumps(line) for line in lines).encode()),
+    )
+)
+def test_any_bytes_as_the_rollback_record_are_taken_or_one_line(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as temp:
+        (Path(temp) / rollback.RECORD).write_bytes(data)
+        try:
+            records = rollback.read_records(Path(temp))
+        except UserError as error:
+            assert "\n" not in str(error)
+            return
+        for record in records:
+            assert sorted(record) == sorted(rollback.FIELDS)
+            assert record["from_micro_step"] < record["to_micro_step"]
