@@ -15,14 +15,10 @@ Writes its table to docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import time
-import warnings
 
-import torch
-from loader import SHAPES, bare_rate, build
+from loader import arguments, bare_rate, shard_sets
 from report import machine, markdown_table, write_section
-from shards_build import OUT, make_corpus
 
 from shards.reader import open_split
 from shards.regular_files import file_sha256
@@ -41,20 +37,9 @@ def hash_rate(shards) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=4000)
-    parser.add_argument("--batches", type=int, default=40, help="micro-batches of 64 decoded per row")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N, interleaved (shared, noisy machines)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-    source = OUT / "corpus"
-    if not source.exists() or len(list(source.iterdir())) != args.images:
-        make_corpus(source, args.images)
+    args = arguments(__doc__, repeats=3)
     rows = []
-    for name, size, mode, image_format in SHAPES:
-        shards = build(source, size, mode, image_format)
+    for name, shards in shard_sets(args.images):
         decode = hashing = 0.0
         for _ in range(args.repeats):
             decode = max(decode, bare_rate(shards, args.batches))

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,21 +87,32 @@ def bare_rate(shards: Path, batches: int) -> float:
     raise SystemExit(f"{shards} holds fewer than {wanted} images: use more --images or fewer --batches")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str, repeats: int) -> argparse.Namespace:
+    """The options of this bench and bench/cache_check.py; one thread, as a data worker has."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--batches", type=int, default=40, help="micro-batches of 64 timed per row")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N, interleaved (shared, noisy machines)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="best of N, interleaved (shared, noisy machines)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a data worker has one core; so does the bare loop
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read only, never written
+    return args
 
+
+def shard_sets(images: int) -> Iterator[tuple[str, Path]]:
+    """(name, folder) of each of SHAPES' shards, built once from `images` of bench/shards_build.py's
+    photographs."""
     source = OUT / "corpus"
-    if not source.exists() or len(list(source.iterdir())) != args.images:
-        make_corpus(source, args.images)
-    rows = []
+    if not source.exists() or len(list(source.iterdir())) != images:
+        make_corpus(source, images)
     for name, size, mode, image_format in SHAPES:
-        shards = build(source, size, mode, image_format)
+        yield name, build(source, size, mode, image_format)
+
+
+def main() -> None:
+    args = arguments(__doc__, repeats=2)
+    rows = []
+    for name, shards in shard_sets(args.images):
         best = {"bare": 0.0, "first": 0.0, "steady": 0.0}
         for _ in range(args.repeats):
             best["bare"] = max(best["bare"], bare_rate(shards, args.batches))

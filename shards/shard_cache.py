@@ -12,7 +12,7 @@ A cached copy is checked again each time it is opened, since anything may have c
 inode, size, mtime and ctime, which no tool can set back) against the one recorded in `SHA.id` when it
 was fetched or last checked. A copy whose identity is not the recorded one is hashed whole (sha256) and,
 if it is not the manifest's shard, removed and fetched again; otherwise its identity is recorded anew.
-Hashing at every open would cost a data worker 2 to 3 % of its decode time per worker sharing the shard
+Hashing at every open would cost a data worker about 3 % of its decode time per worker sharing the shard
 (docs/benchmarks.md, "Checking a cached shard"): the identity makes the common case free. `.part` files
 of a fetch whose process died are removed by the next fetch of that shard, or when a cache is opened.
 
