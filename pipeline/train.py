@@ -33,6 +33,7 @@ from pipeline.training.data_workers import die_with_parent
 from pipeline.training.deepspeed_config import build_deepspeed_config
 from pipeline.training.deepspeed_internals import check_versions
 from pipeline.training.engine import checked_optimizer_defaults, optimizer_plan, resolve_precision, resolved_config
+from pipeline.training.rollback import RECORD
 from pipeline.training.run_lock import RunLock, wait_for_first_rank
 from pipeline.training.trackers import chosen as chosen_trackers
 from shards.cli import ArgumentParser, one_line
@@ -89,6 +90,7 @@ def prepare_output_dir(output_dir: Path, resuming: bool, resume: str, lock: RunL
     if holds_a_run:
         warn(f"{output_dir} holds a run without a usable checkpoint: starting it again from step 0")
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (output_dir / RECORD).unlink(missing_ok=True)  # its rollbacks were of the run that is gone
 
 
 def warn(message: str) -> None:

@@ -238,16 +238,16 @@ class RemoteFolder:
 
         return sync(fs.loop, getattr(fs, f"_{method}"), *args, timeout=timeout or self.read_timeout, **kwargs)
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the file (fewer at its end), in one request bounded by read_timeout;
-        an answer longer than asked is refused (StoreMisbehaved)."""
+    def read_range(self, name: str, start: int, end: int, timeout: float | None = None) -> bytes:
+        """Bytes [start, end) of the file (fewer at its end), in one request bounded by `timeout`
+        (read_timeout); an answer longer than asked is refused (StoreMisbehaved)."""
         path = self.path_of(name)
         if "http" in self.fs.protocol:
             from fsspec.asyn import sync
 
-            data = sync(self.fs.loop, http_range, self.fs, path, start, end, timeout=self.read_timeout)
+            data = sync(self.fs.loop, http_range, self.fs, path, start, end, timeout=timeout or self.read_timeout)
         else:
-            data = self._bounded("cat_file", path, start=start, end=end)
+            data = self._bounded("cat_file", path, start=start, end=end, timeout=timeout)
         if len(data) > end - start:
             raise StoreMisbehaved(f"{self.url_of(name)}: answered {len(data)} bytes for a range of {end - start}")
         return data
@@ -257,6 +257,12 @@ class RemoteFolder:
         else StoreMisbehaved before a byte of it is read."""
         limit = MAX_RECORD_FILE_BYTES if limit is None else limit
         size = self.size(name)
+        if size is None:  # no Content-Length: read up to the limit, and one byte more to know
+            into = io.BytesIO()
+            self.download(name, limit + 1, into, digest=False)
+            if into.tell() > limit:
+                raise StoreMisbehaved(f"{self.url_of(name)}: more than the {limit} bytes such a file may weigh")
+            return into.getvalue()
         if size > limit:
             raise StoreMisbehaved(
                 f"{self.url_of(name)}: {size} bytes, more than the {limit} bytes such a file may weigh"
@@ -266,8 +272,10 @@ class RemoteFolder:
             raise StoreError(f"{self.url_of(name)}: shorter than the {size} bytes the store says it holds")
         return into.getvalue()
 
-    def size(self, name: str) -> int:
-        return int(self.retrying(lambda: self._bounded("info", self.path_of(name))["size"], name))
+    def size(self, name: str) -> int | None:
+        """The file's size in bytes; None when the store does not say (HTTP without Content-Length)."""
+        size = self.retrying(lambda: self._bounded("info", self.path_of(name))["size"], name)
+        return None if size is None else int(size)
 
     def download(self, name: str, size: int, into: BinaryIO, digest: bool = True) -> int | str:
         """Write the file's first `size` bytes into `into`, in ranged reads of CHUNK bytes; a failure
@@ -279,13 +287,20 @@ class RemoteFolder:
         def read_rest() -> None:
             nonlocal done
             while done < size:
-                chunk = self.read_range(name, done, min(size, done + CHUNK))
-                if not chunk:
-                    return
-                into.write(chunk)
-                hasher.update(chunk)
-                done += len(chunk)
-                counters["fetched_bytes"] += len(chunk)
+                # each CHUNK of the file within read_timeout, however many short answers it takes: a store
+                # that answers a few bytes at a time is as bounded as one that trickles
+                end, deadline = min(size, done + CHUNK), time.monotonic() + self.read_timeout
+                while done < end:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{CHUNK} bytes not read within data.read_timeout")
+                    chunk = self.read_range(name, done, end, timeout=left)
+                    if not chunk:
+                        return
+                    into.write(chunk)
+                    hasher.update(chunk)
+                    done += len(chunk)
+                    counters["fetched_bytes"] += len(chunk)
 
         self.retrying(read_rest, name, progress=lambda: done)
         if not digest:
@@ -385,7 +400,8 @@ def same_origin_redirects():
         import aiohttp
 
         async def check(session, context, params) -> None:
-            target = params.response.url.join(aiohttp.client.URL(params.response.headers.get("Location", "")))
+            headers = params.response.headers  # aiohttp follows Location, else URI
+            target = params.response.url.join(aiohttp.client.URL(headers.get("Location") or headers.get("URI") or ""))
             if origin(target) != origin(params.url):
                 raise StoreMisbehaved(
                     without_credentials(

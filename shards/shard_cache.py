@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -61,26 +62,33 @@ def default_cache_dir() -> Path:
 # forked while another thread of its rank held a lock would hold it too, for ever (and wait on itself).
 # So a child closes its copies at once; the parent's lock is untouched.
 _held: set[BinaryIO] = set()
+# Opening a lock file and registering it (and unregistering and closing it) happen under this lock, which
+# fork() takes first: a fork between the two would give the child a copy no one closes.
+_registry = threading.Lock()
 
 
 def _close_held_copies() -> None:
     for file in _held:
         file.close()
     _held.clear()
+    _registry.release()
 
 
-os.register_at_fork(after_in_child=_close_held_copies)
+os.register_at_fork(before=_registry.acquire, after_in_parent=_registry.release, after_in_child=_close_held_copies)
 
 
 @contextlib.contextmanager
 def flocked(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
-    with open(path, "a+b") as file:
+    with _registry:
+        file = open(path, "a+b")  # noqa: SIM115 - closed below, under the registry lock
         _held.add(file)
-        try:
-            fcntl.flock(file, mode)  # released by the kernel when the holder dies, whatever the way
-            yield
-        finally:
+    try:
+        fcntl.flock(file, mode)  # released by the kernel when the holder dies, whatever the way
+        yield
+    finally:
+        with _registry:
             _held.discard(file)
+            file.close()
 
 
 def identity(status: os.stat_result) -> list[int]:
@@ -109,7 +117,8 @@ class ShardCache:
     def open(self, remote: RemoteFolder, record: dict) -> BinaryIO:
         """The cached shard, checked to be the manifest's (see the module's docstring), opened and held in
         use (shared flock) until the file is closed."""
-        for _ in range(REOPENS):
+        changed = 0  # copies found changed; an eviction between the steps below costs a fetch, not a try
+        while changed < REOPENS:
             path = self.fetch(remote, record)
             try:
                 file = open(path, "rb")  # noqa: SIM115 - returned open: the lock lives as long as the file
@@ -123,6 +132,7 @@ class ShardCache:
             if self.is_the_shard(file, status, record):
                 return file
             file.close()
+            changed += 1
             self.discard(path, status, record)
             print(
                 f"warning: {path}: the cached copy of {remote.url_of(record['name'])} is not the shard the "
@@ -160,9 +170,10 @@ class ShardCache:
 
     def record_identity(self, record: dict, status: os.stat_result) -> None:
         path = self.identity_path(record)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
         temp.write_text(json.dumps(identity(status)))
-        os.replace(temp, path)
+        with contextlib.suppress(FileNotFoundError):  # swept meanwhile: the next open checks it in full
+            os.replace(temp, path)
 
     def discard(self, path: Path, status: os.stat_result, record: dict) -> None:
         """Remove the cached copy found wrong, unless another process has replaced it meanwhile."""
@@ -197,7 +208,10 @@ class ShardCache:
             part.unlink(missing_ok=True)
 
     def drop_dead_parts(self) -> None:
-        """`.part` files whose fetch is no longer alive (its process was killed): their shard's lock is free."""
+        """`.part` files whose fetch is no longer alive (its process was killed): their shard's lock is free;
+        and identity records half written (losing one only costs a full check)."""
+        for part in self.folder.glob(".*.id.*.part"):
+            part.unlink(missing_ok=True)
         for part in self.folder.glob(".*.tar.*.part"):
             sha256 = part.name[1:].split(".", 1)[0]
             with contextlib.suppress(OSError), open(self.lock_of(sha256), "a+b") as lock:
@@ -214,6 +228,7 @@ class ShardCache:
             temp = target.with_name(f".{target.name}.{os.getpid()}.part")
             try:
                 with open(temp, "wb") as file:
+                    file.truncate(size)  # its full size at once (sparse): make_room counts fetches in flight whole
                     digest = remote.download(name, size, file)
                 if digest == record["sha256"]:
                     os.replace(temp, target)

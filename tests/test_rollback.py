@@ -8,6 +8,7 @@ weights equal bit for bit those of a run told to skip the same micro-steps from 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from test_checkpoints import assert_bit_identical
 from trainer_helpers import build_small_shards, launch, launch_killed, metrics, write_config
 
+from pipeline.training import rollback
 from pipeline.training.data import StreamLayout, epoch_order
 from shards.random_access import SplitDataset
 from shards.reader import open_split
@@ -138,3 +140,31 @@ def test_a_loss_spike_rolls_back_until_max_rollbacks_then_stops(tmp_path: Path, 
         (105, 102, 204),
     ]
     assert record[0]["to_micro_step"] == 210 and record[1]["to_micro_step"] == 216  # each time further on
+
+
+def test_a_rollback_goes_back_on_its_own_timeline_not_to_latest(tmp_path: Path, shards: Path) -> None:
+    """A run resumed by path from step 2 of a folder whose `latest` is step 8 (the timeline it abandons)
+    diverges at step 4, before it writes a checkpoint: it rolls back to step 2, where it came from, never
+    forward to step 8; and it ends with the weights of the run told to skip."""
+    told = config(tmp_path, shards, "told", skip_micro_steps=[SKIPPED])
+    assert launch(told, "checkpoint.keep_last=10").returncode == 0  # step 2's checkpoint kept
+    folder = tmp_path / "told"
+    assert (folder / "checkpoints" / "latest").resolve().name == "step-00000008"
+    reference = tmp_path / "reference"
+    shutil.copytree(folder / "checkpoints" / "step-00000008", reference)
+    again = config(tmp_path, shards, "told", **ROLLBACK)  # the same folder, no skip given: the poison is met
+    result = launch(again, f"resume={folder / 'checkpoints' / 'step-00000002'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 4: diverged; rolled back to step-00000002" in result.stderr + result.stdout
+    record = [json.loads(line) for line in (folder / "rollbacks.jsonl").read_text().splitlines()]
+    assert record == [{"diverged_at_step": 4, "to_step": 2, "from_micro_step": 4, "to_micro_step": 10}]
+    assert_bit_identical(reference, folder / "checkpoints" / "latest")
+
+
+@pytest.mark.parametrize(("window", "loss", "spiked"), [(1.0, 25.0, True), (1.0, 15.0, False), (0.0, 1e9, False)])
+def test_the_spike_watch_compares_with_the_median_of_a_full_window(window: float, loss: float, spiked: bool) -> None:
+    """factor 20 over the last 100 losses; a window of zeros (a loss that can be zero) never calls a spike."""
+    assert rollback.SpikeWatch(20.0, [1.0] * 99).spiked(1e12) is False  # 99 losses: the window is not full yet
+    watch = rollback.SpikeWatch(20.0, [window] * rollback.SPIKE_WINDOW)
+    assert watch.spiked(loss) is spiked
+    assert rollback.SpikeWatch(None).spiked(1e30) is False

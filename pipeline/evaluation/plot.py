@@ -46,6 +46,8 @@ def panels(records: list[dict]) -> dict[str, Series]:
     """Panel title -> its curves, in the order the keys first appear (throughput last)."""
     grouped: dict[str, Series] = defaultdict(dict)
     for record in records:
+        if "event" in record:  # something the run did (a rollback), not a measurement
+            continue
         for key, value in record.items():
             if key in NOT_PLOTTED or not isinstance(value, int | float) or isinstance(value, bool):
                 continue

@@ -105,7 +105,8 @@ class SpikeWatch:
         """Whether `loss` is a spike; a step that is not one joins the window."""
         if self.factor is None or not math.isfinite(loss):  # a non-finite step is the other watch's
             return False
-        if len(self.losses) == SPIKE_WINDOW and loss > self.factor * statistics.median(self.losses):
+        median = statistics.median(self.losses) if len(self.losses) == SPIKE_WINDOW else 0.0
+        if median > 0 and loss > self.factor * median:  # a loss that can be zero or negative has no spikes
             return True
         self.losses.append(loss)
         return False

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 FOLDER = ".stop-causes"
-LOOK_SECONDS = 3.0  # the stopping rank writes its line before it exits, so before its peers see it gone
+# the stopping rank writes its line before it exits, so before its peers see it gone; on a shared file system
+# a new file may take a few seconds to show on other nodes
+LOOK_SECONDS = 10.0
 
 
 def clear(output_dir: Path) -> None:

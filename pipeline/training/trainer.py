@@ -121,6 +121,8 @@ class Trainer:
         self.step_loss = 0.0  # this rank's losses of the step so far (only with faults.spike_factor)
         self.rollbacks: list[dict[str, int]] = []  # the run's record (rollback.py), read when the loop starts
         self.skips: dict[int, int] = {}
+        self.good_checkpoint: int | None = None  # step of the checkpoint resumed from or last written
+        self.stopping = False  # SIGTERM agreed at the step that diverged
         self.output_dir = Path(config.output_dir)
         self.evaluation = TrainingEvaluation(config, self.accelerator) if config.eval.every else None
         self.checkpointer = Checkpointer(
@@ -169,6 +171,7 @@ class Trainer:
             raise CheckpointError(f"the ranks chose different checkpoints to resume from: {sorted(choices)}")
         if self.resume is not None:
             self.load_checkpoint(*self.resume)
+            self.good_checkpoint = self.step
         if self.step >= self.total_steps:
             if accelerator.is_main_process:
                 print(f"pipeline train: {self.output_dir} is already at step {self.step} of {self.total_steps}")
@@ -178,6 +181,12 @@ class Trainer:
             grid_inputs = self._grid_inputs()
         self.rollbacks = rollback.read_records(self.output_dir)
         self.skips = rollback.skip_table(config.faults.skip_micro_steps, self.rollbacks)
+        saved_batch = self.resume[1]["data"]["global_batch"] if self.resume is not None else self.layout.global_batch
+        if self.skips and saved_batch != self.layout.global_batch:
+            raise ConfigError(
+                f"faults.skip_micro_steps and {rollback.RECORD} count global micro-batches of {saved_batch} samples, "
+                f"this run's are {self.layout.global_batch}: resume on the same number of ranks and data.batch_size"
+            )
         log = RunLog(self.output_dir, accelerator, self.total_steps, self.step, self.images_seen)  # clock starts
         try:
             while True:  # once, unless the data jumps over a skip or the run rolls back
@@ -199,6 +208,9 @@ class Trainer:
                         prefetcher.stop()
                 if outcome == "diverged":
                     self._roll_back(log)
+                    if self.stopping:  # SIGTERM came with the divergence: the record is enough to resume
+                        log.say(f"stopped by SIGTERM at a rollback to step {self.step}: run again to resume")
+                        break
                 elif outcome == "done":
                     break
         finally:
@@ -250,6 +262,7 @@ class Trainer:
                 sums, micro_steps_summed = {}, 0
             if diverged or spiked:
                 if self._may_roll_back():
+                    self.stopping = stopping
                     return "diverged"
                 self._stop_diverged(spiked, step_loss)
             if self.step % config.sample_every == 0 or last:
@@ -259,6 +272,7 @@ class Trainer:
             every = config.checkpoint.every
             if (every is not None and self.step % every == 0) or clock_due or last or stopping:
                 self.save_checkpoint()
+                self.good_checkpoint = self.step
                 stop.clock_started()
             if stopping and not last:
                 log.say(f"stopped by SIGTERM after step {self.step}, its checkpoint written: run again to resume")
@@ -286,7 +300,7 @@ class Trainer:
     def _roll_back(self, log: RunLog) -> None:
         """Every rank: back to the last checkpoint, the data from the divergence (plus
         faults.rollback_skip_steps) on; recorded before training goes on (rollback.py)."""
-        folder = (checkpoint.checkpoints_root(self.output_dir) / checkpoint.LATEST).resolve()
+        folder = checkpoint.checkpoints_root(self.output_dir) / checkpoint.folder_name(self.good_checkpoint)
         diverged_at, divergence = self.step, self.micro_step
         self.load_checkpoint(folder, checkpoint.validate(folder))
         skip_to = divergence + self.config.faults.rollback_skip_steps * self.config.gradient_accumulation_steps
@@ -298,6 +312,7 @@ class Trainer:
             log.event(self.step, {"event": "rollback", **record})
         self.accelerator.wait_for_everyone()  # recorded before any rank trains on
         self.skipped_in_a_row, self.step_loss = 0, 0.0
+        self.bad_samples_here, self.fetch_counts_here = 0, Counter()  # met in the steps undone
         log.advance(self.step)
         log.say(
             f"step {diverged_at}: diverged; rolled back to {folder.name} (rollback {len(self.rollbacks)} of "
@@ -393,7 +408,8 @@ class Trainer:
                 "skipped; faults.max_skipped_steps_in_a_row)"
             )
         if self.config.faults.on_diverge == "rollback":
-            why = "no checkpoint to roll back to" if not latest.exists() else "faults.max_rollbacks reached"
+            reached = len(self.rollbacks) >= self.config.faults.max_rollbacks
+            why = "faults.max_rollbacks reached" if reached else "no checkpoint of this run before the divergence"
             advice = f"rolling back is not possible ({why})"
         else:
             advice = "faults.on_diverge: rollback would go back to it and skip the data that led here"
