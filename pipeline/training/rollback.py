@@ -5,8 +5,9 @@ diverged diverges again at the same step. PaLM's recipe (Chowdhery et al. 2022, 
 from a checkpoint before the spike and skip the data batches around it. When the run would stop for
 non-finite updates (faults.max_skipped_steps_in_a_row in a row), or a step's loss passes
 faults.spike_factor x the median of the last SPIKE_WINDOW steps', every rank reloads the last checkpoint
-of the run's own timeline (the one it resumed from or last wrote) and the data goes on from the divergence plus faults.rollback_skip_steps: the global
-micro-steps from the checkpoint's position to there are never read. At most faults.max_rollbacks times.
+of the run's own timeline (the one it resumed from or last wrote) and the data goes on from the divergence
+plus faults.rollback_skip_steps: the global micro-steps from the checkpoint's position to there are never
+read. At most faults.max_rollbacks times.
 
 Each rollback is recorded before the run goes on: a line of OUTPUT/rollbacks.jsonl (written whole and
 fsynced), an event in metrics.jsonl, and the list in every later checkpoint's trainer_state.json. The
