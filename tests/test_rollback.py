@@ -168,3 +168,17 @@ def test_the_spike_watch_compares_with_the_median_of_a_full_window(window: float
     watch = rollback.SpikeWatch(20.0, [window] * rollback.SPIKE_WINDOW)
     assert watch.spiked(loss) is spiked
     assert rollback.SpikeWatch(None).spiked(1e30) is False
+
+
+def test_no_checkpoint_of_its_own_before_the_divergence_stops_it_in_one_line(tmp_path: Path, shards: Path) -> None:
+    """A folder holding another run's checkpoints (its `latest` at step 8) but no metrics.jsonl: a run with
+    resume=none starts at step 0 beside them and diverges at step 4 before writing a checkpoint of its own.
+    It must not roll back into the other run's checkpoints: it stops, saying why."""
+    told = config(tmp_path, shards, "told", skip_micro_steps=[SKIPPED])
+    assert launch(told).returncode == 0
+    (tmp_path / "told" / "metrics.jsonl").unlink()
+    result = launch(config(tmp_path, shards, "told", **ROLLBACK), "resume=none", "checkpoint.every=100")
+    assert result.returncode != 0
+    assert "rolling back is not possible (no checkpoint of this run before the divergence)" in result.stderr
+    assert "Traceback (most recent call last)" not in result.stderr.split("pipeline train: error:")[0]
+    assert not (tmp_path / "told" / "rollbacks.jsonl").exists()

@@ -289,13 +289,14 @@ class Trainer:
         return share
 
     def _may_roll_back(self) -> bool:
-        latest = checkpoint.checkpoints_root(self.output_dir) / checkpoint.LATEST
-        faults_config = self.config.faults
-        return (
-            faults_config.on_diverge == "rollback"
-            and latest.is_dir()
-            and len(self.rollbacks) < faults_config.max_rollbacks
-        )
+        """Only to a checkpoint of this run's own timeline (the one it resumed from or last wrote, never a
+        later step an abandoned timeline left, which `latest` may still name), before the divergence."""
+        allowed = self.config.faults
+        if allowed.on_diverge != "rollback" or len(self.rollbacks) >= allowed.max_rollbacks:
+            return False
+        good = self.good_checkpoint
+        root = checkpoint.checkpoints_root(self.output_dir)
+        return good is not None and good < self.step and (root / checkpoint.folder_name(good)).is_dir()
 
     def _roll_back(self, log: RunLog) -> None:
         """Every rank: back to the last checkpoint, the data from the divergence (plus
