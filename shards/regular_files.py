@@ -42,8 +42,13 @@ def check_regular(path: str | Path) -> None:
 
 def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
     """The sha256 of a regular file's bytes, read in blocks (never all held at once)."""
-    digest = hashlib.sha256()
     with open_regular(path) as file:
-        while block := file.read(block_size):
-            digest.update(block)
+        return stream_sha256(file, block_size)
+
+
+def stream_sha256(file: BinaryIO, block_size: int = 1 << 20) -> str:
+    """The sha256 of what is left to read in an open binary file, read in blocks."""
+    digest = hashlib.sha256()
+    while block := file.read(block_size):
+        digest.update(block)
     return digest.hexdigest()

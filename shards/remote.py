@@ -228,24 +228,25 @@ class RemoteFolder:
         return retrying(call, self.url_of(name), self.retry_seconds, progress)
 
     def _bounded(self, method: str, *args, timeout: float | None = None, **kwargs):
-        """fsspec's `method` on the folder's file system, given `timeout` seconds (read_timeout by default)
-        to finish: its async form run on fsspec's loop, cancelled when the time is up (FSTimeoutError, a
-        TimeoutError: transient)."""
+        """fsspec's `method` on the folder's file system, bounded by `timeout` (see `_on_loop`)."""
         fs = self.fs
         if not getattr(fs, "async_impl", False):  # every store of REMOTE_SCHEMES is async; others are not bounded
             return getattr(fs, method)(*args, **kwargs)
+        return self._on_loop(getattr(fs, f"_{method}"), *args, timeout=timeout, **kwargs)
+
+    def _on_loop(self, coroutine: Callable, *args, timeout: float | None = None, **kwargs):
+        """`coroutine(*args, **kwargs)` run on fsspec's loop, given `timeout` seconds (read_timeout by
+        default) to finish, cancelled when the time is up (FSTimeoutError, a TimeoutError: transient)."""
         from fsspec.asyn import sync
 
-        return sync(fs.loop, getattr(fs, f"_{method}"), *args, timeout=timeout or self.read_timeout, **kwargs)
+        return sync(self.fs.loop, coroutine, *args, timeout=timeout or self.read_timeout, **kwargs)
 
     def read_range(self, name: str, start: int, end: int, timeout: float | None = None) -> bytes:
         """Bytes [start, end) of the file (fewer at its end), in one request bounded by `timeout`
         (read_timeout); an answer longer than asked is refused (StoreMisbehaved)."""
         path = self.path_of(name)
         if "http" in self.fs.protocol:
-            from fsspec.asyn import sync
-
-            data = sync(self.fs.loop, http_range, self.fs, path, start, end, timeout=timeout or self.read_timeout)
+            data = self._on_loop(http_range, self.fs, path, start, end, timeout=timeout)
         else:
             data = self._bounded("cat_file", path, start=start, end=end, timeout=timeout)
         if len(data) > end - start:
@@ -257,18 +258,15 @@ class RemoteFolder:
         else StoreMisbehaved before a byte of it is read."""
         limit = MAX_RECORD_FILE_BYTES if limit is None else limit
         size = self.size(name)
-        if size is None:  # no Content-Length: read up to the limit, and one byte more to know
-            into = io.BytesIO()
-            self.download(name, limit + 1, into, digest=False)
-            if into.tell() > limit:
-                raise StoreMisbehaved(f"{self.url_of(name)}: more than the {limit} bytes such a file may weigh")
-            return into.getvalue()
-        if size > limit:
+        if size is not None and size > limit:
             raise StoreMisbehaved(
                 f"{self.url_of(name)}: {size} bytes, more than the {limit} bytes such a file may weigh"
             )
-        into = io.BytesIO()
-        if self.download(name, size, into, digest=False) != size:
+        into = io.BytesIO()  # no size given (no Content-Length): up to the limit, and one byte more to know
+        read = self.download(name, limit + 1 if size is None else size, into, digest=False)
+        if read > limit:
+            raise StoreMisbehaved(f"{self.url_of(name)}: more than the {limit} bytes such a file may weigh")
+        if size is not None and read != size:
             raise StoreError(f"{self.url_of(name)}: shorter than the {size} bytes the store says it holds")
         return into.getvalue()
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from shards.errors import UserError, without_credentials
-from shards.regular_files import open_regular
+from shards.regular_files import open_regular, stream_sha256
 from shards.remote import LOCAL_DISK_ERRORS, RemoteFolder, counters
 
 IDENTITY = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
@@ -95,6 +94,11 @@ def identity(status: os.stat_result) -> list[int]:
     return [getattr(status, name) for name in IDENTITY]
 
 
+def identity_file(shard: Path) -> Path:
+    """`SHA.id` beside `SHA.tar`: the cached copy's identity as last checked, and its last use (mtime)."""
+    return shard.with_suffix(".id")
+
+
 class ShardCache:
     def __init__(self, folder: Path | None = None, limit: int | None = None) -> None:
         self.folder = Path(folder) if folder is not None else default_cache_dir()
@@ -109,7 +113,7 @@ class ShardCache:
         return self.folder / f"{record['sha256']}.tar"
 
     def identity_path(self, record: dict) -> Path:
-        return self.folder / f"{record['sha256']}.id"
+        return identity_file(self.path_of(record))
 
     def lock_of(self, sha256: str) -> Path:
         return self.folder / ".locks" / f"{sha256}.lock"
@@ -152,11 +156,9 @@ class ShardCache:
             return False
         if self.recorded_identity(record) == identity(status):
             return True
-        digest = hashlib.sha256()
-        while block := file.read(1 << 20):
-            digest.update(block)
+        digest = stream_sha256(file)
         file.seek(0)
-        if digest.hexdigest() != record["sha256"]:
+        if digest != record["sha256"]:
             return False
         self.record_identity(record, status)
         return True
@@ -282,7 +284,7 @@ class ShardCache:
     @staticmethod
     def last_used(path: Path) -> int:
         try:
-            return path.with_suffix(".id").stat().st_mtime_ns
+            return identity_file(path).stat().st_mtime_ns
         except FileNotFoundError:
             return path.stat().st_mtime_ns
 
@@ -293,7 +295,7 @@ def evict(path: Path) -> bool:
         with open(path, "rb") as file:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             path.unlink()
-            path.with_suffix(".id").unlink(missing_ok=True)
+            identity_file(path).unlink(missing_ok=True)
             return True
     except (BlockingIOError, FileNotFoundError):
         return False
