@@ -2,7 +2,7 @@
 
     python bench/cache_check.py [--images 4000] [--batches 40] [--repeats 3]
 
-The node cache (shards/shard_cache.py) opens a cached shard once per data worker and shard group, and reads
+The node cache (shards/read/shard_cache.py) opens a cached shard once per data worker and shard group, and reads
 its samples from it; a copy replaced or damaged on disk since it was fetched must not be read as the shard
 the manifest names. The cheap check (the size) catches truncation only; the full one (sha256 of the whole
 file) catches any change. Rows: the shards of bench/loader.py (the photographs of bench/shards_build.py at
@@ -20,7 +20,7 @@ import time
 from loader import arguments, bare_rate, shard_sets
 from report import machine, markdown_table, write_section
 
-from shards.reader import open_split
+from shards.read.reader import open_split
 from shards.regular_files import file_sha256
 
 

@@ -42,12 +42,11 @@ def small_shards(size: int) -> Path:
 
 
 def make_trainer(shards: Path, output_dir: Path, model: dict | None = None):
-    from pipeline.config import RunConfig
-    from pipeline.plugin import ImageInfo
-    from pipeline.plugins.vaegan import VAEGAN
-    from pipeline.training.data import MicroBatch
+    from pipeline.config.sections import RunConfig
+    from pipeline.data.stream import MicroBatch
+    from pipeline.training.resolved_run import resolve_run
     from pipeline.training.trainer import Trainer
-    from shards.reader import open_split
+    from shards.read.reader import open_split
 
     split = open_split(shards)
     config = RunConfig.model_validate(
@@ -61,9 +60,7 @@ def make_trainer(shards: Path, output_dir: Path, model: dict | None = None):
             "output_dir": str(output_dir),
         }
     )
-    plugin = VAEGAN(config.model, ImageInfo(split.image["size"], split.image["channels"]))
-    torch.manual_seed(0)
-    trainer = Trainer(config, plugin, split, plugin.build_networks())
+    trainer = Trainer(resolve_run(config, "bench", check_shards=False, warn=print))
     shape = (8, split.image["channels"], split.image["size"], split.image["size"])
     images = torch.randint(0, 256, shape, dtype=torch.uint8)  # pixels, as the training loader hands them over
     trainer.train_step(MicroBatch(images, torch.zeros(8, dtype=torch.long), 0))  # the optimizer state now exists

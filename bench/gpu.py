@@ -10,7 +10,7 @@ Parts, each in a process of its own (a fresh DeepSpeed engine, and a failure tha
   (bench/vaegan_direct.py under torch.autocast) at micro-batches 64 and 256, their ratio, and MFU: FLOPs
   of one step (torch.utils.flop_counter) x images/s against the device's dense bf16 peak (PEAK_TFLOPS);
 - compile: the same trainer's networks then compiled as `compile: true` compiles them
-  (pipeline.training.kernels.compile_networks), against its eager step;
+  (pipeline.engine.kernels.compile_networks), against its eager step;
 - loader: the full training loop fed by the shard loader (data.workers 2, 4, 8) against the same
   trainer fed from memory, at micro-batch 256: does the loader keep up;
 - checkpoint: save and load of bench/checkpoint.py in GB/s against bare safetensors;
@@ -119,18 +119,14 @@ def run_config(shards: Path, output_dir: Path, batch: int, dry_run: bool, **extr
 
 
 def make_trainer(config_tree: dict):
-    from pipeline.config import RunConfig
-    from pipeline.plugin import ImageInfo
-    from pipeline.plugins.vaegan import VAEGAN
+    from pipeline.config.sections import RunConfig
+    from pipeline.training.resolved_run import resolve_run
     from pipeline.training.trainer import Trainer
-    from shards.reader import open_split
 
     config = RunConfig.model_validate(config_tree)
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    split = open_split(config.data.shards)
-    plugin = VAEGAN(config.model, ImageInfo(split.image["size"], split.image["channels"]))
-    torch.manual_seed(0)
-    return Trainer(config, plugin, split, plugin.build_networks()), plugin
+    trainer = Trainer(resolve_run(config, "bench", check_shards=False, warn=print))
+    return trainer, trainer.plugin
 
 
 def step_part(shards: Path, batch: int, sizes: dict, dry_run: bool) -> dict:
@@ -141,8 +137,8 @@ def step_part(shards: Path, batch: int, sizes: dict, dry_run: bool) -> dict:
     from train_step import memory_batches, pipeline_from_memory, synchronize
     from vaegan_direct import DirectVAEGAN
 
-    from pipeline.training.kernels import compile_networks
-    from shards.reader import to_unit_range
+    from pipeline.engine.kernels import compile_networks
+    from shards.read.reader import to_unit_range
 
     warmup, steps, rounds = sizes["warmup"], sizes["steps"], range(sizes["rounds"])
     batches = memory_batches(shards, steps + warmup, batch)

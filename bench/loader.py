@@ -2,7 +2,7 @@
 
     python bench/loader.py [--images 4000] [--batches 40] [--repeats 2]
 
-The loader row is `pipeline.training.data.training_loader` with 1 worker process: random access into the
+The loader row is `pipeline.data.stream.training_loader` with 1 worker process: random access into the
 shards (tar index, seek), decode, the paper's horizontal flip, collate, and the hand-over of each
 micro-batch of 64 to the training process. The bare row reads the same shards' members in file order and
 decodes them with PIL into the same tensors (uint8 pixels: the trainer scales them on its device), in
@@ -29,8 +29,8 @@ from PIL import Image
 from report import machine, markdown_table, write_section
 from shards_build import OUT, make_corpus
 
-from pipeline.training.data import StreamLayout, training_loader
-from shards.reader import open_split
+from pipeline.data.stream import StreamLayout, training_loader
+from shards.read.reader import open_split
 
 BATCH = 64
 SHAPES = [("32x32 L png", 32, "L", "png"), ("64x64 RGB png", 64, "RGB", "png"), ("64x64 RGB jpg", 64, "RGB", "jpg")]

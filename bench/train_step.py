@@ -27,7 +27,7 @@ import torch
 import yaml
 from report import in_fresh_process, machine, markdown_table, write_section
 
-from shards.reader import to_unit_range
+from shards.read.reader import to_unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "train_step"
@@ -56,8 +56,8 @@ def run_config(shards: Path, output_dir: Path, steps: int, **extra) -> dict:
 
 
 def memory_batches(shards: Path, count: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from shards.random_access import SplitDataset
-    from shards.reader import open_split
+    from shards.read.random_access import SplitDataset
+    from shards.read.reader import open_split
 
     dataset = SplitDataset(open_split(shards), pixels=True)  # uint8, as the training loader hands them over
     batches = []
@@ -94,7 +94,7 @@ def synchronize() -> None:
 
 
 def pipeline_from_memory(trainer, batches, warmup: int) -> float:
-    from pipeline.training.data import MicroBatch
+    from pipeline.data.stream import MicroBatch
 
     for index, (images, labels) in enumerate(batches):
         if index == warmup:
@@ -119,11 +119,12 @@ def pipeline_from_shards(trainer, steps: int, log_every: int) -> float:
 
 def measure(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_loader: bool) -> dict:
     """In this process: the bare loop and the trainer's step at one ZeRO stage, interleaved."""
-    from pipeline.config import RunConfig
+    from pipeline.config.sections import RunConfig
     from pipeline.plugin import ImageInfo
     from pipeline.plugins.vae import VAE
+    from pipeline.training.resolved_run import resolve_run
     from pipeline.training.trainer import Trainer
-    from shards.reader import open_split
+    from shards.read.reader import open_split
 
     split = open_split(shards)
     image = ImageInfo(split.image["size"], split.image["channels"])
@@ -139,9 +140,7 @@ def measure(shards: Path, stage: int, batch: int, steps: int, rounds: int, with_
     shutil.rmtree(config.output_dir, ignore_errors=True)  # a fresh run folder each time
     warmup = 5
     batches = memory_batches(shards, steps + warmup, batch)
-    plugin = VAE(config.model, image)
-    torch.manual_seed(config.seed)
-    trainer = Trainer(config, plugin, split, plugin.build_networks())
+    trainer = Trainer(resolve_run(config, "bench", check_shards=False, warn=print))
     best = {"bare": 0.0, "memory": 0.0}
     for _ in range(rounds):
         best["bare"] = max(best["bare"], bare_loop(VAE(config.model, image), batches, warmup))
@@ -185,27 +184,22 @@ def speed(shards: Path, steps: int, rounds: int) -> list[list[str]]:
 
 def vaegan_trainer(shards: Path, batch: int, name: str):
     """(trainer, plugin) of the `vaegan` plugin, DeepSpeed ZeRO-2 in this process, in a fresh run folder."""
-    from pipeline.config import RunConfig
-    from pipeline.plugin import ImageInfo
-    from pipeline.plugins.vaegan import VAEGAN
+    from pipeline.config.sections import RunConfig
+    from pipeline.training.resolved_run import resolve_run
     from pipeline.training.trainer import Trainer
-    from shards.reader import open_split
 
-    split = open_split(shards)
-    image = ImageInfo(split.image["size"], split.image["channels"])
     data = {"shards": str(shards), "batch_size": batch, "workers": 1}
     config = RunConfig.model_validate(run_config(shards, OUT / f"{name}-{batch}", 10**6, plugin="vaegan", data=data))
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    plugin = VAEGAN(config.model, image)
-    torch.manual_seed(0)
-    return Trainer(config, plugin, split, plugin.build_networks()), plugin
+    trainer = Trainer(resolve_run(config, "bench", check_shards=False, warn=print))
+    return trainer, trainer.plugin
 
 
 def measure_ema(shards: Path, steps: int, rounds: int, batch: int) -> dict:
     """In this process: the pipeline's VAE-GAN step fed from memory with no EMA, and with the EMA of its
     encoder and decoder (decay 0.999) following every step, interleaved on the same trainer."""
-    from pipeline.config import EMAConfig
-    from pipeline.training.ema import weight_average
+    from pipeline.checkpoints.ema import weight_average
+    from pipeline.config.sections import EMAConfig
 
     trainer, plugin = vaegan_trainer(shards, batch, "ema")
     average = weight_average(EMAConfig(decay=0.999), plugin, trainer.networks)

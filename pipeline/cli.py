@@ -13,10 +13,10 @@ from rich.table import Table
 
 from pipeline import train
 from pipeline.checkpoints import checkpoint
-from pipeline.evaluation import evaluate, model_commands, plot
+from pipeline.commands import evaluate, model_commands, plot
 from pipeline.plugin import describe, installed_plugins
 from shards import __version__
-from shards.cli import ArgumentParser, check_output_folder, one_line, output, report_error
+from shards.command_line import ArgumentParser, check_output_folder, one_line, output, report_error
 from shards.errors import UserError
 
 

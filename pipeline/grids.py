@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from shards.reader import tensor_to_image
+from shards.read.reader import tensor_to_image
 
 PADDING = 2
 PAD_VALUE = 128

@@ -35,22 +35,18 @@ from PIL import Image
 from torch import nn
 
 from pipeline.checkpoints import checkpoint
+from pipeline.checkpoints.ema import SUFFIX as EMA_SUFFIX
+from pipeline.checkpoints.ema import ema_file, folder_has_ema
 from pipeline.checkpoints.weights import load_weights, read_description
-from pipeline.plugin import ImageInfo, ModelPlugin, PluginError, load_plugin_class, options_of_folder, require
-from pipeline.training.ema import SUFFIX as EMA_SUFFIX
-from pipeline.training.ema import ema_file, folder_has_ema
+from pipeline.errors import ModelInputError, PluginError
+from pipeline.plugin import ImageInfo, ModelPlugin, load_plugin_class, options_of_folder, require
+from shards.build.imageops import to_mode
 from shards.errors import UserError
-from shards.imageops import to_mode
-from shards.reader import tensor_to_image, to_unit_range
+from shards.read.reader import tensor_to_image, to_unit_range
 
 ImagesIn = torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Image]
 WEIGHTS = ("ema", "raw")
 MAX_DRAW = 2**16  # images one sample() call may draw: a bound on what it allocates
-
-
-class ModelInputError(UserError, ValueError):
-    """A broken rule of the API's arguments (module docstring): a ValueError to Python callers, one line
-    from the commands."""
 
 
 def whole_number(name: str, value: object, low: int, high: int) -> int:

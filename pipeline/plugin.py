@@ -82,13 +82,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from shards.errors import UserError
+from pipeline.errors import PluginError
 
 ENTRY_POINT_GROUP = "pipeline.plugins"
-
-
-class PluginError(UserError):
-    pass
 
 
 @dataclass(frozen=True)

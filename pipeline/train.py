@@ -21,24 +21,18 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-import yaml
 
-from pipeline.checkpoints.checkpoint import check_plugin, check_shapes, find_resume
-from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.evaluation import in_training
+from pipeline.config.loading import load_config
+from pipeline.data.workers import die_with_parent
+from pipeline.engine.deepspeed_internals import check_versions
+from pipeline.errors import ConfigError
 from pipeline.launch import LAUNCHER_PID
-from pipeline.plugin import ImageInfo, PluginError, check_required, load_plugin_class
 from pipeline.training import stop_cause
-from pipeline.training.data_workers import die_with_parent
-from pipeline.training.deepspeed_config import build_deepspeed_config
-from pipeline.training.deepspeed_internals import check_versions
-from pipeline.training.engine import checked_optimizer_defaults, optimizer_plan, resolve_precision, resolved_config
+from pipeline.training.resolved_run import resolve_run
 from pipeline.training.rollback import RECORD
 from pipeline.training.run_lock import RunLock, wait_for_first_rank
-from pipeline.training.trackers import chosen as chosen_trackers
-from shards.cli import ArgumentParser, one_line
+from shards.command_line import ArgumentParser, one_line
 from shards.errors import UserError, UserStop, without_credentials
-from shards.reader import ShardSplit, open_split
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,21 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="check the config, plugin options, shards, output folder and DeepSpeed config as a start would, print "
         "the resolved config (every default filled in) and exit 0, or 2 with the one line; writes nothing",
     )
-
-
-def check_optimizer_networks(config: RunConfig, networks: dict) -> None:
-    unknown = sorted(set(config.optimizer.model_extra or {}) - set(networks))
-    if unknown:
-        raise ConfigError(f"optimizer.{unknown[0]}: no such network (this plugin has: {', '.join(networks)})")
-
-
-def check_one_global_batch(config: RunConfig, split: ShardSplit) -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if split.count < world_size * config.data.batch_size:
-        raise ConfigError(
-            f"data.batch_size: {split.count} samples in {split.location} ({split.split}) are fewer than one global "
-            f"micro-batch of {world_size} ranks x {config.data.batch_size}"
-        )
 
 
 def prepare_output_dir(output_dir: Path, resuming: bool, resume: str, lock: RunLock | None) -> None:
@@ -99,74 +78,35 @@ def warn(message: str) -> None:
         print(f"pipeline train: warning: {one_line(message)}", file=sys.stderr)
 
 
-def find_checkpoint(config: RunConfig, split: ShardSplit) -> tuple[Path, dict] | None:
-    found = find_resume(config.output_dir, config.resume, warn)
-    if found is None:
-        return None
-    folder, state = found
-    check_plugin(folder, state, config.plugin)
-    position = state["data"]
-    saved_stream = (position["samples"], position["seed"], position["shuffle_shards"])
-    if saved_stream != (split.count, config.seed, config.data.shuffle_shards):
-        warn(
-            f"{folder.name} was trained on another data stream (samples, seed, shuffle_shards = {saved_stream}); "
-            f"continuing at epoch {position['epoch']}, sample {position['sample_in_epoch']} of this one"
-        )
-    return found
-
-
-def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit):
-    try:
-        plugin = plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
-    except (ValueError, TypeError) as error:  # a third-party plugin rejecting its options its own way
-        raise PluginError(f"{config.plugin}: bad model options: {error}") from None
-    check_required(plugin, config.plugin)
-    return plugin
-
-
 def run(args: argparse.Namespace) -> int:
     die_with_launcher()
     output_dir = None
     try:
-        # Everything a user can get wrong is checked first, before a process group or engine exists.
+        # Everything a user can get wrong is checked first, before a process group or engine exists
+        # (resolved_run.py); the rest of this function is the process's life around the trainer.
         check_versions()
         config = load_config(args.config, args.overrides)
         output_dir = config.output_dir
         # one process holds the run folder, from before anything reads it to the run's end (run_lock.py)
         rank_zero = int(os.environ.get("RANK", "0")) == 0
-        first_rank = rank_zero and not args.dry_run
-        lock = RunLock(config.output_dir, warn) if first_rank else None
+        lock = RunLock(config.output_dir, warn) if rank_zero and not args.dry_run else None
         if lock is not None:
             lock.take_if_present()
-        plugin_class = load_plugin_class(config.plugin)
-        split = open_split(config.data.shards, config.data.split, config.data.remote_access(), check_shards=rank_zero)
-        resume = find_checkpoint(config, split)
-        check_one_global_batch(config, split)
-        precision = resolve_precision(config.precision)
-        build_deepspeed_config(config, precision)  # what DeepSpeed would refuse, or we could not checkpoint
-        chosen_trackers(config.log_with)  # each installed
-        plugin = make_plugin(plugin_class, config, split)
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        networks = plugin.build_networks()
-        check_optimizer_networks(config, networks)
-        in_training.check(config, plugin)  # eval.every: the held-out images and the extractor
-        defaults = checked_optimizer_defaults(config.plugin, plugin.optimizer_defaults(), list(networks))
-        optimizer_plan(config, defaults, list(networks))  # an optimizer setting the chosen optimizer cannot take
-        if resume is not None:
-            check_shapes(resume[0], config.plugin, networks)
+        resolved = resolve_run(config, args.config, check_shards=rank_zero, warn=warn)
+        resuming = resolved.resume is not None
         if args.dry_run:
-            prepare_output_dir(config.output_dir, resume is not None, config.resume, None)  # checks, writes nothing
-            print(dry_run_report(config, plugin, list(networks), precision, resume))
+            prepare_output_dir(config.output_dir, resuming, config.resume, None)  # checks, writes nothing
+            print(resolved.report())
             return 0
         # last: a rejected config leaves no folder behind
-        prepare_output_dir(config.output_dir, resume is not None, config.resume, lock)
+        prepare_output_dir(config.output_dir, resuming, config.resume, lock)
         if lock is not None:
             stop_cause.clear(config.output_dir)
-        if lock is None:
+        else:
             wait_for_first_rank(config.output_dir, config.faults.collective_timeout_minutes * 60)
         from pipeline.training.trainer import Trainer  # heavy (DeepSpeed): only once all that is sound
 
-        Trainer(config, plugin, split, networks, resume).train()
+        Trainer(resolved).train()
     except (UserError, UserStop) as error:
         line = f"pipeline train: error: {one_line(str(error))}"
         if not torch.distributed.is_initialized():
@@ -202,20 +142,6 @@ def run(args: argparse.Namespace) -> int:
         )
         leave_without_finalization(1)
     leave_without_finalization(0)
-
-
-def dry_run_report(config: RunConfig, plugin, networks: list[str], precision: str, resume) -> str:
-    """The run config as the run would use it (engine.resolved_config), and the DeepSpeed config built
-    from it (which also checks that config)."""
-    start = f"resume from {resume[0]} (step {resume[1]['step']})" if resume else "start at step 0"
-    document = {
-        **resolved_config(config, plugin, networks),
-        "deepspeed_config": build_deepspeed_config(config, precision),
-    }
-    return (
-        f"# pipeline train --dry-run: every check passed; the run would {start}, precision {precision}\n"
-        + yaml.safe_dump(document, sort_keys=False)
-    ).rstrip("\n")
 
 
 def say_once(line: str) -> None:

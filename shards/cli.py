@@ -1,264 +1,41 @@
-"""The `shards` command: build, inspect and verify webdataset shards of images.
-
-Both command lines (`shards`, `pipeline`) follow the conventions defined here: a usage mistake ends with
-one line on stderr and exit status 2 (`ArgumentParser`, `report_error`); every number has a type and a
-range (`bounded`); every output path is checked before the work (`check_output_file`,
-`check_output_folder`); a command's result goes to stdout (`output`), progress and errors to stderr.
-"""
+"""The `shards` command: build, inspect and verify webdataset shards of images (its conventions:
+shards/command_line.py)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
-import os
 import re
 import sys
 import tarfile
-import tempfile
-from collections.abc import Callable, Iterable
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import NoReturn
-
-from rich.console import Console
 
 from shards import __version__
-from shards.errors import UserError, without_credentials
-from shards.imageops import CROPS, FORMATS, MODES, PIL_DEFAULT_MAX_PIXELS, ImageSpec
-
-BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-MAX_SHARD_BYTES = 2**50
-MAX_WORKERS = 4096
-MAX_GRID = 4096  # images in one contact sheet or grid
-SEEDS = (0, 2**31 - 1)  # the run config's range: every seed of both command lines
-GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-NAME_MARGIN = 16  # bytes a writer may add to a file name for its temporary file (x.png -> x.tmp.png)
-LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
-
-# A command's result (tables, what it wrote) goes here, so that it can be piped; progress bars,
-# warnings and errors go to stderr (`shards.progress.console`).
-output = Console()
-
-
-def one_line(text: str) -> str:
-    """`text` as one printable line: line breaks escaped, undecodable file-name bytes as \\xNN, no
-    credentials of a URL (errors.without_credentials)."""
-    text = without_credentials(text)
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(repr(char)[1:-1] if char in LINE_BREAKS else char for char in text)
-
-
-def report_error(command: str, error: UserError) -> int:
-    print(f"{command}: error: {one_line(str(error))}", file=sys.stderr)
-    return 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage mistakes are one line on stderr (`PROG: error: ...`, the usage is in --help)
-    and exit status 2. Subcommands' parsers are of this class too."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
-
-    def _get_values(self, action: argparse.Action, arg_strings: list[str]):
-        # `--count=--`: argparse drops the "--" and hands the option an empty list instead of one value
-        # (found by tests/test_bad_arguments.py: `reconstruct --count=--` read every image)
-        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
-            raise argparse.ArgumentError(action, "expected one argument, not '--'")
-        return super()._get_values(action, arg_strings)
-
-
-def _quoted(text: str, limit: int = 40) -> str:
-    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
-
-
-def bounded(kind: type, low: float, high: float | None = None):
-    """An argparse type: an int (`kind=int`) or a finite float in [low, high]."""
-    noun = "a whole number" if kind is int else "a number"
-    allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
-
-    def parse(text: str):
-        refusal = argparse.ArgumentTypeError(f"must be {noun} {allowed}, not {_quoted(text)}")
-        try:
-            value = kind(text)
-        except (ValueError, OverflowError):
-            raise refusal from None
-        if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
-            raise refusal
-        return value
-
-    return parse
-
-
-def seed(text: str) -> int:
-    return bounded(int, *SEEDS)(text)
-
-
-def byte_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {_quoted(text)} (examples: 500000, 200MB, 1GiB)")
-    try:
-        size = int(Decimal(match.group(1)) * BYTE_UNITS[match.group(2) or ""])
-    except (InvalidOperation, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {_quoted(text)} (examples: 500000, 200MB, 1GiB)") from None
-    if not 1 <= size <= MAX_SHARD_BYTES:
-        raise argparse.ArgumentTypeError(f"must be from 1 byte to 1PiB, not {_quoted(text)}")
-    return size
-
-
-def shard_folder(text: str) -> str | Path:
-    """A shard folder argument: a local path, or a remote folder's URL (s3://, gs://, http(s)://)."""
-    from shards.remote import is_remote
-
-    return text if is_remote(text) else Path(text)
-
-
-SHARD_FOLDER_HELP = (
-    "a shard folder, or its URL: s3://, gs://, http(s):// (credentials as the store's own tools read them; "
-    "an S3-compatible endpoint from AWS_ENDPOINT_URL)"
+from shards.build.options import add_build_options, build_option_defaults, build_options, check_build_out
+from shards.command_line import (
+    MAX_GRID,
+    MAX_WORKERS,
+    SHARD_FOLDER_HELP,
+    ArgumentParser,
+    bounded,
+    check_output_file,
+    check_output_folder,
+    default_workers,
+    grid_file,
+    one_line,
+    output,
+    quoted,
+    report_error,
+    shard_folder,
 )
-
-
-def _first_existing(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def _check_creatable(target: Path, folder: Path) -> None:
-    """`folder` exists and takes new files, or can be created (its nearest existing ancestor does)."""
-    existing = _first_existing(folder)
-    if not existing.is_dir():
-        raise UserError(f"cannot write {target}: {existing} is not a folder")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()  # O_TMPFILE where it can: nothing ever appears
-    except OSError as error:
-        raise UserError(f"cannot write {target}: {existing} is not writable ({error.strerror or error})") from None
-    try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-    except OSError:
-        name_max = 255
-    parts = target.relative_to(existing).parts
-    for index, part in enumerate(parts):
-        margin = NAME_MARGIN if index == len(parts) - 1 else 0  # the file's own name: room for a temporary one
-        if len(os.fsencode(part)) + margin > name_max:
-            raise UserError(f"cannot write {target}: the name {part[:40]!r}... is too long")
-
-
-def check_output_file(path: Path) -> None:
-    """Before any work: `path` can be written as a file; folders missing above it are created later."""
-    try:
-        if path.is_dir():
-            raise UserError(f"{path} is a folder; give a file name")
-        if path.exists() and not path.is_file():
-            raise UserError(f"{path} exists and is not a regular file")
-        _check_creatable(path, path.parent)
-    except OSError as error:  # a name too long, a loop of links, ...
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def check_output_folder(path: Path) -> None:
-    """Before any work: `path` is a folder that takes new files, or one that can be created."""
-    try:
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{path} exists and is not a folder")
-        _check_creatable(path, path)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def grid_file(text: str) -> Path:
-    """An argparse type: an image file to write, named for its format."""
-    path = Path(text)
-    if path.suffix.lower() not in GRID_SUFFIXES:
-        raise argparse.ArgumentTypeError(f"{_quoted(text)} is not a file name ending in {', '.join(GRID_SUFFIXES)}")
-    return path
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def add_build_options(parser: argparse.ArgumentParser) -> None:
-    """What the shards are: given to `shards build` or to `shards plan` (whose parts read it back)."""
-    parser.add_argument(
-        "--size", type=bounded(int, 1, 8192), default=64, help="side of the square output images (default 64)"
-    )
-    parser.add_argument(
-        "--crop",
-        choices=CROPS,
-        default="center",
-        help="center: largest centred square; none: squash the whole image; "
-        "celeba: the paper's rows 40:188, cols 15:163 of aligned 178x218 images (default center)",
-    )
-    parser.add_argument(
-        "--format", choices=sorted(FORMATS), default="png", help="image encoding in the shards (default png)"
-    )
-    parser.add_argument(
-        "--quality", type=bounded(int, 1, 100), default=95, help="jpg/webp quality; webp 100 = lossless (default 95)"
-    )
-    parser.add_argument("--mode", choices=MODES, default="RGB", help="RGB or L (grayscale) output (default RGB)")
-    parser.add_argument(
-        "--labels",
-        choices=("none", "folder"),
-        default="none",
-        help="folder: label = first sub-folder under SRC (a list file's 2nd column is always read)",
-    )
-    parser.add_argument(
-        "--shard-size", type=bounded(int, 1, 10**9), default=1000, help="samples per shard (default 1000)"
-    )
-    parser.add_argument(
-        "--shard-bytes", type=byte_size, default=None, help="also cap each shard's file size, e.g. 200MB (local builds)"
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=bounded(float, 0.0, 1.0),
-        default=0.05,
-        help="share of images in the val split, chosen by a hash of each key (default 0.05)",
-    )
-    parser.add_argument("--seed", type=seed, default=0, help="order of samples across shards (default 0)")
-    parser.add_argument(
-        "--max-pixels",
-        type=bounded(int, 1, 2**40),
-        default=PIL_DEFAULT_MAX_PIXELS,
-        help="skip images with more pixels than this as decompression bombs",
-    )
-
-
-def build_option_defaults() -> dict[str, object]:
-    """Each option add_build_options defines, with its default (what `--part` must be left at)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    add_build_options(probe)
-    return {action.dest: action.default for action in probe._actions}
-
-
-def build_option_validators() -> dict[str, Callable[[str], object]]:
-    """Each option add_build_options defines, and what checks a value of it given as text: its argparse
-    type, or its choices (what a plan's options must pass again when a part or merge reads them)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    add_build_options(probe)
-    return {action.dest: _choice(action.choices) if action.choices else action.type for action in probe._actions}
-
-
-def _choice(choices: Iterable[str]) -> Callable[[str], str]:
-    def check(text: str) -> str:
-        if text not in choices:
-            raise ValueError(f"{text[:80]!r} is not one of {', '.join(sorted(choices))}")
-        return text
-
-    return check
+from shards.errors import UserError
 
 
 def part_of(text: str) -> tuple[int, int]:
     """An argparse type: K/N, 1 <= K <= N."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match or not 1 <= int(match[1]) <= int(match[2]) <= 10**6:
-        raise argparse.ArgumentTypeError(f"{_quoted(text)} is not K/N with 1 <= K <= N (e.g. 3/8)")
+        raise argparse.ArgumentTypeError(f"{quoted(text)} is not K/N with 1 <= K <= N (e.g. 3/8)")
     return int(match[1]), int(match[2])
 
 
@@ -372,52 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_build_out(out: Path | str, options, overwrite: bool) -> None:
-    """OUT as it is now, before SRC is even listed: a folder (or creatable), and not another build's
-    shards unless --overwrite (so that a refused build leaves nothing behind)."""
-    from shards.folder import ShardFolder
-    from shards.manifest import MANIFEST_NAME
-    from shards.publish import publisher_for
-    from shards.remote import StoreNotFound
-
-    publisher_for(out)  # refuses an OUT it cannot write to
-    if isinstance(out, Path):
-        check_output_folder(out)
-        if not (out / MANIFEST_NAME).exists():
-            return
-    if overwrite:
-        return
-    try:
-        existing = ShardFolder.at(out).manifest()
-    except StoreNotFound:
-        return
-    if existing["options"] != options.as_dict():
-        raise UserError(f"{out} already holds shards built with other options; choose another OUT or pass --overwrite")
-
-
-def build_options(args: argparse.Namespace):
-    from shards.build import BuildOptions
-
-    if args.crop == "celeba" and args.size > 148:
-        raise UserError("--crop celeba keeps a 148x148 face: choose --size 148 or less")
-    image = ImageSpec(
-        size=args.size,
-        crop=args.crop,
-        format=args.format,
-        quality=args.quality,
-        mode=args.mode,
-        max_pixels=args.max_pixels,
-    )
-    return BuildOptions(
-        image=image,
-        shard_size=args.shard_size,
-        shard_bytes=args.shard_bytes,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        labels=args.labels,
-    )
-
-
 @contextlib.contextmanager
 def no_empty_out_left(out: Path | str):
     """A refused build (no usable image, say) leaves no empty OUT behind."""
@@ -436,7 +167,7 @@ def manifest_location(out: Path | str) -> str:
 
 
 def print_summary(manifest: dict) -> None:
-    from shards.report import skipped_table, summary_table
+    from shards.check.report import skipped_table, summary_table
 
     output.print(summary_table(manifest))
     skipped = skipped_table(manifest)
@@ -450,13 +181,13 @@ def print_manifest(manifest: dict, out: Path | str) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from shards.build import build
+    from shards.build.builder import build
 
     if args.part:
         return run_part(args)
     if args.out is None:
         raise UserError("give SRC and OUT (or OUT --part K/N for a part of a planned build)")
-    from shards.plan import refuse_or_drop_plan
+    from shards.build.plan import refuse_or_drop_plan
 
     options = build_options(args)
     check_build_out(args.out, options, args.overwrite)
@@ -469,7 +200,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_part(args: argparse.Namespace) -> int:
-    from shards.plan import build_part
+    from shards.build.plan import build_part
 
     if args.out is not None:
         raise UserError("--part K/N takes OUT alone: SRC and the options are read from the plan in OUT")
@@ -484,7 +215,7 @@ def run_part(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from shards.plan import write_plan
+    from shards.build.plan import write_plan
 
     options = build_options(args)
     check_build_out(args.out, options, args.overwrite)
@@ -502,16 +233,16 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from shards.plan import merge
+    from shards.build.plan import merge
 
     print_manifest(merge(args.out), args.out)
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from shards.folder import ShardFolder
-    from shards.report import contact_sheet
-    from shards.shard_cache import DamagedShard
+    from shards.check.report import contact_sheet
+    from shards.read.folder import ShardFolder
+    from shards.read.shard_cache import DamagedShard
 
     folder = ShardFolder.at(args.out)
     manifest = folder.manifest()
@@ -535,7 +266,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from shards.verify import verify
+    from shards.check.verify import verify
 
     bad = verify(args.out, args.workers)
     for name, problems in bad:  # the findings are the result: stdout, like `sha256sum --check`
@@ -548,7 +279,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_demo_images(args: argparse.Namespace) -> int:
-    from shards.demo_images import write_demo_images
+    from shards.build.demo_images import write_demo_images
 
     check_output_folder(args.dest)
     count = write_demo_images(args.dest, args.source, args.limit)

@@ -26,7 +26,7 @@ URL_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@"
 
 def without_credentials(text: str) -> str:
     """`text` with the user-info of every URL in it replaced by `***`: what a run prints or writes (its
-    config copies, errors, logs) never holds a password given in a URL (README, "Remote shards")."""
+    config copies, errors, logs) never holds a password given in a URL (docs/shards.md, "Remote shards")."""
     return URL_USER_INFO.sub(r"\g<scheme>***@", text)
 
 

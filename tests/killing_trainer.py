@@ -46,7 +46,7 @@ def descendants(root: int) -> list[int]:
 
 def kill_the_run(sent: signal.Signals = signal.SIGKILL) -> None:
     """Sent by another process, /bin/kill, as by SLURM or a node failure: data workers end on a SIGTERM
-    from their own rank (pipeline/training/data_workers.py), not on one from elsewhere."""
+    from their own rank (pipeline/data/workers.py), not on one from elsewhere."""
     # under accelerate launch the parent is the launcher; a lone `python killing_trainer.py` kills itself
     root = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
     pids = sorted(descendants(root), key=lambda pid: pid == os.getpid())  # this process last

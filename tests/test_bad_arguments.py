@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from trainer_helpers import run_python
 
 from pipeline.cli import main as pipeline_main
-from pipeline.config import COUNT_MAX, load_config
+from pipeline.config.fields import COUNT_MAX
+from pipeline.config.loading import load_config
 from pipeline.plugin import ImageInfo
 from pipeline.plugins.vae import VAE
 from pipeline.training.run_log import RunLog, json_line
@@ -598,7 +599,7 @@ def test_an_unknown_or_missing_key_is_one_line(world: World, data) -> None:
 
 
 def load_config_fields(section: str) -> list[str]:
-    from pipeline.config import RunConfig
+    from pipeline.config.sections import RunConfig
 
     model = RunConfig if not section else RunConfig.model_fields[section].annotation
     return list(model.model_fields)
@@ -807,7 +808,7 @@ def test_a_deepspeed_json_section_of_the_wrong_type_is_one_line(world: World) ->
 
 
 def test_a_boolean_for_a_plugin_number_is_refused() -> None:
-    from pipeline.plugin import PluginError
+    from pipeline.errors import PluginError
 
     with pytest.raises(PluginError, match="latent_size"):
         VAE({"latent_size": True}, ImageInfo(32, 1))

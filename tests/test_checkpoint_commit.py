@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save
 
 from pipeline.checkpoints import checkpoint
-from pipeline.checkpoints.optimizer_state import CheckpointError, partition_file
-from pipeline.training import rng
+from pipeline.checkpoints.optimizer_state import partition_file
+from pipeline.engine import rng
+from pipeline.errors import CheckpointError
 
 PREVIOUS, STEP = 2, 4
 OLD, NEW = checkpoint.folder_name(PREVIOUS), checkpoint.folder_name(STEP)

@@ -24,7 +24,7 @@ from trainer_helpers import (
 )
 
 from pipeline.checkpoints.checkpoint import point_latest, prune
-from pipeline.training.data import StreamLayout, epoch_order, resume_micro_step
+from pipeline.data.stream import StreamLayout, epoch_order, resume_micro_step
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def test_another_global_batch_repeats_less_than_one_batch_and_skips_nothing(save
 
 
 def _position(layout: StreamLayout, micro_step: int) -> dict:
-    from pipeline.training.data import data_position
+    from pipeline.data.stream import data_position
 
     return data_position(layout, micro_step)
 

@@ -18,10 +18,10 @@ from test_checkpoints import assert_ok
 from test_faults import overwrite_image
 from trainer_helpers import PLUGIN_FIXTURE, build_small_shards, launch, metrics, weights, write_config
 
+from pipeline.data.stream import StreamLayout, epoch_order
 from pipeline.plugin import ImageInfo
-from pipeline.training.data import StreamLayout, epoch_order
-from shards.random_access import SampleError, SplitDataset
-from shards.reader import open_split
+from shards.read.random_access import SampleError, SplitDataset
+from shards.read.reader import open_split
 
 SEED, RANKS, MICRO_STEPS, BATCH, STEPS = 7, 2, 2, 3, 3
 # SGD rates that move each network by about 15% of its weights in 3 steps: at the plugin's defaults (0.05,
@@ -37,7 +37,7 @@ DAMAGED = {
 
 
 def rank_micro_batches(layout: StreamLayout, count: int) -> list[list[list[int]]]:
-    """The sample indices of each of the first `count` global micro-steps, per rank (pipeline/training/data.py's
+    """The sample indices of each of the first `count` global micro-steps, per rank (pipeline/data/stream.py's
     contract: rank r takes the r-th slice of each global micro-batch of the epoch order)."""
     batches = []
     for micro_step in range(count):

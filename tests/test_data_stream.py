@@ -12,8 +12,8 @@ import torch
 from conftest import REPO
 from trainer_helpers import build_small_shards, free_port, run_python
 
-from shards.random_access import SplitDataset
-from shards.reader import open_split, to_unit_range
+from shards.read.random_access import SplitDataset
+from shards.read.reader import open_split, to_unit_range
 
 BATCH = 3
 
@@ -70,7 +70,7 @@ def test_every_sample_once_per_epoch_on_uneven_shards_and_exact_resume(tmp_path:
 
 
 def test_hflip_mirrors_a_sample_by_seed_epoch_and_index_only(shards: Path) -> None:
-    from pipeline.training.data import StreamLayout, TrainingSamples, flipped
+    from pipeline.data.stream import StreamLayout, TrainingSamples, flipped
 
     split = SplitDataset(open_split(shards))
     samples = TrainingSamples(split, seed=3, hflip=True)

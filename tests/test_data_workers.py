@@ -1,4 +1,4 @@
-"""DataLoader workers of the training stream live and die with their rank (pipeline/training/data_workers.py): no
+"""DataLoader workers of the training stream live and die with their rank (pipeline/data/workers.py): no
 exit path waits on them for ever, whatever exit hook runs first; SIGTERM from elsewhere (SLURM) is left to
 the rank; a rank that dies takes its workers with it. Real processes, real signals."""
 

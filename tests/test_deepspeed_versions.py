@@ -9,7 +9,7 @@ import pytest
 from trainer_helpers import build_small_shards, run_python, write_config
 
 from pipeline import train
-from pipeline.training import deepspeed_internals
+from pipeline.engine import deepspeed_internals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_another_version_stops_a_run_with_one_line(tmp_path: Path, monkeypatch, 
     supported = deepspeed_internals.SUPPORTED[package]
     assert error == (
         f"pipeline train: error: {package} {installed} is installed; this pipeline is tested with {package}{supported} "
-        f"and uses its internals (pipeline/training/deepspeed_internals.py): pip install '{package}{supported}'\n"
+        f"and uses its internals (pipeline/engine/deepspeed_internals.py): pip install '{package}{supported}'\n"
     )
 
 

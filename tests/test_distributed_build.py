@@ -254,7 +254,7 @@ def test_the_slurm_array_script_plans_makes_every_part_and_merges(tmp_path: Path
 def test_external_sort_orders_more_rows_than_a_run_holds(tmp_path: Path, monkeypatch) -> None:
     import random
 
-    from shards import external_sort
+    from shards.build import external_sort
 
     monkeypatch.setattr(external_sort, "RUN_ROWS", 7)
     monkeypatch.setattr(external_sort, "FAN_IN", 3)
@@ -269,9 +269,10 @@ def test_external_sort_orders_more_rows_than_a_run_holds(tmp_path: Path, monkeyp
 
 
 def test_a_plan_sorted_in_many_runs_gives_the_same_bytes(tmp_path: Path, source: Path, reference, monkeypatch):
-    from shards import external_sort
-    from shards.cli import build_options, build_parser
-    from shards.plan import write_plan
+    from shards.build import external_sort
+    from shards.build.options import build_options
+    from shards.build.plan import write_plan
+    from shards.cli import build_parser
 
     monkeypatch.setattr(external_sort, "RUN_ROWS", 5)
     out = tmp_path / "out"

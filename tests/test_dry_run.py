@@ -11,7 +11,7 @@ import yaml
 from trainer_helpers import PLUGIN_FIXTURE, build_small_shards
 
 from pipeline import train
-from pipeline.config import LRScheduleConfig
+from pipeline.config.sections import LRScheduleConfig
 from pipeline.training.lr_schedule import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,12 +18,12 @@ from test_model_commands import MODEL, loaded, trained  # noqa: F401 (trained: t
 from trainer_helpers import build_small_shards, launch, metrics, run_python, write_config
 
 from pipeline.cli import main
-from pipeline.evaluation.evaluate import default_json_path
+from pipeline.commands.evaluate import default_json_path
+from pipeline.commands.plot import loss_figure, panels, read_metrics
 from pipeline.evaluation.feature_distances import frechet_distance, gaussian_frechet_distance, kernel_distance
 from pipeline.evaluation.features import load_extractor, shipped_extractor_path
-from pipeline.evaluation.plot import loss_figure, panels, read_metrics
-from shards.random_access import SplitDataset
-from shards.reader import open_split
+from shards.read.random_access import SplitDataset
+from shards.read.reader import open_split
 
 
 def random_covariance(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -52,7 +52,7 @@ def test_a_rank_killed_ends_the_job_within_seconds_and_auto_resumes(tmp_path: Pa
     ended = time.time()
     assert result.returncode != 0
     assert "pipeline train: error: rank 0 stopped on" in result.stderr, result.stderr[-3000:]
-    assert ended - float(kill_time.read_text()) < 60  # no hang: measured about 5 s (README, "Faults")
+    assert ended - float(kill_time.read_text()) < 60  # no hang: measured about 5 s (docs/faults.md)
     assert latest(tmp_path / "run").name == "step-00000002"
 
     assert_ok(launch(config))  # resume: auto

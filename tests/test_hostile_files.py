@@ -32,18 +32,20 @@ from safetensors.torch import load_file, save_file
 from trainer_helpers import PLUGIN_FIXTURE, run_python, write_config
 
 from pipeline.checkpoints import checkpoint
-from pipeline.checkpoints.optimizer_state import CheckpointError, check_coverage, read_partition_index
+from pipeline.checkpoints.optimizer_state import check_coverage, read_partition_index
+from pipeline.data.stream import RankBatches, StreamLayout, resume_micro_step
+from pipeline.engine import rng
+from pipeline.errors import CheckpointError
 from pipeline.plugin import ImageInfo, load_plugin_class
-from pipeline.training import rng
-from pipeline.training.data import RankBatches, StreamLayout, resume_micro_step
 from shards import cli as shards_cli
-from shards.build import BuildOptions, build
+from shards.build.builder import build
+from shards.build.imageops import ImageSpec
+from shards.build.work import BuildOptions
+from shards.check.verify import check_shard, verify
 from shards.errors import UserError
-from shards.imageops import ImageSpec
-from shards.manifest import SPLITS, ManifestError, read_manifest
-from shards.random_access import SampleError, SplitDataset
-from shards.reader import open_split
-from shards.verify import check_shard, verify
+from shards.format.manifest import SPLITS, ManifestError, read_manifest
+from shards.read.random_access import SampleError, SplitDataset
+from shards.read.reader import open_split
 
 HOSTILE = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MEMORY_LIMIT = 32 * 2**20  # far above what reading these small files takes, far below any header's claim

@@ -15,10 +15,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pipeline.training import rollback
-from shards.cli import build_option_defaults, build_option_validators
+from shards.build.options import build_option_defaults, build_option_validators
+from shards.build.plan_records import check_plan_header, planned_names, read_records
 from shards.errors import UserError, without_credentials
-from shards.plan_records import check_plan_header, planned_names, read_records
-from shards.shard_cache import ShardCache
+from shards.read.shard_cache import ShardCache
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),

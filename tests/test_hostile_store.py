@@ -17,10 +17,11 @@ from conftest import started
 from servers import FaultyProxy, MotoS3, moto_available
 from trainer_helpers import build_small_shards, environment, write_config
 
-from shards import remote
-from shards.folder import ShardFolder
-from shards.manifest import MANIFEST_NAME, ManifestError
-from shards.remote import RemoteAccess, StoreMisbehaved, StoreUnavailable
+from shards.format.manifest import MANIFEST_NAME, ManifestError
+from shards.read.folder import ShardFolder
+from shards.store import remote
+from shards.store.failures import StoreMisbehaved, StoreUnavailable
+from shards.store.remote import RemoteAccess
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A user error under the launchers (README, "Faults"): every rank finds it, one line says it. Real 2-rank
+"""A user error under the launchers (docs/faults.md): every rank finds it, one line says it. Real 2-rank
 launches: `python -m pipeline.launch` (what launch/*.sh and launch/slurm.sbatch run) shows that line and
 nothing else, exit 2; plain `accelerate launch` shows it once too, then its own report of the failure.
 A user error after the process group exists (a full disk): tests/test_checkpoints.py."""
@@ -29,7 +29,7 @@ def test_a_config_error_is_said_once(tmp_path: Path, shards: Path, launcher: str
     if launcher == "pipeline.launch":
         assert result.returncode == 2
         assert result.stderr.splitlines() == said and result.stdout == ""
-    else:  # accelerate's own report follows: its traceback, torch's ChildFailedError (README, "Faults")
+    else:  # accelerate's own report follows: its traceback, torch's ChildFailedError (docs/faults.md)
         assert result.returncode == 1
     assert not (tmp_path / "run").exists()
 

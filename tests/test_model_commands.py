@@ -159,8 +159,8 @@ def test_reconstruct_interpolate_and_attribute_vector_write_their_grids(tmp_path
     assert Image.open(tmp_path / "r.png").size == (4 * 34 + 2, 2 * 34 + 2)  # 2 pairs a row, 2 rows
     assert Image.open(tmp_path / "i.png").size == (5 * 34 + 2, 2 * 34 + 2)
     assert Image.open(tmp_path / "a.png").size == (3 * 34 + 2, 3 * 34 + 2)
-    from shards.random_access import SplitDataset
-    from shards.reader import open_split
+    from shards.read.random_access import SplitDataset
+    from shards.read.reader import open_split
 
     networks = loaded(weights)
     with torch.no_grad():  # row 1 runs from the 3rd image's posterior mean to the 4th's
@@ -268,8 +268,8 @@ def test_a_16_bit_image_is_encoded_as_shards_build_stores_it(tmp_path: Path, tra
     """A 16-bit grayscale PNG given to the API equals, once encoded, the same file built into a shard."""
     from conftest import run_shards
 
-    from shards.random_access import SplitDataset
-    from shards.reader import open_split
+    from shards.read.random_access import SplitDataset
+    from shards.read.reader import open_split
 
     weights, _ = trained
     pixels = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 61 % 65536).astype(np.uint16)

@@ -17,10 +17,10 @@ import yaml
 from safetensors.torch import load_file
 from trainer_helpers import build_small_shards, launch, metrics, write_config
 
-from pipeline.evaluation.plot import panels
-from pipeline.training.data import StreamLayout, epoch_order
-from shards.random_access import SplitDataset
-from shards.reader import open_split
+from pipeline.commands.plot import panels
+from pipeline.data.stream import StreamLayout, epoch_order
+from shards.read.random_access import SplitDataset
+from shards.read.reader import open_split
 
 RANKS, MICRO_STEPS, BATCH, SEED = 2, 2, 2, 7
 EMA_DECAY = 0.75

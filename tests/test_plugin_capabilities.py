@@ -13,7 +13,8 @@ from test_evaluate import TinyExtractor
 from trainer_helpers import PLUGIN_FIXTURE, build_small_shards, run_python, write_config
 
 from pipeline.cli import main
-from pipeline.plugin import PluginError, check_required
+from pipeline.errors import PluginError
+from pipeline.plugin import check_required
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import torch
 from test_checkpoints import assert_bit_identical
 from trainer_helpers import build_small_shards, launch, launch_killed, metrics, write_config
 
+from pipeline.data.stream import StreamLayout, epoch_order
 from pipeline.training import rollback
-from pipeline.training.data import StreamLayout, epoch_order
-from shards.random_access import SplitDataset
-from shards.reader import open_split
+from shards.read.random_access import SplitDataset
+from shards.read.reader import open_split
 
 RANKS, ACCUMULATION, BATCH, SEED = 2, 2, 2, 7
 POISON = 6  # the global micro-step whose rank-0 micro-batch diverges: the 4th optimizer step

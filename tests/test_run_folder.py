@@ -1,4 +1,4 @@
-"""A run folder is held by one run at a time, and a run's ranks end with their launcher (README, "Faults"):
+"""A run folder is held by one run at a time, and a run's ranks end with their launcher (docs/faults.md):
 done for real, by freezing, relaunching into and SIGKILLing a live 2-rank run."""
 
 from __future__ import annotations

@@ -21,11 +21,11 @@ from conftest import REPO, run_process
 from servers import FaultyProxy, Nginx
 from trainer_helpers import build_small_shards, environment, write_config
 
-from shards import remote
-from shards.random_access import SampleError, SplitDataset
-from shards.reader import open_split
-from shards.remote import RemoteAccess
-from shards.shard_cache import ShardCache
+from shards.read.random_access import SampleError, SplitDataset
+from shards.read.reader import open_split
+from shards.read.shard_cache import ShardCache
+from shards.store import remote
+from shards.store.remote import RemoteAccess
 
 SHARDS = 6  # 40 images: 7,7,7,7,7,5
 ENV = {"env": environment()}

@@ -15,7 +15,7 @@ from conftest import folder_bytes, read_manifest, synthetic_pixels, write_images
 from PIL import Image
 
 from shards.cli import main
-from shards.reader import open_split, webdataset
+from shards.read.reader import open_split, webdataset
 
 
 def build(src: Path, out: Path, *options: str) -> dict:

@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, run_process, run_shards, write_images
 from trainer_helpers import free_port
 
-from shards import tar_index
-from shards.reader import open_split, webdataset
+from shards.format import tar_index
+from shards.read.reader import open_split, webdataset
 
 
 def test_two_ranks_with_two_workers_each_read_every_sample_once(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, read_manifest, run_process, run_shards, started, synthetic_pixels, write_images
 from PIL import Image
 
-from shards.manifest import ManifestError
-from shards.reader import open_split
+from shards.format.manifest import ManifestError
+from shards.read.reader import open_split
 
 
 def skipped(out: Path) -> dict[str, str]:

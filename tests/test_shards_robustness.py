@@ -93,7 +93,7 @@ def test_sixteen_bit_and_transparent_inputs_convert_sensibly(tmp_path: Path) -> 
     clear.save(source / "clear.png")
     result = run_shards("build", source, tmp_path / "out", "--val-fraction", "0", "--crop", "none", "--mode", "L")
     assert result.returncode == 0, result.stderr
-    from shards.reader import open_split, webdataset
+    from shards.read.reader import open_split, webdataset
 
     images = [tensor for tensor, _ in webdataset(open_split(tmp_path / "out"))]
     by_mean = sorted(images, key=lambda tensor: float(tensor.mean()))
@@ -200,7 +200,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     from PIL import ImageOps
 
-    from shards.reader import open_split, webdataset
+    from shards.read.reader import open_split, webdataset
 
     ((image, _),) = list(webdataset(open_split(tmp_path / "out")))
     produced = np.rint((image.permute(1, 2, 0).numpy().astype(np.float64) + 1) * 127.5)

@@ -26,10 +26,10 @@ from trainer_helpers import (
     write_config,
 )
 
+from pipeline.data.stream import StreamLayout, epoch_order
 from pipeline.plugin import ImageInfo
-from pipeline.training.data import StreamLayout, epoch_order
-from shards.random_access import SplitDataset
-from shards.reader import open_split
+from shards.read.random_access import SplitDataset
+from shards.read.reader import open_split
 
 
 @pytest.fixture(scope="module")

@@ -132,9 +132,9 @@ def one_trainer_step(tmp_path: Path, model: dict) -> tuple[torch.nn.ModuleDict, 
     from accelerate.utils import set_seed
     from trainer_helpers import run_small_vaegan, weights
 
-    from pipeline.training.data import StreamLayout, epoch_order
-    from shards.random_access import SplitDataset
-    from shards.reader import open_split
+    from pipeline.data.stream import StreamLayout, epoch_order
+    from shards.read.random_access import SplitDataset
+    from shards.read.reader import open_split
 
     shards = run_small_vaegan(tmp_path, model, MICRO_BATCH, max_steps=1, optimizer={"name": "sgd", "lr": LR}, seed=SEED)
     after = weights(tmp_path / "run")

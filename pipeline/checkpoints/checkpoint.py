@@ -32,10 +32,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pipeline.checkpoints.checkpoint_state import TrainerState, WeightsConfig
-from pipeline.checkpoints.optimizer_state import CheckpointError, check_coverage, read_partitions
+from pipeline.checkpoints.optimizer_state import check_coverage, read_partitions
+from pipeline.errors import CheckpointError
 from shards.errors import check_structure, parse_json
+from shards.format.shard_writer import sync_folder
 from shards.regular_files import check_regular, open_regular, read_regular
-from shards.shard_writer import sync_folder
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 64 * 2**20

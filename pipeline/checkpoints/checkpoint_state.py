@@ -17,8 +17,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field, model_validator
 
-from pipeline.training.rollback import SPIKE_WINDOW
-from shards.manifest import Count, ImageRecord, Record
+from shards.format.manifest import Count, ImageRecord, Record
 
 Positive = Annotated[int, Field(gt=0, lt=2**63)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
@@ -28,9 +27,11 @@ Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 MT19937_WORDS = 624
 
+SPIKE_WINDOW = 100  # steps whose losses make the median a loss spike is measured against (training/rollback.py)
+
 
 class DataPosition(Record):
-    """pipeline/training/data.py `data_position`: where the data stream stands."""
+    """pipeline/data/stream.py `data_position`: where the data stream stands."""
 
     micro_step: Count
     epoch: Count
@@ -42,7 +43,7 @@ class DataPosition(Record):
 
 
 class EngineCounters(Record):
-    """DeepSpeed's progress counters (pipeline/training/deepspeed_internals.py ENGINE_COUNTERS)."""
+    """DeepSpeed's progress counters (pipeline/engine/deepspeed_internals.py ENGINE_COUNTERS)."""
 
     global_steps: Count
     global_samples: Count
@@ -59,7 +60,7 @@ def _random_words(words: Any, count: int) -> bool:
 
 
 class RngState(Record):
-    """pipeline/training/rng.py `capture`: python, numpy, torch (and CUDA) generator states."""
+    """pipeline/engine/rng.py `capture`: python, numpy, torch (and CUDA) generator states."""
 
     python: list[Any]
     numpy: list[Any]
@@ -68,7 +69,7 @@ class RngState(Record):
 
     @model_validator(mode="after")
     def _restorable(self) -> RngState:
-        """Each state restored into a throwaway generator: what pipeline/training/rng.py `restore` does, tried."""
+        """Each state restored into a throwaway generator: what pipeline/engine/rng.py `restore` does, tried."""
         if len(self.python) != 3 or not (self.python[2] is None or type(self.python[2]) is float):
             raise ValueError("python: not [version, internal state, gauss]")
         if not _random_words(self.python[1], MT19937_WORDS + 1):

@@ -29,17 +29,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint, optimizer_state
-from pipeline.checkpoints.optimizer_state import CheckpointError
+from pipeline.checkpoints.ema import WeightAverage, ema_file
 from pipeline.checkpoints.weights import load_weights
-from pipeline.config import RunConfig
+from pipeline.config.sections import RunConfig
+from pipeline.data.stream import StreamLayout, data_position, resume_micro_step
+from pipeline.engine import deepspeed_internals as internals
+from pipeline.engine import rng
+from pipeline.errors import CheckpointError, ConfigError, TrainingStopped
 from pipeline.plugin import ModelPlugin, resolved_options
-from pipeline.training import deepspeed_internals as internals
-from pipeline.training import rng
-from pipeline.training.data import StreamLayout, data_position, resume_micro_step
-from pipeline.training.ema import WeightAverage, ema_file
-from pipeline.training.faults import TrainingStopped
 from shards.errors import UserError
-from shards.reader import ShardSplit
+from shards.read.reader import ShardSplit
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,11 @@ class Checkpointer:
         self.config, self.split, self.layout, self.precision = config, split, layout, precision
         self.resumed_from, self.ema = resumed_from, ema
         self.root = checkpoint.checkpoints_root(Path(config.output_dir))
+        if not optimizer_state.supported(engine):
+            # build_deepspeed_config refuses what leads here before any folder exists: this is a guard
+            raise ConfigError(
+                f"precision {precision} without ZeRO cannot be checkpointed: set deepspeed.zero_stage to 1 or 2"
+            )
 
     def save(self, progress: Progress) -> Path | None:
         """OUTPUT/checkpoints/step-NNNNNNNN; the folder on rank 0, None elsewhere."""

@@ -33,16 +33,13 @@ import torch
 from pydantic import Field
 from safetensors import SafetensorError, safe_open
 
-from pipeline.training import deepspeed_internals as internals
-from shards.errors import UserError, check_structure, parse_json
-from shards.manifest import Count, Record
+from pipeline.engine import deepspeed_internals as internals
+from pipeline.errors import CheckpointError
+from shards.errors import check_structure, parse_json
+from shards.format.manifest import Count, Record
 from shards.regular_files import check_regular
 
 MASTER = "master"
-
-
-class CheckpointError(UserError):
-    pass
 
 
 @dataclass
@@ -135,7 +132,7 @@ class SavedPartition:
     steps: list[float | None]
     world_size: int
     state_keys: set[str]
-    without_state: set[str]  # slices of networks that had not stepped yet (pipeline/training/network_skip.py)
+    without_state: set[str]  # slices of networks that had not stepped yet (pipeline/engine/network_skip.py)
 
 
 class PartitionIndex(Record):

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint
-from shards.cli import check_output_file
+from shards.command_line import check_output_file
 from shards.errors import UserError
 from shards.regular_files import check_regular
 

@@ -13,24 +13,25 @@ when the run keeps them, batch norm statistics averaged over ranks.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from pipeline.config import ConfigError, RunConfig
-from pipeline.evaluation.evaluate import (
+from pipeline.config.sections import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.evaluation.features import FeatureExtractor, load_extractor
+from pipeline.evaluation.passes import (
     reconstruction_parts,
     reconstruction_pass,
     sample_features,
     sample_parts,
     set_distances,
 )
-from pipeline.evaluation.features import load_extractor
 from pipeline.plugin import ModelPlugin, capabilities
-from shards.random_access import SplitDataset
-from shards.reader import ShardSplit, open_split
+from shards.read.random_access import SplitDataset
+from shards.read.reader import ShardSplit, open_split
 
 
 def nothing(_: int) -> None:
@@ -48,23 +49,29 @@ def held_out_split(config: RunConfig) -> ShardSplit:
     return split
 
 
-def check(config: RunConfig, plugin: ModelPlugin) -> None:
-    """What a run with `eval.every` needs, before it starts: the held-out images, the extractor, a plugin
-    that can sample or reconstruct."""
+@dataclass(frozen=True)
+class HeldOut:
+    """What evaluation during training measures against: the held-out images and the feature extractor."""
+
+    split: ShardSplit
+    extractor: FeatureExtractor
+
+
+def prepare(config: RunConfig, plugin: ModelPlugin) -> HeldOut | None:
+    """What a run with `eval.every` needs, checked and loaded before it starts (None without eval.every):
+    a plugin that can sample or reconstruct, the held-out images, the extractor."""
     if config.eval.every is None:
-        return
+        return None
     if not capabilities(plugin) & {"sample", "reconstruct"}:
         raise ConfigError(f"eval.every: the {config.plugin} plugin can neither sample nor reconstruct")
-    held_out_split(config)
-    load_extractor(config.eval.extractor, config.eval.resolution)
+    return HeldOut(held_out_split(config), load_extractor(config.eval.extractor, config.eval.resolution))
 
 
 class TrainingEvaluation:
-    def __init__(self, config: RunConfig, accelerator: Accelerator) -> None:
+    def __init__(self, config: RunConfig, accelerator: Accelerator, held_out: HeldOut) -> None:
         self.config, self.accelerator = config.eval, accelerator
-        self.dataset = SplitDataset(held_out_split(config))
-        extractor = load_extractor(config.eval.extractor, config.eval.resolution)
-        self.extractor = replace(extractor, module=extractor.module.to(accelerator.device))
+        self.dataset = SplitDataset(held_out.split)
+        self.extractor = replace(held_out.extractor, module=held_out.extractor.module.to(accelerator.device))
         self.image_features: dict[int, torch.Tensor] | None = None  # every batch's, once measured
 
     def owned(self, index: int) -> bool:

@@ -8,8 +8,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from pipeline.config import Integer, Number
-from pipeline.plugin import ImageInfo, PluginError, StepOutput
+from pipeline.config.fields import Integer, Number
+from pipeline.errors import PluginError
+from pipeline.plugin import ImageInfo, StepOutput
 from pipeline.plugins.networks import Decoder, Encoder, check_size, gaussian_kl, reparameterise
 from shards.errors import describe_error
 

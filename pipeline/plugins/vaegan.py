@@ -56,11 +56,11 @@ step. The encoder always steps. The trainer makes the decision once per step, th
 from these sums (`step_totals`, `networks_to_skip`); a network that sits out keeps its weights and its
 optimizer state exactly.
 
-Training stability, the options of Salimans et al. (2016), each off by default (README, "Training
+Training stability, the options of Salimans et al. (2016), each off by default (docs/plugins.md, "Training
 stability"): `label_smoothing` (gan_terms.py), `generator_loss: feature_matching` (gan_terms.py),
 `minibatch_discrimination` (networks.MinibatchDiscrimination: each row compared within its own set of the
 rank's micro-batch), `historical_averaging` (historical_average.py: state kept by checkpoints through
-`state_tensors`). Virtual batch normalisation is not offered (README says why).
+`state_tensors`). Virtual batch normalisation is not offered (docs/plugins.md says why).
 
 Needs ZeRO stage 0-2 (parameters must be whole on each rank).
 """
@@ -73,7 +73,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from pipeline.config import Flag, Integer, Number
+from pipeline.config.fields import Flag, Integer, Number
 from pipeline.plugin import ImageInfo, StepOutput, own_gradients
 from pipeline.plugins.gan_terms import discriminator_cost, generated_term, real_rows_term
 from pipeline.plugins.historical_average import HistoricalAverage

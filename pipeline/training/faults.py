@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
 
-from pipeline.training import deepspeed_internals as internals
-from shards.errors import UserError, UserStop
-
-
-class TrainingStopped(UserError):
-    """The run cannot usefully go on (diverged); the last good checkpoint is left as it was."""
+from pipeline.engine import deepspeed_internals as internals
+from shards.errors import UserStop
 
 
 def skip_nonfinite_updates(engine) -> None:
@@ -59,6 +56,26 @@ def guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
     internals.report_overflow(optimizer, False)
     optimizer.step = step_if_finite
+
+
+class NonFiniteWatch:
+    """Updates DeepSpeed skipped on every rank alike (a non-finite gradient): each warned of, and the run
+    diverged once faults.max_skipped_steps_in_a_row have been skipped in a row."""
+
+    def __init__(self, limit: int, accelerator) -> None:
+        self.limit, self.accelerator = limit, accelerator
+        self.in_a_row = 0  # up to the last step
+
+    def count(self, step: int, skipped: bool) -> bool:
+        """Whether the run has now diverged."""
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if skipped and self.in_a_row < self.limit and self.accelerator.is_main_process:
+            print(
+                f"pipeline train: warning: step {step}: non-finite loss or gradient, the update was skipped on "
+                f"every rank ({self.in_a_row} in a row; the run stops at {self.limit})",
+                file=sys.stderr,
+            )
+        return self.in_a_row >= self.limit
 
 
 class StoppedWaitingForData(UserStop):

@@ -16,7 +16,7 @@ checkpoint gives the rate back exactly.
 
 from __future__ import annotations
 
-from pipeline.config import LRScheduleConfig
+from pipeline.config.sections import LRScheduleConfig
 
 
 def lr_factor(schedule: LRScheduleConfig, step: int, total_steps: int) -> float:

@@ -27,18 +27,16 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
-from shards.errors import UserError
+from pipeline.checkpoints import checkpoint
+from pipeline.checkpoints.checkpoint_state import SPIKE_WINDOW
+from pipeline.config.sections import FaultsConfig
+from pipeline.errors import RecordError, TrainingStopped
+from shards.format.shard_writer import sync_folder
 from shards.regular_files import open_regular
-from shards.shard_writer import sync_folder
 
 RECORD = "rollbacks.jsonl"
 FIELDS = ("diverged_at_step", "to_step", "from_micro_step", "to_micro_step")
-SPIKE_WINDOW = 100  # steps whose losses make the median a spike is measured against
 MAX_RECORD_BYTES = 2**20
-
-
-class RecordError(UserError):
-    pass
 
 
 def read_records(output_dir: Path) -> list[dict[str, int]]:
@@ -111,3 +109,48 @@ class SpikeWatch:
             return True
         self.losses.append(loss)
         return False
+
+
+def diverged(
+    step: int, spike_loss: float | None, skipped_in_a_row: int, faults: FaultsConfig, rollbacks: int, output_dir: Path
+) -> TrainingStopped:
+    """The one line a run that diverged and cannot roll back stops on (spike_loss: the step's loss when it
+    spiked, None when the updates were non-finite). No checkpoint of this state is written: the last one
+    stays the newest."""
+    latest = checkpoint.checkpoints_root(output_dir) / checkpoint.LATEST
+    last_good = latest.resolve().name if latest.exists() else "none yet"
+    if spike_loss is not None:
+        what = f"loss {spike_loss:.4g}, above faults.spike_factor x the median of the last {SPIKE_WINDOW} steps"
+    else:
+        what = (
+            f"non-finite loss or gradients for {skipped_in_a_row} steps in a row (their updates were "
+            "skipped; faults.max_skipped_steps_in_a_row)"
+        )
+    if faults.on_diverge == "rollback":
+        why = (
+            "faults.max_rollbacks reached"
+            if rollbacks >= faults.max_rollbacks
+            else "no checkpoint of this run before the divergence"
+        )
+        advice = f"rolling back is not possible ({why})"
+    else:
+        advice = "faults.on_diverge: rollback would go back to it and skip the data that led here"
+    return TrainingStopped(
+        f"step {step}: {what}; the last good checkpoint is {last_good}: lower the learning rate and resume "
+        f"from it ({advice})"
+    )
+
+
+def possible(faults: FaultsConfig, rollbacks: int, good_checkpoint: int | None, step: int, output_dir: Path) -> bool:
+    """Whether a run that diverged at `step` may roll back: faults.on_diverge is rollback, fewer than
+    faults.max_rollbacks so far, and only to a checkpoint of this run's own timeline (good_checkpoint: the
+    one it resumed from or last wrote, never a later step an abandoned timeline left, which `latest` may
+    still name), before the divergence."""
+    if faults.on_diverge != "rollback" or rollbacks >= faults.max_rollbacks:
+        return False
+    root = checkpoint.checkpoints_root(output_dir)
+    return (
+        good_checkpoint is not None
+        and good_checkpoint < step
+        and (root / checkpoint.folder_name(good_checkpoint)).is_dir()
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.progress import Progress, TextColumn
 
+from pipeline.engine import deepspeed_internals as internals
 from shards.progress import console, progress_bar
 
 
@@ -99,3 +100,20 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")  # a line torn by the kill
+
+
+def record_rank(engine, networks, accelerator, precision: str, output_dir: Path) -> None:
+    """ranks/rank-N.json: what this rank holds, to see ZeRO's partitioning (written after the first
+    step, when the optimizer state exists)."""
+    record = {
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "zero_stage": engine.zero_optimization_stage(),
+        "parameters": sum(p.numel() for p in networks.parameters()),
+        "optimizer_state_elements": internals.optimizer_state_elements(engine),
+        "precision": precision,
+        "device": str(accelerator.device),
+    }
+    folder = output_dir / "ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{record['rank']}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 
-from shards import build, journal
+from shards.build import journal
+from shards.build import work as build
 from shards.cli import main
 
 counted = 0

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.training.data import StreamLayout, training_loader
-from shards.reader import open_split
+from pipeline.data.stream import StreamLayout, training_loader
+from shards.read.reader import open_split
 
 shards, report, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 split = open_split(shards)

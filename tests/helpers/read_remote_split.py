@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from shards.random_access import SplitDataset
-from shards.reader import open_split
-from shards.remote import RemoteAccess, take_counters
+from shards.read.random_access import SplitDataset
+from shards.read.reader import open_split
+from shards.store.remote import RemoteAccess, take_counters
 
 url, cache_dir, report = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 dataset = SplitDataset(open_split(url, "train", RemoteAccess(cache_dir=cache_dir)), max_open=2)

@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from shards.reader import open_split, webdataset
+from shards.read.reader import open_split, webdataset
 
 out, split, workers, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 dist.init_process_group("gloo")

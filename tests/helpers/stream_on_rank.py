@@ -6,8 +6,8 @@ import sys
 
 import torch.distributed as dist
 
-from pipeline.training.data import StreamLayout, training_loader
-from shards.reader import open_split
+from pipeline.data.stream import StreamLayout, training_loader
+from shards.read.reader import open_split
 
 shards, batch, workers, start, steps, report = (
     sys.argv[1],
