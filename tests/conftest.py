@@ -27,6 +27,32 @@ settings.register_profile("fuzz", max_examples=5000, deadline=None, print_blob=T
 settings.load_profile("ci")
 
 
+# module fixtures that train a model or start a server: a test that takes one is in the slow tier
+SLOW_FIXTURES = frozenset({"trained", "generator_run", "run", "finished", "straight", "moto", "ray_cluster", "nginx"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_slow_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast tier (`pytest -m "not slow"`) stays fast: a test not marked slow that starts a process
+    fails at once, naming the mark it needs. (Processes a module's fixtures started before it are theirs.)"""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    started = subprocess.Popen.__init__
+
+    def refuse(self, args, *more, **options) -> None:
+        if not request.node.get_closest_marker("slow"):
+            raise AssertionError(f"{request.node.nodeid} starts a process ({args!r:.120}): mark it @pytest.mark.slow")
+        started(self, args, *more, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
 def synthetic_pixels(index: int, width: int, height: int, channels: int = 3) -> np.ndarray:
     """Smooth gradients plus a little seeded noise: compresses like a photo, differs per index."""
     rng = np.random.default_rng(index)

@@ -269,6 +269,7 @@ def test_the_numbers_the_issue_names_are_one_line(world: World, command: str, op
         refused(call(main, *arguments, option, value), option)
 
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_a_bad_number_is_one_line_and_writes_nothing(world: World, data) -> None:
     command = data.draw(st.sampled_from([*COMMANDS, "demo-images"]), label="command")
@@ -318,6 +319,7 @@ PATH_REFUSALS = ("is a folder", "not a folder", "cannot write", "not a regular f
 PROBLEMS = ["exists as the other kind", "under a file", "unwritable", "name too long", "fifo", "in the weights"]
 
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(world: World, data) -> None:
     """A folder where a file goes (or a file where a folder goes), a place under a file, an unwritable
@@ -384,6 +386,7 @@ def input_paths(world: World, path: Path) -> dict[str, tuple[Any, list]]:
     }
 
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_an_input_path_that_is_not_what_it_should_be_is_one_line(world: World, data) -> None:
     """Missing, a plain file where a folder should be, an empty folder: one line, nothing written."""
@@ -533,6 +536,7 @@ def test_true_for_a_number_is_refused_not_read_as_1(world: World, key: str) -> N
     assert f"{key}: a boolean is not a number" in line, line
 
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_a_config_value_of_the_wrong_type_or_out_of_range_is_one_line(world: World, data) -> None:
     """In the file or as a key=value override: booleans for numbers, text, lists, null for a required
@@ -546,6 +550,7 @@ def test_a_config_value_of_the_wrong_type_or_out_of_range_is_one_line(world: Wor
     assert key in line, line
 
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_every_value_in_range_is_taken_from_the_file_and_from_an_override(world: World, data) -> None:
     """The other side of the ranges: boundaries and everything between load, and `key=value` text
@@ -578,6 +583,7 @@ def test_overrides_read_as_yaml_as_before(world: World) -> None:
     assert (config.lr_schedule.final_fraction, config.seed) == (1.0, 16)
 
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_an_unknown_or_missing_key_is_one_line(world: World, data) -> None:
     tree = base_tree(world)
@@ -605,6 +611,7 @@ def load_config_fields(section: str) -> list[str]:
     return list(model.model_fields)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content",
     [b"plugin: vae\xff\n", b"- 1\n- 2\n", b"just text", b"3", b"[" * 10000, b"a: &x [*x]\nb: *x\n", b"a: b: c"],
@@ -617,6 +624,7 @@ def test_the_config_files_the_issue_names_are_one_line(world: World, content: by
         assert "byte 0xff at offset 11 is not UTF-8" in line, line
 
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_a_config_file_that_is_not_utf8_yaml_of_a_mapping_is_one_line(world: World, data) -> None:
     """Bytes that are not UTF-8 anywhere in a sound file, YAML that is not a mapping, arbitrary bytes
@@ -649,6 +657,7 @@ def not_utf8(junk: bytes) -> bool:
     return False
 
 
+@pytest.mark.slow
 @given(content=st.one_of(st.binary(max_size=100), st.text(CHARACTERS, max_size=100)))
 @example(content=b'{"optimizer": {"type": "Adam"}}')
 @example(content=b'{"zero_optimization": []}')
@@ -685,6 +694,7 @@ def weights_configs() -> st.SearchStrategy[dict]:
     )
 
 
+@pytest.mark.slow
 @given(content=st.one_of(weights_configs().map(json.dumps), st.binary(max_size=200)))
 @example(content=b"\xff\xfe")
 @example(content="[" * 10000)
@@ -767,6 +777,7 @@ def test_results_go_to_stdout_and_nothing_to_stderr(world: World) -> None:
 # -------------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.slow
 def test_real_processes_pipe_results_and_give_one_line_errors(world: World) -> None:
     """The same from the outside: what `pipeline plugins | grep vae` and `shards inspect | grep train`
     read, and one line for a config that is not UTF-8 and for counts of 0."""

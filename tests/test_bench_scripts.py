@@ -7,8 +7,11 @@ import os
 import re
 import sys
 
+import pytest
 from conftest import REPO, run_process
 from trainer_helpers import environment
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
 
 BENCH = REPO / "bench"
 

@@ -293,6 +293,7 @@ def check_resumable(output_dir: Path, known: set[tuple[str, int]], when: str) ->
     return taken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_crash_at_any_point_of_a_save_leaves_a_checkpoint_to_resume(tmp_path: Path, recorder, scenario) -> None:
     base = tmp_path.resolve()

@@ -86,6 +86,7 @@ def vaegan_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
     return write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, **{**settings, **overrides})
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
     """2 ranks x 2 micro-batches of 2 under ZeRO-2, 2 data workers per rank: an epoch of 40 images is 10
     micro-batches, 5 steps. Killed after micro-batch 7 (mid-step, mid-epoch; last checkpoint: step 2),
@@ -116,6 +117,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
     assert checkpoint_steps(out) == ["step-00000002", "step-00000004", "step-00000006", "step-00000007"]
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path, shards: Path) -> None:
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=6, checkpoint={"every": 2})
     killed = launch_killed(config, "state_write:2")  # halfway through step 4's trainer_state.json
@@ -135,6 +137,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path
     assert not partial.exists()  # cleaned by the next save
 
 
+@pytest.mark.slow
 def test_a_rank_failing_to_write_stops_every_rank_with_one_line(tmp_path: Path, shards: Path) -> None:
     """Rank 1's disk is full: both ranks stop at once (no rank left waiting in a collective) with the same
     line, shown once, and no checkpoint appears. A user error after the process group exists: under
@@ -163,6 +166,7 @@ def test_prune_keeps_the_new_and_the_resumed_from_and_leaves_later_steps(tmp_pat
     assert [path.name for path in root.iterdir() if path.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumes_to_nothing_and_extends_with_max_steps(tmp_path: Path, shards: Path) -> None:
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
     assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
@@ -174,6 +178,7 @@ def test_a_finished_run_resumes_to_nothing_and_extends_with_max_steps(tmp_path: 
     assert state(latest(tmp_path / "run"))["step"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_resume_is_exact_under_the_other_zero_stages(tmp_path: Path, shards: Path, zero_stage: int) -> None:
     """ZeRO-1 keeps sliced masters like ZeRO-2; without ZeRO (fp32) DeepSpeed's optimizer is the torch
@@ -193,6 +198,7 @@ def test_resume_is_exact_under_the_other_zero_stages(tmp_path: Path, shards: Pat
     assert "square_avg/encoder.weight" in load_file(str(latest(tmp_path / "run") / "optimizer/rank-00000.safetensors"))
 
 
+@pytest.mark.slow
 def test_bf16_on_cpu_trains_the_vaegan_and_resumes_exactly(tmp_path: Path) -> None:
     """bf16 runs on CPU, so that CI covers its path before any GPU does: the VAE-GAN (batch norm in
     float32, networks.Float32Statistics) under ZeRO-2 on 2 ranks with accumulation. The checkpoint holds
@@ -213,6 +219,7 @@ def test_bf16_on_cpu_trains_the_vaegan_and_resumes_exactly(tmp_path: Path) -> No
     assert (masters != masters.bfloat16().float()).float().mean() > 0.5  # not rounded to bf16
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path, shards: Path) -> None:
     """2 ranks x batch 2 and 1 rank x batch 4 read the same global micro-batches: a run continued on the
     other number of ranks (2 -> 1, and 1 -> 2) matches one that never changed, up to float summation
@@ -269,6 +276,7 @@ def _position(layout: StreamLayout, micro_step: int) -> dict:
     return data_position(layout, micro_step)
 
 
+@pytest.mark.slow
 def test_export_gives_weights_that_need_no_deepspeed(tmp_path: Path, shards: Path) -> None:
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2, ema={"decay": 0.5})
     assert_ok(run_python("-m", "pipeline.train", "--config", str(config)))
@@ -315,6 +323,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_auto_passes_over_a_truncated_checkpoint_with_a_warning(tmp_path: Path, shards: Path, finished: Path) -> None:
     run = copy_run(finished, tmp_path)
     partition = run / "checkpoints/step-00000004/optimizer/rank-00000.safetensors"
@@ -325,6 +334,7 @@ def test_auto_passes_over_a_truncated_checkpoint_with_a_warning(tmp_path: Path, 
     assert [record["step"] for record in metrics(run)] == [1, 2, 3, 4, 5, 6]  # resumed from step 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
@@ -358,6 +368,7 @@ def test_a_bad_checkpoint_named_by_path_fails_with_one_line(tmp_path, shards, fi
     assert str(folder) in line
 
 
+@pytest.mark.slow
 def test_checkpoints_by_the_clock_are_taken_by_every_rank_at_the_same_step(tmp_path: Path, shards: Path) -> None:
     """checkpoint.every_minutes alone (checkpoint.every: null): a checkpoint once that long has passed,
     whichever rank's clock says so first; every rank writes its part of the same step, so each folder is
@@ -379,6 +390,7 @@ def test_checkpoints_by_the_clock_are_taken_by_every_rank_at_the_same_step(tmp_p
         assert len(list((folder / "optimizer").glob("*.safetensors"))) >= 2  # both ranks' partitions
 
 
+@pytest.mark.slow
 def test_auto_resumes_from_latest_not_from_a_later_step_of_an_abandoned_timeline(
     tmp_path: Path, shards: Path, finished: Path
 ) -> None:

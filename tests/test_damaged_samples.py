@@ -12,6 +12,7 @@ import copy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate.utils import set_seed
 from test_checkpoints import assert_ok
@@ -22,6 +23,8 @@ from pipeline.data.stream import StreamLayout, epoch_order
 from pipeline.plugin import ImageInfo
 from shards.read.random_access import SampleError, SplitDataset
 from shards.read.reader import open_split
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
 
 SEED, RANKS, MICRO_STEPS, BATCH, STEPS = 7, 2, 2, 3, 3
 # SGD rates that move each network by about 15% of its weights in 3 steps: at the plugin's defaults (0.05,

@@ -44,6 +44,7 @@ def stream(shards: Path, report: Path, start: int, steps: int, timeout: float = 
     return [json.loads(Path(f"{report}.{rank}").read_text()) for rank in (0, 1)]
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_on_uneven_shards_and_exact_resume(tmp_path: Path, shards: Path) -> None:
     pixels, images = SplitDataset(open_split(shards), pixels=True), SplitDataset(open_split(shards))
     everything = {hashlib.sha256(image.numpy().tobytes()).hexdigest()[:16] for image, _ in pixels}

@@ -16,6 +16,8 @@ from conftest import REPO, run_process, started
 from test_data_stream import stream
 from trainer_helpers import build_small_shards, environment
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 HELPER = str(REPO / "tests" / "helpers" / "loader_exit.py")
 
 

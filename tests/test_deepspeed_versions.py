@@ -11,6 +11,8 @@ from trainer_helpers import build_small_shards, run_python, write_config
 from pipeline import train
 from pipeline.engine import deepspeed_internals
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_process
 from trainer_helpers import environment
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
 
 TOY = "data.batch_size=4 grid_size=4 log_every=1 checkpoint.every=2 sample_every=2 ema.start_step=0"
 

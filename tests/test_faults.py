@@ -16,6 +16,8 @@ from conftest import run_process
 from test_checkpoints import all_tensors, assert_bit_identical, assert_ok, checkpoint_steps, latest, one_error_line
 from trainer_helpers import build_small_shards, environment, launch, launch_killed, metrics, run_python, write_config
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:

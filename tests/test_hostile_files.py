@@ -217,6 +217,7 @@ def manifest_work(shard_folder: Path) -> Path:
     return copy_folder(shard_folder, "manifest")
 
 
+@pytest.mark.slow
 @HOSTILE
 @given(data=st.data())
 def test_a_damaged_manifest_is_one_line_or_a_manifest_every_reader_can_use(
@@ -262,6 +263,7 @@ def test_a_damaged_manifest_is_one_line_or_a_manifest_every_reader_can_use(
     assert files_of(manifest_work) == before
 
 
+@pytest.mark.slow
 def test_a_manifest_without_splits_is_one_line_in_every_command(tmp_path: Path, shard_folder: Path) -> None:
     """The hostile tester's example, through real processes: "splits": [] and a split that is null."""
     out = copy_folder(shard_folder, "no-splits")
@@ -326,6 +328,7 @@ def tar_work(shard_folder: Path) -> Path:
     return copy_folder(shard_folder, "tar")
 
 
+@pytest.mark.slow
 @HOSTILE
 @given(data=st.data())
 def test_a_damaged_tar_header_is_a_damaged_shard_never_a_crash_or_a_huge_allocation(
@@ -361,6 +364,7 @@ def test_a_damaged_tar_header_is_a_damaged_shard_never_a_crash_or_a_huge_allocat
     assert files_of(tar_work) == before
 
 
+@pytest.mark.slow
 def test_verify_names_a_shard_whose_header_claims_2_to_the_62_bytes(shard_folder: Path) -> None:
     """Through a real process: the standard library's tarfile would try to allocate that (MemoryError)."""
     out = copy_folder(shard_folder, "huge-header")
@@ -412,6 +416,7 @@ def layout_of(shard_folder: Path) -> StreamLayout:
     return StreamLayout(counts, seed=7, shuffle_shards=2, world_size=1, batch_size=2)
 
 
+@pytest.mark.slow
 @HOSTILE
 @given(data=st.data())
 def test_a_damaged_trainer_state_is_one_line_or_a_state_a_resume_can_use(
@@ -456,6 +461,7 @@ def test_a_damaged_trainer_state_is_one_line_or_a_state_a_resume_can_use(
     assert files_of(state_work) == before
 
 
+@pytest.mark.slow
 @HOSTILE
 @given(data=st.data())
 def test_a_damaged_weights_config_is_one_line_or_a_config_a_model_can_be_built_from(
@@ -503,6 +509,7 @@ def damaged_partition(draw, tensors: dict[str, torch.Tensor], index: dict) -> tu
     return tensors, text
 
 
+@pytest.mark.slow
 @HOSTILE
 @given(data=st.data())
 def test_a_damaged_optimizer_partition_is_one_line_or_covers_every_parameter(
@@ -538,6 +545,7 @@ def one_error_line(result) -> str:
     return assert_one_error_line(result.returncode, result.stderr)
 
 
+@pytest.mark.slow
 def test_pipeline_commands_refuse_damaged_files_with_one_line(
     tmp_path: Path, shard_folder: Path, run_folder: Path
 ) -> None:

@@ -11,6 +11,7 @@ import string
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -179,6 +180,7 @@ def test_any_bytes_in_the_cache_are_never_read_as_the_shard(cached: bytes, ident
             assert file.read() == SHARD
 
 
+@pytest.mark.slow
 @given(
     st.one_of(
         st.binary(max_size=400),

@@ -38,6 +38,7 @@ def first_shard(folder: ShardFolder) -> dict:
     return folder.manifest()["splits"]["train"]["shards"][0]
 
 
+@pytest.mark.slow
 def test_a_store_that_trickles_times_out_within_read_timeout(tmp_path, shards, nginx) -> None:
     """The right headers, then a byte every 0.2 s: without a bound the fetch of a shard of a few KB would
     take many minutes (aiohttp's own limit is 300 s, s3fs has none). With read_timeout 1 s and a retry
@@ -56,6 +57,7 @@ def test_a_store_that_trickles_times_out_within_read_timeout(tmp_path, shards, n
     assert not list((tmp_path / "cache").glob("*.part"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not moto_available(), reason="needs moto[server] (the dev extra)")
 def test_an_s3_store_that_trickles_times_out_too(tmp_path, shards) -> None:
     """The same trickle over S3 (moto behind the proxy, as the endpoint): s3fs's reads have no time bound
@@ -117,6 +119,7 @@ def test_an_answer_longer_than_the_range_is_refused_at_once(tmp_path, shards, ng
     assert remote.take_counters().get("fetch_retries", 0) == 0
 
 
+@pytest.mark.slow
 def test_a_redirect_to_another_origin_is_refused_unless_allowed(tmp_path, shards, nginx) -> None:
     """The proxy redirects every request to nginx on another port: refused (one line naming the key that
     allows it), not one byte read from the other origin; data.redirects "any" follows it to the same
@@ -161,6 +164,7 @@ def test_a_manifest_heavier_than_any_is_refused_before_it_is_read(tmp_path, shar
         ShardFolder.at(heavy).manifest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_sigterm_stops_a_run_waiting_on_a_trickling_store(tmp_path, shards, nginx, workers) -> None:
     """`pipeline train` whose every shard trickles, with bounds far off (read_timeout and retry_seconds 600):

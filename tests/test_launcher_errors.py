@@ -11,6 +11,8 @@ import pytest
 from conftest import run_process
 from trainer_helpers import accelerate_launch, build_small_shards, environment, write_config
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 ERROR = "pipeline train: error: "
 
 

@@ -62,6 +62,7 @@ def as_pixels(image: torch.Tensor) -> np.ndarray:
     return np.rint((image[0].clamp(-1, 1).numpy().astype(np.float64) + 1) * 127.5)
 
 
+@pytest.mark.slow
 def test_sample_decodes_seeded_prior_noise(tmp_path: Path, trained) -> None:
     weights, _ = trained
     pipeline("sample", weights, tmp_path / "samples.png", "--count", "4", "--seed", "5")
@@ -72,6 +73,7 @@ def test_sample_decodes_seeded_prior_noise(tmp_path: Path, trained) -> None:
         assert np.abs(tile(tmp_path / "samples.png", *divmod(index, 2)) - as_pixels(expected[index])).max() <= 1
 
 
+@pytest.mark.slow
 def test_weights_raw_samples_with_the_raw_weights_and_a_folder_without_ema_says_so(tmp_path: Path, trained) -> None:
     weights, _ = trained
     ema, raw = loaded(weights, "ema"), loaded(weights, "raw")
@@ -90,6 +92,7 @@ def test_weights_raw_samples_with_the_raw_weights_and_a_folder_without_ema_says_
     assert load_model(plain).weights == "raw" and load_model(weights).weights == "ema"
 
 
+@pytest.mark.slow
 def test_the_readmes_python_example_runs_and_takes_images_as_users_hold_them(trained) -> None:
     """The README's example, run as written on a trained checkpoint; its results computed here from the
     safetensors files (EMA weights: the folder has them)."""
@@ -123,6 +126,7 @@ def test_the_readmes_python_example_runs_and_takes_images_as_users_hold_them(tra
         model.encode(Image.new("L", (16, 16)))
 
 
+@pytest.mark.slow
 def test_reconstruct_interpolate_and_attribute_vector_write_their_grids(tmp_path: Path, trained) -> None:
     weights, shards = trained
     pipeline("reconstruct", weights, tmp_path / "r.png", "--shards", shards, "--split", "train", "--count", "4")
@@ -170,6 +174,7 @@ def test_reconstruct_interpolate_and_attribute_vector_write_their_grids(tmp_path
     assert np.abs(tile(tmp_path / "i.png", 1, 4) - as_pixels(ends[1])).max() <= 1
 
 
+@pytest.mark.slow
 def test_bad_weights_and_labels_are_one_line(tmp_path: Path, trained) -> None:
     weights, shards = trained
     for args, message in (
@@ -200,6 +205,7 @@ def test_bad_weights_and_labels_are_one_line(tmp_path: Path, trained) -> None:
     assert result.returncode == 2 and "decoder.safetensors" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_records_every_option_with_its_defaults(trained) -> None:
     description = json.loads((trained[0] / "config.json").read_text())
     assert description["options_recorded"] is True
@@ -264,6 +270,7 @@ def test_every_argument_of_the_api_is_checked_with_one_error(tmp_path: Path, tra
         model.decode(torch.full((2, 8), float("inf")))
 
 
+@pytest.mark.slow
 def test_a_16_bit_image_is_encoded_as_shards_build_stores_it(tmp_path: Path, trained) -> None:
     """A 16-bit grayscale PNG given to the API equals, once encoded, the same file built into a shard."""
     from conftest import run_shards
@@ -285,6 +292,7 @@ def test_a_16_bit_image_is_encoded_as_shards_build_stores_it(tmp_path: Path, tra
     assert opened.mode.startswith("I")  # the caller's image is not converted in place
 
 
+@pytest.mark.slow
 def test_a_model_command_given_images_of_another_size_says_so_in_one_line(tmp_path: Path, trained) -> None:
     weights, _ = trained
     small = build_small_shards(tmp_path / "data", images=24, size=8)
@@ -294,6 +302,7 @@ def test_a_model_command_given_images_of_another_size_says_so_in_one_line(tmp_pa
     assert "this model takes N x 1 x 32 x 32" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fifo", ["decoder.safetensors", "decoder.ema.safetensors", "trainer_state.json", "extractor"])
 def test_a_fifo_in_place_of_a_file_a_command_reads_is_refused_never_waited_on(tmp_path: Path, trained, fifo) -> None:
     """Opening a FIFO for reading waits for a writer, for ever if none comes: weights, EMA weights, a

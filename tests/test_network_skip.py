@@ -22,6 +22,8 @@ from pipeline.data.stream import StreamLayout, epoch_order
 from shards.read.random_access import SplitDataset
 from shards.read.reader import open_split
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 RANKS, MICRO_STEPS, BATCH, SEED = 2, 2, 2, 7
 EMA_DECAY = 0.75
 

@@ -29,6 +29,7 @@ def generator_run(tmp_path_factory) -> tuple[Path, Path]:
     return root / "run", shards
 
 
+@pytest.mark.slow
 def test_a_plugin_that_cannot_reconstruct_trains_with_sample_grids_only(generator_run) -> None:
     run, _ = generator_run
     assert sorted(path.name for path in (run / "samples").iterdir()) == [
@@ -37,6 +38,7 @@ def test_a_plugin_that_cannot_reconstruct_trains_with_sample_grids_only(generato
     ]
 
 
+@pytest.mark.slow
 def test_commands_say_in_one_line_what_a_plugin_cannot_do(generator_run, tmp_path: Path, monkeypatch, capsys) -> None:
     run, shards = generator_run
     monkeypatch.syspath_prepend(str(PLUGIN_FIXTURE))

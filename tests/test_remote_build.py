@@ -54,6 +54,7 @@ def shards(moto: MotoS3, tmp_path: Path, *args):
     return run_process([sys.executable, "-m", "shards", *map(str, args)], 120, env=environment(moto, tmp_path))
 
 
+@pytest.mark.slow
 def test_build_to_s3_uploads_a_local_builds_bytes(tmp_path: Path, moto, corpus) -> None:
     source, local = corpus
     make_bucket(moto, "whole")
@@ -69,6 +70,7 @@ def test_build_to_s3_uploads_a_local_builds_bytes(tmp_path: Path, moto, corpus) 
     assert verify.returncode == 0, verify.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_samples", [9, 30])
 def test_a_killed_build_to_s3_has_no_manifest_and_resumes(tmp_path: Path, moto, corpus, kill_after_samples) -> None:
     source, local = corpus
@@ -94,6 +96,7 @@ def test_a_killed_build_to_s3_has_no_manifest_and_resumes(tmp_path: Path, moto, 
     assert bucket_bytes(moto, f"{bucket}/shards") == local
 
 
+@pytest.mark.slow
 def test_a_build_planned_into_s3_made_in_parts_on_two_machines(tmp_path: Path, moto, corpus) -> None:
     """plan, parts and merge with OUT on S3, each part with a temporary folder of its own (another
     machine): the bucket ends with a local build's bytes, and the plan is gone from it."""
@@ -128,6 +131,7 @@ def planned_names(moto: MotoS3) -> list[str]:
     return store.find("planned/shards")
 
 
+@pytest.mark.slow
 def test_build_to_http_is_refused_in_one_line(tmp_path: Path, corpus) -> None:
     source, _ = corpus
     result = run_process([sys.executable, "-m", "shards", "build", str(source), "http://127.0.0.1:9/shards"], 60)
@@ -147,6 +151,7 @@ def without_fingerprint(files: dict[str, bytes]) -> dict[str, object]:
     return {**files, "manifest.json": manifest}
 
 
+@pytest.mark.slow
 def test_build_from_an_s3_prefix_and_from_lists_of_urls(tmp_path: Path, moto, corpus) -> None:
     """The same images read from S3 (a prefix; a remote list of relative paths; a local list of s3://
     URLs) make the same shards as the local folder."""

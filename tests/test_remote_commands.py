@@ -23,6 +23,7 @@ def run(tmp_path: Path, *args: str | Path):
     return run_process([sys.executable, *map(str, args)], 120, env={**environment(), "TMPDIR": str(tmp_path)})
 
 
+@pytest.mark.slow
 def test_verify_a_remote_folder(tmp_path: Path, shards: Path, nginx) -> None:
     result = run(tmp_path, "-m", "shards", "verify", f"{nginx.url}/shards", "--workers", "2")
     assert result.returncode == 0, result.stderr
@@ -43,6 +44,7 @@ def test_verify_a_remote_folder(tmp_path: Path, shards: Path, nginx) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_inspect_a_remote_folder_draws_the_local_folders_contact_sheet(tmp_path: Path, shards: Path, nginx) -> None:
     local = run(tmp_path, "-m", "shards", "inspect", shards, "--grid", tmp_path / "local.png", "--count", "10")
     remote = run(
@@ -53,6 +55,7 @@ def test_inspect_a_remote_folder_draws_the_local_folders_contact_sheet(tmp_path:
     assert remote.stdout.split("wrote")[0] == local.stdout.split("wrote")[0]  # the same summary table
 
 
+@pytest.mark.slow
 def test_a_missing_remote_folder_is_one_line(tmp_path: Path, nginx) -> None:
     result = run(tmp_path, "-m", "shards", "verify", f"{nginx.url}/nowhere")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -63,6 +66,7 @@ def test_a_missing_remote_folder_is_one_line(tmp_path: Path, nginx) -> None:
     )
 
 
+@pytest.mark.slow
 def test_storage_options_that_look_like_credentials_are_never_written(tmp_path: Path, nginx) -> None:
     config = write_config(
         tmp_path / "run.yaml",

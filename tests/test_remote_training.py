@@ -21,6 +21,8 @@ from trainer_helpers import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 SHARD_NAMES = [f"train-{index:06d}.tar" for index in range(6)]  # 40 images: 7,7,7,7,7,5
 
 

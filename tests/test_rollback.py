@@ -21,6 +21,8 @@ from pipeline.training import rollback
 from shards.read.random_access import SplitDataset
 from shards.read.reader import open_split
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 RANKS, ACCUMULATION, BATCH, SEED = 2, 2, 2, 7
 POISON = 6  # the global micro-step whose rank-0 micro-batch diverges: the 4th optimizer step
 STEPS = 8

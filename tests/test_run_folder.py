@@ -56,6 +56,7 @@ def folder_state(folder: Path) -> dict[str, bytes | None]:
     return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None for path in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_a_held_folder_refuses_a_second_run_and_ranks_die_with_their_launcher(tmp_path: Path, shards: Path) -> None:
     """Run A (plain `accelerate launch`, a process group of its own, a data worker per rank) is frozen mid-run
     (SIGSTOP to its ranks and workers). The same command run again through `pipeline.launch` ends with one
@@ -131,6 +132,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_the_lock_dies_with_its_holder_and_a_refused_run_creates_nothing(tmp_path: Path) -> None:
     """In-process, against a holder in another process (a process never conflicts with its own locks)."""
     output_dir = tmp_path / "run"

@@ -65,6 +65,7 @@ def served_copy(shards: Path, name: str) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_concurrent_processes_fetch_each_shard_once_per_node(tmp_path, shards, nginx, local_hashes) -> None:
     """Four processes read the whole split at once through one cache folder, as the ranks and workers of a
     node do: nginx sends each shard once, and every process reads the right samples."""
@@ -109,6 +110,7 @@ def test_eviction_takes_the_least_recently_used_shard_never_one_in_use(tmp_path,
     }
 
 
+@pytest.mark.slow
 def test_transient_errors_are_retried_and_cost_no_sample(tmp_path, shards, nginx, local_hashes) -> None:
     """Per shard: a 503, then a 429, then a connection cut halfway through the body, then a body with a
     byte changed (its sha256 fails: fetched again); the manifest: one 503. Every sample is the right one."""
@@ -131,6 +133,7 @@ def test_transient_errors_are_retried_and_cost_no_sample(tmp_path, shards, nginx
     assert counters["fetched_shards"] == SHARDS
 
 
+@pytest.mark.slow
 def test_a_server_restarted_mid_read_costs_retries_only(tmp_path, shards, local_hashes) -> None:
     """nginx stops after half the shards were read and comes back 2 s later, while a fetch is retrying."""
     with Nginx(shards.parent, tmp_path / "nginx") as server:
@@ -174,6 +177,7 @@ def test_a_shard_that_never_matches_its_manifest_is_a_damaged_shard(tmp_path, sh
     assert not list((tmp_path / "cache").glob("*.part"))
 
 
+@pytest.mark.slow
 def test_a_full_cache_disk_is_one_line_not_a_crash(tmp_path, shards, nginx) -> None:
     """The trainer's process may write files no larger than half a shard (RLIMIT_FSIZE: the kernel's
     "file too large", as a full disk fails a write): the run ends with one line naming the cache."""

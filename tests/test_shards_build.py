@@ -50,6 +50,7 @@ def pixels_by_source(out: Path, manifest: dict) -> dict[str, np.ndarray]:
     return result
 
 
+@pytest.mark.slow
 def test_png_round_trip_is_exact_through_the_reader(tmp_path: Path, image_folder: Path) -> None:
     out = tmp_path / "out"
     manifest = build(image_folder, out, "--crop", "none", "--val-fraction", "0")

@@ -18,6 +18,8 @@ from trainer_helpers import free_port
 from shards.format import tar_index
 from shards.read.reader import open_split, webdataset
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 
 def test_two_ranks_with_two_workers_each_read_every_sample_once(tmp_path: Path) -> None:
     for offset, label in enumerate(("a", "b", "c")):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, folder_bytes, run_shards, started, write_images
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 SHARD_SIZE = 4
 IMAGES = 480
 

@@ -24,6 +24,7 @@ def skipped(out: Path) -> dict[str, str]:
     return {item["path"]: item["reason"] for item in read_manifest(out)["skipped"]}
 
 
+@pytest.mark.slow
 def test_a_second_build_into_the_same_out_is_refused(tmp_path: Path, image_folder: Path) -> None:
     work = tmp_path / "out" / ".build"
     work.mkdir(parents=True)
@@ -34,6 +35,7 @@ def test_a_second_build_into_the_same_out_is_refused(tmp_path: Path, image_folde
     assert run_shards("build", image_folder, tmp_path / "out").returncode == 0  # lock released: fine
 
 
+@pytest.mark.slow
 def test_manifest_shard_names_cannot_reach_outside_out_or_a_pipe(tmp_path: Path, image_folder: Path) -> None:
     out = tmp_path / "out"
     assert run_shards("build", image_folder, out, "--val-fraction", "0").returncode == 0
@@ -48,6 +50,7 @@ def test_manifest_shard_names_cannot_reach_outside_out_or_a_pipe(tmp_path: Path,
     assert not (REPO / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_odd_files_are_skipped_not_fatal(tmp_path: Path) -> None:
     source = tmp_path / "src"
     write_images(source, 3)
@@ -74,6 +77,7 @@ def test_odd_files_are_skipped_not_fatal(tmp_path: Path) -> None:
     assert read_manifest(tmp_path / "out")["splits"]["train"]["count"] == 3
 
 
+@pytest.mark.slow
 def test_a_rerun_rebuilds_when_src_changed_or_a_shard_is_gone(tmp_path: Path, image_folder: Path) -> None:
     out = tmp_path / "out"
     assert run_shards("build", image_folder, out, "--val-fraction", "0", "--shard-size", "10").returncode == 0
@@ -88,6 +92,7 @@ def test_a_rerun_rebuilds_when_src_changed_or_a_shard_is_gone(tmp_path: Path, im
     assert run_shards("verify", out).returncode == 0
 
 
+@pytest.mark.slow
 def test_out_inside_src_is_never_read_as_input(tmp_path: Path, image_folder: Path) -> None:
     for _ in range(2):  # the second run would see the first run's shards
         result = run_shards("build", image_folder, image_folder / "out", "--overwrite")
@@ -95,6 +100,7 @@ def test_out_inside_src_is_never_read_as_input(tmp_path: Path, image_folder: Pat
         assert not [path for path in skipped(image_folder / "out") if path.startswith("out")]
 
 
+@pytest.mark.slow
 def test_list_files_with_a_bom_header_tab_labels_and_a_nul_byte(tmp_path: Path) -> None:
     write_images(tmp_path, 3)
     (tmp_path / "list.csv").write_text("\ufeffimage,label\nimg0000.png,cat\nimg0001.png,dog\n", encoding="utf-8")
@@ -107,6 +113,7 @@ def test_list_files_with_a_bom_header_tab_labels_and_a_nul_byte(tmp_path: Path) 
     assert list(skipped(tmp_path / "txt-out").values()) == ["path contains a NUL byte"]
 
 
+@pytest.mark.slow
 def test_running_out_of_space_is_one_line(tmp_path: Path, image_folder: Path) -> None:
     def small_files() -> None:  # a file-size limit stands in for a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -139,6 +146,7 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_build(tmp_path: Path) -> None:
     source = tmp_path / "src"
     write_images(source, 400, size=(300, 300))

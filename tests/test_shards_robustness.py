@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import read_manifest, run_shards, synthetic_pixels, write_images
 from PIL import Image
 
@@ -70,6 +71,7 @@ def make_corpus(source: Path) -> tuple[dict[str, str], set[str]]:
     return bad_reasons, set(good)
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_with_their_reason_and_odd_names_work(tmp_path: Path) -> None:
     bad, good = make_corpus(tmp_path / "src")
     result = run_shards("build", tmp_path / "src", tmp_path / "out", "--workers", "2", "--val-fraction", "0")
@@ -84,6 +86,7 @@ def test_bad_files_are_skipped_with_their_reason_and_odd_names_work(tmp_path: Pa
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.slow
 def test_sixteen_bit_and_transparent_inputs_convert_sensibly(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
@@ -102,6 +105,7 @@ def test_sixteen_bit_and_transparent_inputs_convert_sensibly(tmp_path: Path) -> 
     assert float(by_mean[1].min()) == 1.0  # transparency composited on white
 
 
+@pytest.mark.slow
 def test_list_file_entries_that_leave_src_repeat_or_are_missing(tmp_path: Path) -> None:
     write_images(tmp_path / "images", 3)
     write_images(tmp_path, 1, prefix="outside")
@@ -129,6 +133,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_user_mistakes_end_with_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_shards("build", tmp_path / "nowhere", tmp_path / "out"), "SRC does not exist")
     write_images(tmp_path / "src", 2)
@@ -149,6 +154,7 @@ def test_user_mistakes_end_with_one_line(tmp_path: Path) -> None:
     assert bad_value.returncode == 2 and "Traceback" not in bad_value.stderr and "--size" in bad_value.stderr
 
 
+@pytest.mark.slow
 def test_verify_names_a_shard_with_a_flipped_byte_and_a_truncated_one(tmp_path: Path) -> None:
     write_images(tmp_path / "src", 30)
     out = tmp_path / "out"
@@ -169,6 +175,7 @@ def test_verify_names_a_shard_with_a_flipped_byte_and_a_truncated_one(tmp_path: 
     assert intact.name not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_inspect_prints_a_summary_and_draws_a_contact_sheet(tmp_path: Path) -> None:
     write_images(tmp_path / "src", 12)
     out = tmp_path / "out"
@@ -188,6 +195,7 @@ def test_inspect_prints_a_summary_and_draws_a_contact_sheet(tmp_path: Path) -> N
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 12
 
 
+@pytest.mark.slow
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 from slurm_cluster import one_machine_slurm, program
 from test_checkpoints import assert_bit_identical, checkpoint_steps, latest
 from trainer_helpers import build_small_shards, environment, free_port, metrics, write_config
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
 
 STEPS = 10
 

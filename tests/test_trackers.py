@@ -45,6 +45,7 @@ def resolved(run: Path) -> dict:
     return yaml.safe_load((run / "config.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_metric_the_grids_and_the_config(run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -94,6 +95,7 @@ def values(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
+@pytest.mark.slow
 def test_weights_and_biases_offline_holds_every_metric_the_grids_and_the_config(run: Path) -> None:
     history: dict[int, dict] = {}
     config = {}
@@ -126,6 +128,7 @@ def test_mlflow_file_store_holds_every_metric_the_grids_and_the_config(run: Path
         assert saved.read_bytes() == (run / "samples" / saved.name).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_tracker_not_installed_or_unknown_is_one_line_before_anything_starts(tmp_path: Path) -> None:
     shards = build_small_shards(tmp_path / "data", images=24, size=8)
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run")

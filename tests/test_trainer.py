@@ -31,6 +31,8 @@ from pipeline.plugin import ImageInfo
 from shards.read.random_access import SplitDataset
 from shards.read.reader import open_split
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:

@@ -40,6 +40,8 @@ import pipeline.plugins.vaegan as vaegan_module
 from pipeline.plugin import ImageInfo
 from pipeline.plugins.vaegan import VAEGAN
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
+
 W = 1e-6  # celeba_aegan.py: recon_vs_gan_weight
 REAL_VS_GEN = 0.5  # celeba_aegan.py: real_vs_gen_weight
 EPS = 1e-3  # AEGAN's eps

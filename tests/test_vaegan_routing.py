@@ -66,6 +66,7 @@ def own_losses(networks, images, noise, prior_noise, gamma: float, leaks: tuple[
     return losses
 
 
+@pytest.mark.slow
 def test_joint_batches_change_the_discriminators_gradient() -> None:
     """The two batchings are different models (PAPER.md), not two spellings of one."""
     gradients = {}
@@ -186,6 +187,7 @@ def float32_bounds(initial, micro_batches, exact: dict, gradients_of) -> tuple[d
     return bounds, float32_gradients
 
 
+@pytest.mark.slow
 def test_the_real_training_path_applies_each_networks_own_gradient(tmp_path) -> None:
     """Separate batches, the saturating decoder loss, gamma 0.05 (L_llike a visible share of the
     decoder's gradient, so that losing it is seen): each network's applied gradient must be its own
@@ -245,6 +247,7 @@ STABILITY = {  # the options of Salimans et al. that look across samples, in one
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, STABILITY], ids=["defaults", "stability_options"])
 def test_the_real_training_path_under_joint_batches_is_the_authors_update(tmp_path, options: dict) -> None:
     """Joint batches, the authors' gamma; the defaults (saturating), and feature matching with label

@@ -19,6 +19,7 @@ from pipeline.plugin import ImageInfo
 from pipeline.plugins.vaegan import VAEGAN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches", ["joint", "separate"])
 @pytest.mark.parametrize("generator", ["saturating", "non_saturating"])
 def test_label_smoothing_is_the_papers(batches: str, generator: str) -> None:
@@ -26,6 +27,7 @@ def test_label_smoothing_is_the_papers(batches: str, generator: str) -> None:
     assert max(errors.values()) < 1e-10, errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches", ["joint", "separate"])
 @pytest.mark.parametrize("recon_gan", [True, False], ids=["recon_gan", "prior_only"])
 def test_feature_matching_is_the_papers(batches: str, recon_gan: bool) -> None:
@@ -33,6 +35,7 @@ def test_feature_matching_is_the_papers(batches: str, recon_gan: bool) -> None:
     assert max(errors.values()) < 1e-10, errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches", ["joint", "separate"])
 @pytest.mark.parametrize("generator", ["saturating", "feature_matching"])
 def test_minibatch_discrimination_is_the_papers(batches: str, generator: str) -> None:
@@ -42,6 +45,7 @@ def test_minibatch_discrimination_is_the_papers(batches: str, generator: str) ->
     assert max(errors.values()) < 1e-10, errors
 
 
+@pytest.mark.slow
 def test_the_options_change_what_they_claim() -> None:
     """Not vacuous: each option moves the gradient of the networks it is said to act on, and only those."""
     base = gradients_of({})
@@ -66,6 +70,7 @@ def gradients_of(extra: dict, step: int | None = None, networks=None) -> dict[st
     return {name: torch.cat([p.grad.flatten() for p in network.parameters()]) for name, network in networks.items()}
 
 
+@pytest.mark.slow
 def test_historical_averaging_is_the_papers() -> None:
     """Three optimizer steps, the second with two micro-batches, the weights moved between steps: at the
     third, each player's gradient is its plain gradient + 2 lambda (theta - (1/t) sum theta[i]), theta[i]
@@ -116,6 +121,7 @@ def test_historical_average_state_round_trips_and_is_checked() -> None:
     assert VAEGAN({"latent_size": LATENT, "fc_size": 32}, ImageInfo(32, 1)).state_tensors() == {}
 
 
+@pytest.mark.slow
 def test_historical_average_through_the_trainer_is_the_mean_of_each_steps_weights(tmp_path) -> None:
     """2 ranks x 2 micro-batches, ZeRO-2, 3 steps, a checkpoint after each: the average the last
     checkpoint keeps is the mean of the weights at the start of steps 1-3 (the initial weights, then
