@@ -174,7 +174,7 @@ def trainer_state(step: int, version: int) -> dict:
             "shuffle_shards": 1,
         },
         "engine": dict.fromkeys(("global_steps", "global_samples", "micro_steps", "skipped_steps"), 0),
-        "ranks": [{"rng": rng.capture(), "plugin": {}}],  # a state a resume could use (checkpoint_state.py)
+        "ranks": [{"rng": rng.capture(), "plugin": {}}],  # a state a resume could use (trainer_state.py)
         "version": version,  # which save wrote it
     }
 

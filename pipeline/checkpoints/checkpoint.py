@@ -31,8 +31,8 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.checkpoints.checkpoint_state import TrainerState, WeightsConfig
 from pipeline.checkpoints.optimizer_state import check_coverage, read_partitions
+from pipeline.checkpoints.trainer_state import TrainerState, WeightsConfig
 from pipeline.errors import CheckpointError
 from shards.errors import check_structure, parse_json
 from shards.format.shard_writer import sync_folder
@@ -200,7 +200,7 @@ def prune(root: Path, keep_last: int, current: Path, protected: Path | None) -> 
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    """trainer_state.json, its structure checked (checkpoint_state.py); not yet the files it lists."""
+    """trainer_state.json, its structure checked (trainer_state.py); not yet the files it lists."""
     state_path = folder / STATE_FILE
     try:
         data = read_regular(state_path)

@@ -5,7 +5,7 @@ weights, weight decay still shrinks them. Every torch optimizer leaves a paramet
 alone (no state update, no step count), so the skip is a step pre-hook on the torch optimizer that
 DeepSpeed drives (`deepspeed_internals.torch_optimizer`: under ZeRO-1/2 and bf16 it holds each param group's flat
 fp32 partition, and DeepSpeed copies the unchanged masters back into the module's weights) which drops
-the gradients of the skipped networks' param groups ("network" key, pipeline/engine/engine.py) just before
+the gradients of the skipped networks' param groups ("network" key, pipeline/engine/accelerator.py) just before
 they would be applied.
 """
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from pipeline.checkpoints.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.config.sections import RunConfig
+from pipeline.engine.accelerator import resolve_precision
 from pipeline.engine.deepspeed_config import build_deepspeed_config, load_user_config
-from pipeline.engine.engine import resolve_precision
 from pipeline.engine.optimizer_plan import checked_optimizer_defaults, optimizer_plan
 from pipeline.engine.trackers import chosen as chosen_trackers
 from pipeline.errors import ConfigError, PluginError

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.checkpoints import checkpoint
-from pipeline.checkpoints.checkpoint_state import SPIKE_WINDOW
+from pipeline.checkpoints.trainer_state import SPIKE_WINDOW
 from pipeline.config.sections import FaultsConfig
 from pipeline.errors import RecordError, TrainingStopped
 from shards.format.shard_writer import sync_folder

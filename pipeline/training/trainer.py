@@ -31,7 +31,7 @@ from pipeline.data.prefetch import ShardPrefetcher
 from pipeline.data.stream import MicroBatch, StreamLayout, training_loader
 from pipeline.engine import deepspeed_internals as internals
 from pipeline.engine import kernels, trackers
-from pipeline.engine.engine import TrainingModule, average_batch_norm_statistics, make_accelerator
+from pipeline.engine.accelerator import TrainingModule, average_batch_norm_statistics, make_accelerator
 from pipeline.engine.network_skip import NetworkSkip
 from pipeline.engine.network_stats import NetworkStats
 from pipeline.engine.optimizer_plan import build_optimizer
