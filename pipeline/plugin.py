@@ -23,9 +23,11 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
     # ValueError when they do not fit)
     # optional, for `pipeline interpolate` and `pipeline attribute-vector` (eval mode, no_grad):
     plugin.encode(networks, images) -> codes (N x D)      plugin.decode(networks, codes) -> images
-    # optional, for a decision that needs the whole global batch of a step (the VAE-GAN's equilibrium):
-    # at each step's last micro-batch, after its forward and before its backward (and the optimizer step),
-    plugin.networks_to_skip(totals) -> {"discriminator", ...}
+    # optional, which networks sit out this optimizer step (the VAE-GAN's equilibrium, a discriminator
+    # before it starts): at every step's last micro-batch, after its forward and before its backward,
+    plugin.networks_to_skip(totals, step) -> {"discriminator", ...}    # step: optimizer steps done so far
+    # (a plugin written before `step` was given may define networks_to_skip(totals): then it is called
+    # only at steps with totals)
     # optional: the options as validated, defaults included (what a weights folder's config.json records)
     plugin.resolved_options() -> dict          # else options_class(**options).model_dump(), or the options
 
@@ -39,11 +41,14 @@ The rules:
   one optimizer step for all networks (docs/design.md says why).
 - Losses are means over the batch, so that a gradient does not depend on the micro-batch size:
   DeepSpeed averages gradients over accumulation steps and ranks.
-- ``metrics`` holds detached scalars to log (each loss term, say); the trainer averages them.
+- ``metrics`` holds detached scalars to log (each loss term, say); the trainer averages them. A metric
+  may first appear late (a discriminator's, from the step it starts): it is logged from then on.
+- ``ImageInfo`` gives the image side, its channels and the data set's label names (None without labels).
 - ``step_totals`` holds detached scalar SUMS (a cost summed over images, and the count of images, say).
   The trainer adds each up over every micro-batch of every rank in the optimizer step, and at the step's
   last micro-batch hands the global totals, as floats and identical on every rank, to
-  ``networks_to_skip``. The networks it names take no optimizer step at all this step: their weights and
+  ``networks_to_skip`` (called at every step, with {} when the plugin keeps no totals). The networks it
+  names take no optimizer step at all this step: their weights and
   their optimizer state stay exactly as they were (the optimizer skips parameters without a gradient;
   under fp16 an overflow check and gradient clipping still see their gradients). So a decision made from
   the global batch is the same on every rank, whatever the number of ranks and micro-batches.
@@ -91,6 +96,7 @@ ENTRY_POINT_GROUP = "pipeline.plugins"
 class ImageInfo:
     size: int
     channels: int
+    labels: tuple[str, ...] | None = None  # the data set's label names, label i the i-th (None: no labels)
 
 
 @dataclass

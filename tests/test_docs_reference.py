@@ -32,7 +32,11 @@ from shards.cli import build_parser as shards_parser
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PLUGIN_GROUP = "pipeline.plugins"
-BUILT_IN_PLUGINS = {"vae", "vaegan"}  # found among the entry points, so that the walk below is not empty
+BUILT_IN_PLUGINS = {
+    "vae",
+    "vaegan",
+    "autoencoder-kl",
+}  # found among the entry points, so that the walk below is not empty
 PER_NETWORK = "<network>"  # how docs write the name of a section keyed by network
 
 

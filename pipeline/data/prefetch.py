@@ -20,8 +20,8 @@ import numpy as np
 from pipeline.config.sections import DataConfig
 from pipeline.data.stream import StreamLayout, epoch_groups
 from shards.read.reader import ShardSplit
-from shards.store.failures import StoreError, StoreUnavailable
 from shards.read.shard_cache import CacheFull, DamagedShard
+from shards.store.failures import StoreError, StoreUnavailable
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from pipeline.data.workers import guard_worker
 from shards.command_line import one_line
 from shards.read.random_access import SampleError, SplitDataset
 from shards.read.reader import ShardSplit
+from shards.read.shard_cache import CacheFull
 from shards.store.failures import StoreError, StoreUnavailable
 from shards.store.remote import take_counters
-from shards.read.shard_cache import CacheFull
 
 
 @dataclass(frozen=True)

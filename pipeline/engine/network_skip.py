@@ -11,7 +11,11 @@ they would be applied.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+from shards.errors import UserError
 
 
 class NetworkSkip:
@@ -25,3 +29,19 @@ class NetworkSkip:
             if group["network"] in self.networks:
                 for parameter in group["params"]:
                     parameter.grad = None
+
+
+def plugin_decision(plugin, name: str, totals: dict[str, float], step: int, networks: set[str]) -> set[str]:
+    """The networks a plugin's networks_to_skip(totals, step) names, from the step's totals summed over the
+    whole global batch (the same on every rank); a plugin written before `step` was given defines
+    networks_to_skip(totals) and is asked only at a step with totals."""
+    decide = plugin.networks_to_skip
+    if len(inspect.signature(decide).parameters) >= 2:
+        skip = set(decide(totals, step))
+    elif totals:
+        skip = set(decide(totals))
+    else:
+        return set()
+    if not skip <= networks:
+        raise UserError(f"plugin {name}: networks_to_skip named {sorted(skip)}: not all are networks")
+    return skip

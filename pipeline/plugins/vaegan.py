@@ -297,7 +297,7 @@ class VAEGAN(GaussianLatentModel):
         loss, metrics, totals = self.routed_loss(networks, images, step)
         return StepOutput(loss=loss, metrics=metrics, step_totals=totals)
 
-    def networks_to_skip(self, totals: dict[str, float]) -> set[str]:
+    def networks_to_skip(self, totals: dict[str, float], step: int | None = None) -> set[str]:
         """The authors' equilibrium, from the costs of the step's whole global batch (module docstring)."""
         if not self.options.equilibrium or not totals.get("real_images") or not totals.get("fake_images"):
             return set()

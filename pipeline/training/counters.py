@@ -20,7 +20,6 @@ class RunCounters:
         self.bad_samples_here = 0  # ... met by this rank since the last count
         self.fetches: dict[str, int] = {}  # a remote split's fetches so far, all ranks (shards.store.remote.counters)
         self.fetches_here: Counter[str] = Counter()  # ... by this rank and its workers since the last count
-        self.metric_names: list[str] | None = None  # the plugin's metrics, agreed by all ranks at the first log
         self.step_totals: dict[str, torch.Tensor] = {}  # the plugin's step_totals, this rank, this step
         self.step_total_names: list[str] | None = None
 
@@ -50,15 +49,22 @@ class RunCounters:
         )
         return dict(zip(self.step_total_names, self.accelerator.reduce(sums, reduction="sum").tolist(), strict=True))
 
-    def mean_metrics(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-        """The plugin's metrics averaged over the micro-batches of every rank since the last log."""
-        if self.metric_names is None:  # once: a rank whose micro-batches were all unreadable has no names
-            self.metric_names = sorted(set().union(*gather_object([sorted(sums)])))
-        names = self.metric_names
+    def mean_metrics(self, sums: dict[str, torch.Tensor], counts: Counter[str]) -> dict[str, float]:
+        """The plugin's metrics averaged over the micro-batches of every rank since the last log that gave
+        each (none: a metric no micro-batch gave is left out)."""
+        # agreed by all ranks at every log: a rank whose micro-batches were all unreadable has no names, and a
+        # plugin may add metrics late (a discriminator from the step it starts)
+        names = sorted(set().union(*gather_object([sorted(sums)])))
         zero = torch.zeros((), device=self.accelerator.device)
-        totals = torch.stack([*(sums.get(name, zero).to(zero.device) for name in names), zero + count])
-        *totals, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-        return {name: total / max(count, 1.0) for name, total in zip(names, totals, strict=True)}
+        totals = torch.stack(
+            [*(sums.get(name, zero).to(zero.device) for name in names), *(zero + counts[name] for name in names)]
+        )
+        reduced = self.accelerator.reduce(totals, reduction="sum").tolist()
+        return {
+            name: total / count
+            for name, total, count in zip(names, reduced[: len(names)], reduced[len(names) :], strict=True)
+            if count
+        }
 
     def count_bad_samples(self) -> int:
         """All ranks' unreadable samples so far."""

@@ -124,7 +124,8 @@ def find_checkpoint(config: RunConfig, split: ShardSplit, warn: Callable[[str], 
 
 def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit) -> ModelPlugin:
     try:
-        plugin = plugin_class(config.model, ImageInfo(split.image["size"], split.image["channels"]))
+        image = ImageInfo(split.image["size"], split.image["channels"], split.labels)
+        plugin = plugin_class(config.model, image)
     except (ValueError, TypeError) as error:  # a third-party plugin rejecting its options its own way
         raise PluginError(f"{config.plugin}: bad model options: {error}") from None
     check_required(plugin, config.plugin)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ from pipeline.data.stream import MicroBatch, StreamLayout, training_loader
 from pipeline.engine import deepspeed_internals as internals
 from pipeline.engine import kernels, trackers
 from pipeline.engine.accelerator import TrainingModule, average_batch_norm_statistics, make_accelerator
-from pipeline.engine.network_skip import NetworkSkip
+from pipeline.engine.network_skip import NetworkSkip, plugin_decision
 from pipeline.engine.network_stats import NetworkStats
 from pipeline.engine.optimizer_plan import build_optimizer
 from pipeline.errors import CheckpointError, ConfigError
@@ -194,7 +195,7 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         first_step = self.step
         sums: dict[str, torch.Tensor] = {}
-        micro_steps_summed = 0
+        counts: Counter[str] = Counter()  # micro-batches that gave each metric (one may start late)
         skipped_before = self.engine.skipped_steps
         batches = iter(loader)
         while True:
@@ -207,7 +208,7 @@ class Trainer:
                 prefetcher.advance(self.micro_step)
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
-            micro_steps_summed += bool(metrics)
+            counts.update(metrics.keys())
             if not ended_step:
                 continue
             # an optimizer step has ended: everything below happens between two steps, on every rank
@@ -221,8 +222,8 @@ class Trainer:
             stopping, clock_due, step_loss = stop.agreed(accelerator, self._take_step_loss())
             spiked = self.spikes.spiked(step_loss)
             if self.step % config.log_every == 0 or last or stopping or diverged or spiked:
-                log.log(self.step, self.images_seen, self._reduce(sums, micro_steps_summed))
-                sums, micro_steps_summed = {}, 0
+                log.log(self.step, self.images_seen, self._reduce(sums, counts))
+                sums, counts = {}, Counter()
             if diverged or spiked:
                 if rollback.possible(
                     config.faults, len(self.rollbacks), self.good_checkpoint, self.step, self.output_dir
@@ -339,23 +340,17 @@ class Trainer:
         return images, labels.to(self.accelerator.device, non_blocking=True)
 
     def _networks_to_skip(self) -> set[str]:
-        """The plugin's decision from its step_totals summed over the whole global batch of this step:
-        the same on every rank. A collective when the plugin keeps totals."""
+        """The plugin's decision, the same on every rank (network_skip.plugin_decision)."""
         if not hasattr(self.plugin, "networks_to_skip"):  # the same plugin on every rank: no collective
             self.counters.step_totals = {}
             return set()
-        totals = self.counters.summed_step_totals()
-        if not totals:
-            return set()
-        skip = set(self.plugin.networks_to_skip(totals))
-        if not skip <= set(self.networks):
-            raise UserError(f"plugin {self.config.plugin}: networks_to_skip named {sorted(skip)}: not all are networks")
-        return skip
+        totals = self.counters.summed_step_totals()  # a collective only for a plugin that keeps totals
+        return plugin_decision(self.plugin, self.config.plugin, totals, self.step, set(self.networks))
 
-    def _reduce(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    def _reduce(self, sums: dict[str, torch.Tensor], counts: Counter[str]) -> dict[str, float]:
         """What a log records, all ranks': the plugin's metrics since the last log, each network's lr and
         statistics, and the fault counters. A collective."""
-        metrics = self.counters.mean_metrics(sums, count)
+        metrics = self.counters.mean_metrics(sums, counts)
         for group in self.optimizer.param_groups:
             metrics[f"lr/{group['network']}"] = group["lr"]
         metrics.update(self.network_stats.collect(self.accelerator))

@@ -6,10 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from shards.build.inputs import list_sources
+from shards.build.journal import Journal
+from shards.build.publish import publisher_for
 from shards.build.ray_executor import joined, make_on_ray
 from shards.build.work import (
-    SourceSummary,
     BuildOptions,
+    SourceSummary,
     build_manifest,
     check_plannable,
     exclusive,
@@ -22,9 +25,6 @@ from shards.build.work import (
     write_segments,
     writing_to,
 )
-from shards.build.journal import Journal
-from shards.build.publish import publisher_for
-from shards.build.inputs import list_sources
 from shards.format.manifest import SPLITS
 
 

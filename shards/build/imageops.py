@@ -10,8 +10,6 @@ import contextlib
 import io
 import json
 import math
-import os
-import stat
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import argparse
 import re
-from decimal import Decimal, InvalidOperation
 from collections.abc import Callable, Iterable
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from shards.build.imageops import CROPS, FORMATS, MODES, PIL_DEFAULT_MAX_PIXELS, ImageSpec
 from shards.build.publish import publisher_for
 from shards.build.work import BuildOptions
-from shards.command_line import quoted, bounded, check_output_folder, seed
+from shards.command_line import bounded, check_output_folder, quoted, seed
 from shards.errors import UserError
 from shards.format.manifest import MANIFEST_NAME, MAX_SHARD_BYTES
 from shards.read.folder import ShardFolder
 from shards.store.remote import StoreNotFound
+
 
 def add_build_options(parser: argparse.ArgumentParser) -> None:
     """What the shards are: given to `shards build` or to `shards plan` (whose parts read it back)."""
@@ -63,6 +64,7 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
         help="skip images with more pixels than this as decompression bombs",
     )
 
+
 BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -77,7 +79,6 @@ def byte_size(text: str) -> int:
     if not 1 <= size <= MAX_SHARD_BYTES:
         raise argparse.ArgumentTypeError(f"must be from 1 byte to 1PiB, not {quoted(text)}")
     return size
-
 
 
 def build_option_defaults() -> dict[str, object]:
@@ -102,8 +103,6 @@ def _choice(choices: Iterable[str]) -> Callable[[str], str]:
         return text
 
     return check
-
-
 
 
 def check_build_out(out: Path | str, options, overwrite: bool) -> None:
@@ -145,5 +144,3 @@ def build_options(args: argparse.Namespace):
         seed=args.seed,
         labels=args.labels,
     )
-
-

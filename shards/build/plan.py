@@ -23,19 +23,37 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.build.work import WORK_DIR_NAME, BuildOptions, Segment, SourceSummary, build_manifest, check_plannable, exclusive, journal_header, make_work_dir, no_inputs, order_key, pending_segments, publish, shard_ranges, split_of, write_segments, writing_to
-from shards.build.options import build_option_defaults, build_option_validators
-from shards.errors import UserError
 from shards.build.external_sort import ExternalSort
+from shards.build.inputs import list_sources
 from shards.build.journal import Journal
-from shards.format.manifest import SPLITS
+from shards.build.options import build_option_defaults, build_option_validators
 from shards.build.plan_records import check_plan_header, check_recorded_shards, planned_names, read_records
 from shards.build.publish import publisher_for
-from shards.regular_files import open_regular, read_regular
-from shards.store.remote import RemoteFolder, is_remote
-from shards.store.failures import StoreNotFound
-from shards.build.inputs import list_sources
 from shards.build.sources import Entry, Fingerprint, scan_local_sources
+from shards.build.work import (
+    WORK_DIR_NAME,
+    BuildOptions,
+    Segment,
+    SourceSummary,
+    build_manifest,
+    check_plannable,
+    exclusive,
+    journal_header,
+    make_work_dir,
+    no_inputs,
+    order_key,
+    pending_segments,
+    publish,
+    shard_ranges,
+    split_of,
+    write_segments,
+    writing_to,
+)
+from shards.errors import UserError
+from shards.format.manifest import SPLITS
+from shards.regular_files import open_regular, read_regular
+from shards.store.failures import StoreNotFound
+from shards.store.remote import RemoteFolder, is_remote
 
 PLAN_DIR = ".plan"
 PLAN_NAME = "plan.json"

@@ -18,8 +18,8 @@ from pydantic import Field, model_validator
 from shards.errors import UserError, check_structure, parse_json
 from shards.format.manifest import MAX_SHARD_BYTES, Count, Record, SkippedRecord, shard_name
 from shards.regular_files import file_sha256
-from shards.store.remote import RemoteFolder, is_remote
 from shards.store.failures import StoreNotFound
+from shards.store.remote import RemoteFolder, is_remote
 
 # every part lists the planned shards: 10M of 1,000 images is 10 billion images, and a list of them fits
 MAX_PLANNED_SHARDS = 10**7

@@ -23,11 +23,19 @@ from pathlib import Path
 from typing import Protocol
 
 from shards.errors import UserError, without_credentials
-from shards.read.folder import ShardFolder
-from shards.format.manifest import MANIFEST_NAME, SHARD_NAME, SPLITS, ManifestError, manifest_bytes, read_manifest, write_manifest
+from shards.format.manifest import (
+    MANIFEST_NAME,
+    SHARD_NAME,
+    SPLITS,
+    ManifestError,
+    manifest_bytes,
+    read_manifest,
+    write_manifest,
+)
 from shards.progress import console
-from shards.store.remote import RemoteFolder, is_remote
+from shards.read.folder import ShardFolder
 from shards.store.failures import StoreNotFound
+from shards.store.remote import RemoteFolder, is_remote
 
 WRITABLE_SCHEMES = ("s3://", "gs://", "gcs://")
 UPLOADS_AHEAD = 4  # finished shards waiting for their upload, at most

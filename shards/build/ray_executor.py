@@ -17,12 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from shards.build.journal import Journal
+from shards.build.sources import Entry
 from shards.build.work import BuildOptions, Segment, make_range, shard_ranges
 from shards.errors import UserError
-from shards.build.journal import Journal
 from shards.progress import progress_bar
 from shards.store.remote import is_remote
-from shards.build.sources import Entry
 
 TASKS_PER_CPU = 2
 TASK_RETRIES = 5  # Ray runs a task again when its node dies; a task that raises is not retried

@@ -13,9 +13,9 @@ import hashlib
 import os
 from urllib.parse import urlsplit
 
-from shards.store.remote import DEFAULT_RETRY_SECONDS, RemoteFolder, file_system, retrying
+from shards.build.sources import LIST_SUFFIXES, Entry, Listing, SkipImage, SourceError, name_problem, parse_list_rows
 from shards.store.failures import StoreError, StoreNotFound
-from shards.build.sources import SkipImage, LIST_SUFFIXES, Entry, Listing, SourceError, name_problem, parse_list_rows
+from shards.store.remote import DEFAULT_RETRY_SECONDS, RemoteFolder, file_system, retrying
 
 LISTABLE = ("s3://", "gs://", "gcs://")
 MAX_REMOTE_IMAGE_BYTES = 2**31  # what read_remote_image refuses, as read_source does a local file over the limit

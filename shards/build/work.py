@@ -22,16 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shards import __version__
-from shards.errors import UserError
 from shards.build.imageops import ImageSpec, prepare_chunk
 from shards.build.journal import Journal
-from shards.format.manifest import FORMAT_VERSION, SPLITS, shard_name
 from shards.build.parallel import chunked, ordered_map
-from shards.progress import progress_bar
 from shards.build.publish import Publisher, publisher_for
-from shards.format.shard_writer import ShardWriter
-from shards.build.inputs import list_sources
 from shards.build.sources import Entry, Listing
+from shards.errors import UserError
+from shards.format.manifest import FORMAT_VERSION, SPLITS, shard_name
+from shards.format.shard_writer import ShardWriter
+from shards.progress import progress_bar
 
 WORK_DIR_NAME = ".build"
 # writing errors that are the user's to fix (disk full, quota, read-only, permissions)

@@ -1,0 +1,195 @@
+"""The `autoencoder-kl` plugin against its references, written here from their sources, not from our code:
+diffusers' AutoencoderKL for the networks' names and shapes (src/diffusers/models/autoencoders/vae.py,
+unets/unet_2d_blocks.py, resnet.py), and latent-diffusion's LPIPSWithDiscriminator for the loss
+(ldm/modules/losses/contperceptual.py, taming/modules/losses/vqperceptual.py), computed in float64 and
+differentiated per network as the references' two optimizer steps do (the other network frozen)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PluginError
+from pipeline.plugin import ImageInfo
+from pipeline.plugins.autoencoder_kl import AutoencoderKL
+
+TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "disc_channels": 4}
+
+
+def diffusers_shapes(in_channels, widths, layers, latent, attention=True) -> dict[str, tuple[int, ...]]:
+    """AutoencoderKL.state_dict()'s keys and shapes, from diffusers' constructors (Encoder: a
+    DownEncoderBlock2D of `layers` ResNets per width, a Downsample2D conv after each but the last; Decoder:
+    UpDecoderBlock2D of layers + 1 ResNets over the reversed widths, an Upsample2D conv after each but the
+    last; a conv_shortcut where a ResNet changes width; the mid-block's ResNet, attention, ResNet)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name, cin, cout):
+        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.conv_shortcut", cin, cout, 1)
+
+    def mid(name, c):
+        resnet(f"{name}.resnets.0", c, c)
+        if attention:
+            norm(f"{name}.attentions.0.group_norm", c)
+            for part in ("to_q", "to_k", "to_v", "to_out.0"):
+                shapes[f"{name}.attentions.0.{part}.weight"], shapes[f"{name}.attentions.0.{part}.bias"] = (c, c), (c,)
+        resnet(f"{name}.resnets.1", c, c)
+
+    conv("encoder.conv_in", in_channels, widths[0], 3)
+    out = widths[0]
+    for i, width in enumerate(widths):
+        previous, out = out, width
+        for j in range(layers):
+            resnet(f"encoder.down_blocks.{i}.resnets.{j}", previous if j == 0 else out, out)
+        if i != len(widths) - 1:
+            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", out, out, 3)
+    mid("encoder.mid_block", widths[-1])
+    norm("encoder.conv_norm_out", widths[-1]), conv("encoder.conv_out", widths[-1], 2 * latent, 3)
+    conv("decoder.conv_in", latent, widths[-1], 3)
+    mid("decoder.mid_block", widths[-1])
+    reversed_widths, out = widths[::-1], widths[-1]
+    for i, width in enumerate(reversed_widths):
+        previous, out = out, width
+        for j in range(layers + 1):
+            resnet(f"decoder.up_blocks.{i}.resnets.{j}", previous if j == 0 else out, out)
+        if i != len(widths) - 1:
+            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", out, out, 3)
+    norm("decoder.conv_norm_out", widths[0]), conv("decoder.conv_out", widths[0], in_channels, 3)
+    conv("quant_conv", 2 * latent, 2 * latent, 1), conv("post_quant_conv", latent, latent, 1)
+    return shapes
+
+
+def autoencoder_shapes(plugin: AutoencoderKL) -> dict[str, tuple[int, ...]]:
+    networks = plugin.build_networks()
+    state = {**networks["encoder"].state_dict(), **networks["decoder"].state_dict()}
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def test_the_networks_are_diffusers_autoencoderkl_key_for_key() -> None:
+    tiny = AutoencoderKL(TINY, ImageInfo(16, 3))
+    assert autoencoder_shapes(tiny) == diffusers_shapes(3, [8, 16], 1, 4)
+    no_attention = AutoencoderKL({**TINY, "mid_block_add_attention": False, "latent_channels": 2}, ImageInfo(16, 1))
+    assert autoencoder_shapes(no_attention) == diffusers_shapes(1, [8, 16], 1, 2, attention=False)
+    # Stable Diffusion's kl-f8, the defaults: 248 tensors, 83,653,863 parameters (its published size)
+    shapes = diffusers_shapes(3, [128, 256, 512, 512], 2, 4)
+    assert len(shapes) == 248 and sum(torch.Size(shape).numel() for shape in shapes.values()) == 83_653_863
+    assert autoencoder_shapes(AutoencoderKL({}, ImageInfo(64, 3))) == shapes
+
+
+def test_the_discriminator_is_taming_nlayer_discriminator() -> None:
+    """Keys main.N as taming's (LeakyReLU at the odd places between), a 30 x 30 patch map for 256 px."""
+    discriminator = AutoencoderKL({}, ImageInfo(256, 3)).build_networks()["discriminator"]
+    shapes = {key: tuple(value.shape) for key, value in discriminator.state_dict().items()}
+    assert shapes["main.0.weight"] == (64, 3, 4, 4) and shapes["main.0.bias"] == (64,)
+    assert shapes["main.2.weight"] == (128, 64, 4, 4) and "main.2.bias" not in shapes
+    assert shapes["main.8.weight"] == (512, 256, 4, 4) and shapes["main.9.running_var"] == (512,)
+    assert shapes["main.11.weight"] == (1, 512, 4, 4) and shapes["main.11.bias"] == (1,)
+    assert sum(value.numel() for value in discriminator.parameters()) == 2_765_633
+    assert discriminator(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+
+
+def reference_gradients(networks, images, noise, options: dict, step: int) -> dict[str, dict[str, torch.Tensor]]:
+    """contperceptual.py's two losses, float64, each network's gradient of its own (the G step with the
+    discriminator frozen, the D step on the reconstruction detached)."""
+    encoder, decoder, discriminator = networks["encoder"], networks["decoder"], networks["discriminator"]
+    moments = encoder.quant_conv(encoder.encoder(images))
+    mean, logvar_z = torch.chunk(moments, 2, dim=1)
+    logvar_z = torch.clamp(logvar_z, -30.0, 20.0)
+    z = mean + torch.exp(0.5 * logvar_z) * noise
+    reconstruction = decoder.decoder(decoder.post_quant_conv(z))
+    rec_loss = torch.abs(images - reconstruction)
+    if options.get("perceptual") == "discriminator":
+
+        def hidden(x):
+            return discriminator.main[:-1](x)
+
+        p_loss = (hidden(reconstruction) - hidden(images).detach()).pow(2).mean(dim=(1, 2, 3), keepdim=True)
+        rec_loss = rec_loss + options.get("perceptual_weight", 1.0) * p_loss
+    logvar = torch.tensor(0.0, dtype=torch.float64)
+    nll_loss = rec_loss / torch.exp(logvar) + logvar
+    nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+    kl_loss = 0.5 * torch.sum(torch.pow(mean, 2) + torch.exp(logvar_z) - 1.0 - logvar_z, dim=[1, 2, 3])
+    kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
+    logits_fake = discriminator(reconstruction)
+    g_loss = -torch.mean(logits_fake)
+    last_layer = decoder.decoder.conv_out.weight
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach()
+    d_weight = d_weight * options["disc_weight"]
+    disc_factor = 1.0 if step >= options["disc_start"] else 0.0
+    loss = nll_loss + options["kl_weight"] * kl_loss + d_weight * disc_factor * g_loss
+    autoencoder_parameters = [*encoder.parameters(), *decoder.parameters()]
+    autoencoder_gradients = torch.autograd.grad(loss, autoencoder_parameters, retain_graph=True)
+    logits_real = discriminator(images.detach())
+    logits_fake = discriminator(reconstruction.detach())
+    if options["disc_loss"] == "hinge":
+        d_loss = 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
+    else:
+        d_loss = 0.5 * (torch.mean(F.softplus(-logits_real)) + torch.mean(F.softplus(logits_fake)))
+    d_loss = disc_factor * d_loss
+    discriminator_gradients = torch.autograd.grad(d_loss, list(discriminator.parameters()), allow_unused=True)
+    names = [f"encoder.{n}" for n, _ in encoder.named_parameters()] + [
+        f"decoder.{n}" for n, _ in decoder.named_parameters()
+    ]
+    found = dict(zip(names, autoencoder_gradients, strict=True))
+    found.update(
+        {
+            f"discriminator.{n}": torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(discriminator.named_parameters(), discriminator_gradients, strict=True)
+        }
+    )
+    return found
+
+
+@pytest.mark.parametrize(
+    ("disc_loss", "perceptual", "step"),
+    [("hinge", "none", 5), ("vanilla", "none", 5), ("hinge", "discriminator", 5), ("hinge", "none", 2)],
+)
+def test_each_network_gets_the_gradient_of_its_own_reference_loss(disc_loss: str, perceptual: str, step: int) -> None:
+    """Step 5 with disc_start 3: every term; step 2: before the discriminator starts (its gradient is zero
+    and it sits out the step; the autoencoder's loss has no GAN term)."""
+    options = {
+        **TINY,
+        "disc_start": 3,
+        "disc_weight": 0.5,
+        "kl_weight": 0.01,
+        "disc_loss": disc_loss,
+        "perceptual": perceptual,
+        "disc_layers": 2,
+    }
+    plugin = AutoencoderKL(options, ImageInfo(16, 3))
+    torch.manual_seed(0)
+    networks = torch.nn.ModuleDict(plugin.build_networks()).double()
+    images = torch.rand(3, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(1)
+    output = plugin.training_step(networks, images, torch.full((3,), -1), step)
+    output.loss.backward()
+    ours = {name: parameter.grad for name, parameter in networks.named_parameters()}
+    torch.manual_seed(1)
+    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64)  # the posterior's draw, as the plugin's randn_like
+    expected = reference_gradients(networks, images, noise, options, step)
+    assert ours.keys() == expected.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    skipped = plugin.networks_to_skip({}, step)
+    assert skipped == (set() if step >= 3 else {"discriminator"})
+    assert ("d_weight" in output.metrics) == (step >= 3)  # the GAN's metrics from the step it starts
+
+
+def test_bad_options_are_one_line() -> None:
+    with pytest.raises(PluginError, match="do not divide by the 2x downsampling"):
+        AutoencoderKL(TINY, ImageInfo(15, 3))
+    with pytest.raises(PluginError, match="multiple of norm_num_groups"):
+        AutoencoderKL({**TINY, "block_out_channels": [8, 18]}, ImageInfo(16, 3))
+    with pytest.raises(PluginError, match=r"model\.disc_loss"):
+        AutoencoderKL({**TINY, "disc_loss": "wasserstein"}, ImageInfo(16, 3))
