@@ -14,9 +14,19 @@ from rich.table import Table
 from pipeline import train
 from pipeline.checkpoints import checkpoint
 from pipeline.commands import evaluate, model_commands, plot
+from pipeline.commands.diffusers_export import export_diffusers
+from pipeline.model import WEIGHTS
 from pipeline.plugin import describe, installed_plugins
 from shards import __version__
-from shards.command_line import ArgumentParser, check_output_folder, one_line, output, report_error
+from shards.command_line import (
+    ArgumentParser,
+    bounded,
+    check_output_folder,
+    one_line,
+    output,
+    report_error,
+    shard_folder,
+)
 from shards.errors import UserError
 
 
@@ -33,7 +43,11 @@ def list_plugins(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     try:
-        written = checkpoint.export(args.checkpoint, args.out)
+        if args.format == "diffusers":
+            options = (args.weights, args.scaling_factor, args.shards, args.split, args.count)
+            written = export_diffusers(args.checkpoint, args.out, *options)
+        else:
+            written = checkpoint.export(args.checkpoint, args.out)
     except OSError as error:  # checked before the work; a full disk remains possible
         raise UserError(f"cannot export to {args.out}: {error.strerror or error}") from None
     names = ", ".join(path.name for path in written)
@@ -63,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exporting.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="OUTPUT/checkpoints/step-N or latest")
     exporting.add_argument("out", type=Path, metavar="OUT")
+    exporting.add_argument(
+        "--format",
+        choices=("weights", "diffusers"),
+        default="weights",
+        help="weights: the checkpoint's weights folder; diffusers: an autoencoder-kl model as the folder "
+        "diffusers.AutoencoderKL.from_pretrained loads (default weights)",
+    )
+    exporting.add_argument(
+        "--weights", choices=WEIGHTS, default=None, help="diffusers: ema or raw (default: ema when the run kept them)"
+    )
+    exporting.add_argument(
+        "--scaling-factor", type=bounded(float, 1e-12), default=None, help="diffusers: the latents' scaling_factor"
+    )
+    exporting.add_argument(
+        "--shards", type=shard_folder, default=None, help="diffusers: measure scaling_factor on these shards' images"
+    )
+    exporting.add_argument("--split", choices=("train", "val"), default="train", help="diffusers: with --shards")
+    exporting.add_argument(
+        "--count", type=bounded(int, 2, 10**6), default=256, help="diffusers: images measured (default 256)"
+    )
     exporting.set_defaults(handler=export)
     model_commands.add_commands(commands)
     evaluate.add_command(commands)

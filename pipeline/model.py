@@ -4,7 +4,7 @@
     from pipeline import load_model, to_pil
     model = load_model("runs/demo/checkpoints/latest", weights="ema", device="cpu")
     images = model.sample(16, seed=0)             # N x C x H x W in [-1, 1]
-    codes = model.encode(images)                   # posterior means, N x D
+    codes = model.encode(images)                   # posterior means, N x D (N x C x h x w: a latent map)
     again = model.decode(codes)
     pairs = model.reconstruct(images)
     to_pil(images)[0].save("first.png")
@@ -19,7 +19,8 @@ ValueError, when one is broken; the model commands print it as one line):
   model's size and channels (`model.image`);
 - `sample(count, seed)`: count a whole number from 1 to MAX_DRAW a call (more: call again, with another
   seed), seed a whole number from 0 to 2^63 - 1;
-- `decode(codes)`: finite float codes N x D, D what `encode` gives (`model.code_size`).
+- `decode(codes)`: finite float codes of the shape `encode` gives, N x `model.code_shape` (D for the VAE-GAN,
+  C x h x w for `autoencoder-kl`, whose codes are diffusers' `latent_dist.mean`, unscaled).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Model:
     networks: nn.ModuleDict  # in eval mode
     image: ImageInfo
     weights: str  # what was loaded: "ema" (each averaged network's EMA, the others' raw weights) or "raw"
-    _code_size: int | None = None
+    _code_shape: tuple[int, ...] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -76,25 +77,31 @@ class Model:
 
     @torch.no_grad()
     def encode(self, images: ImagesIn) -> torch.Tensor:
-        """Posterior means, N x D."""
+        """Posterior means, N x `code_shape`."""
         require(self.plugin, "encode")
         return self.plugin.encode(self.networks, self.as_batch(images))
 
     @property
-    def code_size(self) -> int:
-        """D of the N x D codes `encode` gives and `decode` takes (measured once, on a blank image)."""
-        if self._code_size is None:
+    def code_shape(self) -> tuple[int, ...]:
+        """The shape of one code `encode` gives and `decode` takes (measured once, on a blank image)."""
+        if self._code_shape is None:
             blank = torch.zeros(1, self.image.channels, self.image.size, self.image.size)
-            self._code_size = int(self.encode(blank).shape[1])
-        return self._code_size
+            self._code_shape = tuple(self.encode(blank).shape[1:])
+        return self._code_shape
+
+    @property
+    def code_size(self) -> int:
+        """The numbers in one code: D of the N x D codes of a plugin with flat codes."""
+        return int(np.prod(self.code_shape))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         require(self.plugin, "decode")
         codes = torch.as_tensor(codes)
-        if not codes.is_floating_point() or codes.ndim != 2 or codes.shape[1] != self.code_size:
+        if not codes.is_floating_point() or tuple(codes.shape[1:]) != self.code_shape or codes.ndim < 2:
+            shape = " x ".join(map(str, self.code_shape))
             raise ModelInputError(
-                f"codes of shape {tuple(codes.shape)} ({codes.dtype}): this model decodes float N x {self.code_size}"
+                f"codes of shape {tuple(codes.shape)} ({codes.dtype}): this model decodes float N x {shape}"
             )
         if not torch.isfinite(codes).all():
             raise ModelInputError("codes: some are not finite (NaN or infinite)")

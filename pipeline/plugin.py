@@ -28,6 +28,9 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
     plugin.networks_to_skip(totals, step) -> {"discriminator", ...}    # step: optimizer steps done so far
     # (a plugin written before `step` was given may define networks_to_skip(totals): then it is called
     # only at steps with totals)
+    # optional, a fresh run's starting weights (a diffusers folder to fine-tune; never on resume):
+    plugin.initial_weights() -> Path | None      # a safetensors file, which the trainer reads
+    plugin.initial_state(tensors) -> {network: state_dict}    # each loaded whole into its network
     # optional: the options as validated, defaults included (what a weights folder's config.json records)
     plugin.resolved_options() -> dict          # else options_class(**options).model_dump(), or the options
 

@@ -14,4 +14,4 @@ if ! python -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086  # TORCH_SPEC may hold several words (an index URL)
     python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
-python -m pip install -q -e ".[dev,demo,eval,ray,bench,trackers]"
+python -m pip install -q -e ".[dev,demo,eval,ray,bench,trackers,diffusers]"

@@ -189,6 +189,8 @@ def test_each_network_gets_the_gradient_of_its_own_reference_loss(disc_loss: str
 def test_bad_options_are_one_line() -> None:
     with pytest.raises(PluginError, match="do not divide by the 2x downsampling"):
         AutoencoderKL(TINY, ImageInfo(15, 3))
+    with pytest.raises(PluginError, match=r"too small for disc_layers 3 \(at least 24 px"):
+        AutoencoderKL({**TINY, "disc_layers": 3}, ImageInfo(16, 3))
     with pytest.raises(PluginError, match="multiple of norm_num_groups"):
         AutoencoderKL({**TINY, "block_out_channels": [8, 18]}, ImageInfo(16, 3))
     with pytest.raises(PluginError, match=r"model\.disc_loss"):

@@ -45,6 +45,26 @@ def load_weights(networks: torch.nn.ModuleDict, folder: Path, plugin: str, suffi
             raise UserError(f"{path}: does not fit the {plugin} {network_name} of config.json ({first})") from None
 
 
+def load_initial_weights(plugin: Any, networks: dict[str, torch.nn.Module], name: str) -> None:
+    """A fresh run's starting weights, where the plugin names a file of them (a diffusers folder to fine-tune:
+    pipeline/plugin.py, initial_weights): read as safetensors, split into networks by the plugin, each
+    loaded whole; one line when the file cannot be read or does not fit."""
+    path = plugin.initial_weights() if hasattr(plugin, "initial_weights") else None
+    if path is None:
+        return
+    try:
+        check_regular(path)
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"{path}: cannot read the initial weights ({error}; safetensors only)") from None
+    for network_name, state in plugin.initial_state(tensors).items():
+        try:
+            networks[network_name].load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise UserError(f"{path}: does not fit the {name} {network_name} ({first})") from None
+
+
 def check_output_beside(path: Path, weights: Path) -> None:
     """Before any work: `path` can be written, and not into the weights folder (a PNG there could replace
     its config.json or a network's weights)."""

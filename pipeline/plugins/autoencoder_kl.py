@@ -33,6 +33,7 @@ Where this differs from the references, on purpose:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -47,6 +48,7 @@ from pipeline.plugins.kl_autoencoder import LatentDecoder, PatchDiscriminator, P
 from pipeline.plugins.vae import parse_options
 
 ADAPTIVE_WEIGHT_EPS, ADAPTIVE_WEIGHT_MAX = 1e-4, 1e4  # contperceptual.py's calculate_adaptive_weight
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # what AutoencoderKL.save_pretrained writes
 
 
 class AutoencoderKLOptions(BaseModel):
@@ -70,6 +72,7 @@ class AutoencoderKLOptions(BaseModel):
     logvar_init: Number = 0.0
     learn_logvar: Flag = False
     sample_posterior: Flag = Field(True, description="train on z ~ q(z|x); false: on its mean")
+    init_from: str | None = Field(None, description="a diffusers AutoencoderKL folder to start from (fine-tuning)")
 
     @model_validator(mode="after")
     def _widths_divide_into_groups(self) -> AutoencoderKLOptions:
@@ -95,6 +98,12 @@ class AutoencoderKL:
                 f"{self.name}: images of {image.size} px do not divide by the {factor}x downsampling of "
                 f"{len(self.options.block_out_channels)} block_out_channels"
             )
+        smallest = 3 * 2**self.options.disc_layers  # each strided layer halves, the last two take 1 px each
+        if image.size < smallest:
+            raise PluginError(
+                f"{self.name}: images of {image.size} px are too small for disc_layers {self.options.disc_layers} "
+                f"(at least {smallest} px)"
+            )
         self.image = image
 
     def build_networks(self) -> dict[str, nn.Module]:
@@ -103,7 +112,8 @@ class AutoencoderKL:
         attention = options.mid_block_add_attention
         decoder = LatentDecoder(options.latent_channels, channels, *shape, attention)
         if options.learn_logvar:
-            decoder.logvar = nn.Parameter(torch.tensor(float(options.logvar_init)))
+            # one element, not a 0-dim tensor: DeepSpeed broadcasts parameters viewed as bytes
+            decoder.logvar = nn.Parameter(torch.full((1,), float(options.logvar_init)))
         return {
             "encoder": PosteriorEncoder(channels, options.latent_channels, *shape, attention),
             "decoder": decoder,
@@ -114,6 +124,21 @@ class AutoencoderKL:
         # LDM: Adam, betas (0.5, 0.9), no weight decay; base_learning_rate 4.5e-6, which main.py scales by
         # the global batch (accumulation x GPUs x batch): give the scaled one as optimizer.lr
         return {"name": "adam", "lr": 4.5e-6, "betas": [0.5, 0.9], "weight_decay": 0.0}
+
+    def initial_weights(self) -> Path | None:
+        """init_from's diffusion_pytorch_model.safetensors (pipeline/plugin.py: the trainer reads it)."""
+        if self.options.init_from is None:
+            return None
+        return Path(self.options.init_from) / DIFFUSERS_WEIGHTS
+
+    def initial_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """diffusers' AutoencoderKL state dict split into the encoder's and the decoder's (their names are
+        diffusers' own); the discriminator keeps its initialisation."""
+        encoder = {key: value for key, value in tensors.items() if key.startswith(("encoder.", "quant_conv."))}
+        decoder = {key: value for key, value in tensors.items() if key not in encoder}
+        if self.options.learn_logvar:
+            decoder["logvar"] = torch.full((1,), float(self.options.logvar_init))
+        return {"encoder": encoder, "decoder": decoder}
 
     def discriminating(self, step: int) -> bool:
         return self.options.disc_factor > 0 and step >= self.options.disc_start

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from pipeline.checkpoints.checkpoint import check_plugin, check_shapes, find_resume
+from pipeline.checkpoints.weights import load_initial_weights
 from pipeline.config.sections import RunConfig
 from pipeline.engine.accelerator import resolve_precision
 from pipeline.engine.deepspeed_config import build_deepspeed_config, load_user_config
@@ -88,6 +89,8 @@ def resolve_run(
     optimizer = optimizer_plan(config, defaults, list(networks))
     if resume is not None:
         check_shapes(resume[0], config.plugin, networks)
+    else:
+        load_initial_weights(plugin, networks, config.plugin)
     return ResolvedRun(config, split, plugin, networks, precision, optimizer, deepspeed, held_out, resume)
 
 
