@@ -8,8 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from test_checkpoints import assert_bit_identical, assert_ok, latest, losses
 from trainer_helpers import build_small_shards, launch, launch_killed, metrics, write_config
+
+from pipeline import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +28,7 @@ MODEL = {
 }
 
 
-def config(tmp_path: Path, shards: Path, name: str, zero_stage: int, disc_start: int) -> Path:
+def config(tmp_path: Path, shards: Path, name: str, zero_stage: int, disc_start: int, crop: int | None) -> Path:
     return write_config(
         tmp_path / f"{name}.yaml",
         shards,
@@ -33,7 +36,7 @@ def config(tmp_path: Path, shards: Path, name: str, zero_stage: int, disc_start:
         plugin="autoencoder-kl",
         model={**MODEL, "disc_start": disc_start},
         optimizer={"lr": 1e-3},
-        data={"shards": str(shards), "batch_size": 2, "workers": 1},
+        data={"shards": str(shards), "batch_size": 2, "workers": 1, "random_crop": crop, "hflip": crop is not None},
         deepspeed={"zero_stage": zero_stage},
         max_steps=7,
         checkpoint={"every": 2},
@@ -41,21 +44,29 @@ def config(tmp_path: Path, shards: Path, name: str, zero_stage: int, disc_start:
     )
 
 
-@pytest.mark.parametrize(("processes", "zero_stage", "disc_start"), [(2, 2, 1), (2, 2, 3), (1, 0, 3), (2, 1, 1)])
+@pytest.mark.parametrize(
+    ("processes", "zero_stage", "disc_start", "crop"),
+    [(2, 2, 1, None), (2, 2, 3, None), (1, 0, 3, None), (2, 1, 1, None), (2, 2, 3, 12)],
+)
 def test_killed_mid_step_resumes_bit_identical(
-    tmp_path: Path, processes: int, zero_stage: int, disc_start: int
+    tmp_path: Path, processes: int, zero_stage: int, disc_start: int, crop: int | None
 ) -> None:
-    """Killed after micro-batch 7 (mid-step 4; the last checkpoint is step 2), resumed to step 7."""
+    """Killed after micro-batch 7 (mid-step 4; the last checkpoint is step 2), resumed to step 7. With
+    data.random_crop (12 of the 16 px) and hflip: the crops too are the same after the resume, and the model
+    is a 12 px one (config.json; load_model takes 12 px images)."""
     shards = build_small_shards(tmp_path / "data", images=40, size=16)
-    straight = config(tmp_path, shards, "straight", zero_stage, disc_start)
+    straight = config(tmp_path, shards, "straight", zero_stage, disc_start, crop)
     assert_ok(launch(straight, processes=processes))
-    interrupted = config(tmp_path, shards, "interrupted", zero_stage, disc_start)
+    interrupted = config(tmp_path, shards, "interrupted", zero_stage, disc_start, crop)
     killed = launch_killed(interrupted, "micro_step:7", processes=processes)
     assert killed.returncode != 0
     assert latest(tmp_path / "interrupted").name == "step-00000002"
     assert_ok(launch(interrupted, processes=processes))
     assert_bit_identical(latest(tmp_path / "straight"), latest(tmp_path / "interrupted"))
     assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
+    model = load_model(latest(tmp_path / "straight"))
+    assert model.image.size == (crop or 16)
+    assert model.reconstruct(torch.zeros(1, 1, crop or 16, crop or 16)).shape == (1, 1, crop or 16, crop or 16)
 
     records = {record["step"]: record for record in metrics(tmp_path / "straight")}
     for step, record in records.items():  # logged every step: steps 1..disc_start did not train it

@@ -83,3 +83,30 @@ def test_hflip_mirrors_a_sample_by_seed_epoch_and_index_only(shards: Path) -> No
         assert torch.equal(image, original.flip(-1) if flip else original)
     assert [decisions[0, i] for i in range(40)] != [decisions[1, i] for i in range(40)]  # new flips each epoch
     assert StreamLayout((40,), 3, 1, 1, 4).steps_per_epoch == 10
+
+
+def test_random_crop_takes_a_window_by_seed_epoch_and_index_only(shards: Path) -> None:
+    """data.random_crop: each sample's N x N window is placed by a hash of (seed, epoch, index), computed
+    here from its definition (blake2b of "crop:seed:epoch:index", two little-endian 32-bit words modulo the
+    positions), then flipped when hflip says so; every position is reachable, and the window moves each
+    epoch. Grids and evaluation see the middle window."""
+    from pipeline.data.stream import TrainingSamples, center_crop, flipped
+
+    split = SplitDataset(open_split(shards))
+    stored = split[0][0].shape[-1]
+    size = stored - 3  # 4 positions a side
+    samples = TrainingSamples(split, seed=5, hflip=True, crop=size)
+    corners = set()
+    for epoch in range(2):
+        for index in range(len(split)):
+            digest = hashlib.blake2b(f"crop:5:{epoch}:{index}".encode(), digest_size=8).digest()
+            top, left = (int.from_bytes(part, "little") % 4 for part in (digest[:4], digest[4:]))
+            corners.add((epoch, top, left))
+            original, _ = split[index]
+            window = original[:, top : top + size, left : left + size]
+            image, _ = samples[epoch * len(split) + index]
+            assert torch.equal(image, window.flip(-1) if flipped(5, epoch, index) else window)
+            assert image.shape == (original.shape[0], size, size) and image.is_contiguous()
+    assert {(top, left) for _, top, left in corners} == {(row, column) for row in range(4) for column in range(4)}
+    middle = center_crop(split[0][0], size)
+    assert torch.equal(middle, split[0][0][:, 1 : 1 + size, 1 : 1 + size])

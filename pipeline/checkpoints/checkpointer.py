@@ -32,7 +32,7 @@ from pipeline.checkpoints import checkpoint, optimizer_state
 from pipeline.checkpoints.ema import WeightAverage, ema_file
 from pipeline.checkpoints.weights import load_weights
 from pipeline.config.sections import RunConfig
-from pipeline.data.stream import StreamLayout, data_position, resume_micro_step
+from pipeline.data.stream import StreamLayout, data_position, model_image, resume_micro_step
 from pipeline.engine import deepspeed_internals as internals
 from pipeline.engine import rng
 from pipeline.errors import CheckpointError, ConfigError, TrainingStopped
@@ -137,7 +137,7 @@ class Checkpointer:
                     "plugin": config.plugin,
                     "model": resolved_options(self.plugin, config.model),
                     "options_recorded": True,  # every option, defaults included (pipeline/plugin.py)
-                    "image": self.split.image,
+                    "image": model_image(self.split, config.data),
                 }
                 checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
                 hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}

@@ -42,6 +42,9 @@ class DataConfig(Strict):
     )
     shuffle_shards: Integer = Field(8, gt=0, le=2**20, description="shards mixed together by the per-epoch shuffle")
     hflip: Flag = Field(False, description="random horizontal flip (the paper's CelebA augmentation)")
+    random_crop: Integer | None = Field(
+        None, gt=0, le=8192, description="train on a random N x N crop of each stored image (with the flip)"
+    )
     # remote shard folders only (docs/shards.md, "Remote shards")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options of the store, e.g. endpoint_url (never credentials)"

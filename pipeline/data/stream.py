@@ -137,12 +137,53 @@ def flipped(seed: int, epoch: int, index: int) -> bool:
     return hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=1).digest()[0] < 128
 
 
-class TrainingSamples(torch.utils.data.Dataset):
-    """The split's samples, addressed as epoch x samples + index (RankBatches' items), with the paper's
-    random horizontal flip when asked for. An unreadable sample comes out as None (see collate)."""
+def crop_offset(seed: int, epoch: int, index: int, stored: int, size: int) -> tuple[int, int]:
+    """data.random_crop: the (top, left) of sample `index`'s size x size crop in `epoch` (the same on any
+    number of ranks, and again on resume: a function of the stream's position, like the flip)."""
+    digest = hashlib.blake2b(f"crop:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    positions = stored - size + 1
+    return int.from_bytes(digest[:4], "little") % positions, int.from_bytes(digest[4:], "little") % positions
 
-    def __init__(self, split: SplitDataset, seed: int, hflip: bool, rank: int = 0) -> None:
-        self.split, self.seed, self.hflip, self.rank = split, seed, hflip, rank
+
+def center_crop(image: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The middle size x size of a C x H x W (or N x C x H x W) image: what grids and evaluation show a model
+    trained on random crops (None: the image)."""
+    if size is None:
+        return image
+    top, left = (image.shape[-2] - size) // 2, (image.shape[-1] - size) // 2
+    return image[..., top : top + size, left : left + size]
+
+
+class CenterCropped:
+    """A split's samples, each center-cropped: evaluation of a model trained on data.random_crop."""
+
+    def __init__(self, dataset: SplitDataset, size: int) -> None:
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return center_crop(image, self.size), label
+
+    def close(self) -> None:
+        self.dataset.close()
+
+
+def model_image(split: ShardSplit, data: DataConfig) -> dict:
+    """The images the model sees (the shards' image description, at data.random_crop's size when set):
+    what a plugin is built for and a weights folder records."""
+    return {**split.image, "size": data.random_crop or split.image["size"]}
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """The split's samples, addressed as epoch x samples + index (RankBatches' items), with the random crop
+    and the paper's random horizontal flip when asked for. An unreadable sample comes out as None (see
+    collate)."""
+
+    def __init__(self, split: SplitDataset, seed: int, hflip: bool, rank: int = 0, crop: int | None = None) -> None:
+        self.split, self.seed, self.hflip, self.rank, self.crop = split, seed, hflip, rank, crop
         self.reported: set[str] = set()  # shards already reported by this process
 
     def __len__(self) -> int:
@@ -166,6 +207,9 @@ class TrainingSamples(torch.utils.data.Dataset):
                     flush=True,
                 )
             return None
+        if self.crop is not None:
+            top, left = crop_offset(self.seed, epoch, index, image.shape[-1], self.crop)
+            image = image[:, top : top + self.crop, left : left + self.crop].contiguous()
         if self.hflip and flipped(self.seed, epoch, index):
             image = image.flip(-1)
         return image, label
@@ -217,10 +261,11 @@ def training_loader(
     workers: int,
     hflip: bool = False,
     pin_memory: bool = False,
+    crop: int | None = None,
 ) -> torch.utils.data.DataLoader:
     # a worker keeps open the shards the epoch order is reading (a group of shuffle_shards), no more
     samples = SplitDataset(split, max_open=layout.shuffle_shards, pixels=True)
-    dataset = TrainingSamples(samples, layout.seed, hflip, rank)
+    dataset = TrainingSamples(samples, layout.seed, hflip, rank, crop)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=RankBatches(layout, rank, start),

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pipeline.config.sections import RunConfig
+from pipeline.data.stream import CenterCropped
 from pipeline.errors import ConfigError
 from pipeline.evaluation.features import FeatureExtractor, load_extractor
 from pipeline.evaluation.passes import (
@@ -71,6 +72,8 @@ class TrainingEvaluation:
     def __init__(self, config: RunConfig, accelerator: Accelerator, held_out: HeldOut) -> None:
         self.config, self.accelerator = config.eval, accelerator
         self.dataset = SplitDataset(held_out.split)
+        if config.data.random_crop is not None:  # the model sees crops: measure it on the middle ones
+            self.dataset = CenterCropped(self.dataset, config.data.random_crop)
         self.extractor = replace(held_out.extractor, module=held_out.extractor.module.to(accelerator.device))
         self.image_features: dict[int, torch.Tensor] | None = None  # every batch's, once measured
 

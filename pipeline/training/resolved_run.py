@@ -23,6 +23,7 @@ from torch import nn
 from pipeline.checkpoints.checkpoint import check_plugin, check_shapes, find_resume
 from pipeline.checkpoints.weights import load_initial_weights
 from pipeline.config.sections import RunConfig
+from pipeline.data.stream import model_image
 from pipeline.engine.accelerator import resolve_precision
 from pipeline.engine.deepspeed_config import build_deepspeed_config, load_user_config
 from pipeline.engine.optimizer_plan import checked_optimizer_defaults, optimizer_plan
@@ -43,6 +44,7 @@ class ResolvedRun:
     optimizer: dict[str, Any]  # optimizer_plan: its name, shared settings, each network's lr and weight decay
     deepspeed: dict[str, Any]  # the DeepSpeed config the engine is built with
     held_out: in_training.HeldOut | None  # eval.every's images and extractor
+    image: ImageInfo  # what the model sees (data.random_crop's crops, or the stored images)
     resume: tuple[Path, dict[str, Any]] | None  # the checkpoint folder and its trainer_state, or a fresh start
 
     def resolved_config(self) -> dict[str, Any]:
@@ -91,7 +93,8 @@ def resolve_run(
         check_shapes(resume[0], config.plugin, networks)
     else:
         load_initial_weights(plugin, networks, config.plugin)
-    return ResolvedRun(config, split, plugin, networks, precision, optimizer, deepspeed, held_out, resume)
+    image = run_image(config, split)
+    return ResolvedRun(config, split, plugin, networks, precision, optimizer, deepspeed, held_out, image, resume)
 
 
 def check_optimizer_networks(config: RunConfig, networks: dict) -> None:
@@ -125,10 +128,19 @@ def find_checkpoint(config: RunConfig, split: ShardSplit, warn: Callable[[str], 
     return found
 
 
+def run_image(config: RunConfig, split: ShardSplit) -> ImageInfo:
+    """What the model sees: the stored images, or data.random_crop's crops of them."""
+    stored = split.image["size"]
+    if config.data.random_crop is not None and config.data.random_crop > stored:
+        raise ConfigError(
+            f"data.random_crop: {config.data.random_crop} is larger than the {stored} px images of {split.location}"
+        )
+    return ImageInfo(model_image(split, config.data)["size"], split.image["channels"], split.labels)
+
+
 def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit) -> ModelPlugin:
     try:
-        image = ImageInfo(split.image["size"], split.image["channels"], split.labels)
-        plugin = plugin_class(config.model, image)
+        plugin = plugin_class(config.model, run_image(config, split))
     except (ValueError, TypeError) as error:  # a third-party plugin rejecting its options its own way
         raise PluginError(f"{config.plugin}: bad model options: {error}") from None
     check_required(plugin, config.plugin)

@@ -29,7 +29,7 @@ from pipeline.checkpoints import checkpoint
 from pipeline.checkpoints.checkpointer import Checkpointer, Progress
 from pipeline.checkpoints.ema import weight_average
 from pipeline.data.prefetch import ShardPrefetcher
-from pipeline.data.stream import MicroBatch, StreamLayout, training_loader
+from pipeline.data.stream import MicroBatch, StreamLayout, center_crop, training_loader
 from pipeline.engine import deepspeed_internals as internals
 from pipeline.engine import kernels, trackers
 from pipeline.engine.accelerator import TrainingModule, average_batch_norm_statistics, make_accelerator
@@ -141,7 +141,7 @@ class Trainer:
             accelerator.wait_for_everyone()
             return
         with stop.waiting():  # reads the grid's samples: the first fetch of a remote split
-            grid_inputs = run_grids.grid_inputs(self.split, config.grid_size)
+            grid_inputs = center_crop(run_grids.grid_inputs(self.split, config.grid_size), config.data.random_crop)
         self.rollbacks = rollback.read_records(self.output_dir)
         self.skips = rollback.skip_table(config.faults.skip_micro_steps, self.rollbacks)
         saved_batch = self.resume[1]["data"]["global_batch"] if self.resume is not None else self.layout.global_batch
@@ -162,6 +162,7 @@ class Trainer:
                     start=self.micro_step,
                     workers=config.data.workers,
                     hflip=config.data.hflip,
+                    crop=config.data.random_crop,
                     pin_memory=torch.cuda.is_available(),
                 )
                 try:
@@ -330,7 +331,7 @@ class Trainer:
 
     def _on_device(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.images is None:  # every sample unreadable: an empty micro-batch still takes part
-            size, channels = self.split.image["size"], self.split.image["channels"]
+            size, channels = self.run.image.size, self.run.image.channels
             images = torch.empty(0, channels, size, size, dtype=torch.uint8)
             labels = torch.empty(0, dtype=torch.int64)
         else:
