@@ -13,7 +13,7 @@ from rich.table import Table
 
 from pipeline import train
 from pipeline.checkpoints import checkpoint
-from pipeline.commands import evaluate, model_commands, plot
+from pipeline.commands import evaluate, lpips_weights, model_commands, plot
 from pipeline.commands.diffusers_export import export_diffusers
 from pipeline.model import WEIGHTS
 from pipeline.plugin import describe, installed_plugins
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands.add_commands(commands)
     evaluate.add_command(commands)
     plot.add_command(commands)
+    lpips_weights.add_command(commands)
     return parser
 
 

@@ -28,6 +28,11 @@ and selected with ``plugin: mymodel`` in the run config. The trainer uses it lik
     plugin.networks_to_skip(totals, step) -> {"discriminator", ...}    # step: optimizer steps done so far
     # (a plugin written before `step` was given may define networks_to_skip(totals): then it is called
     # only at steps with totals)
+    # optional, frozen networks a loss needs (LPIPS's VGG16), from files the user names: the trainer reads
+    # each (safetensors), records its sha256 in config.json, places what build_auxiliary returns on the
+    # device in the run's dtype and eval mode, and never optimises, checkpoints or exports it
+    plugin.auxiliary_files() -> {name: Path}
+    plugin.build_auxiliary({name: {key: tensor}}) -> {name: nn.Module}     # kept by the plugin for its loss
     # optional, a fresh run's starting weights (a diffusers folder to fine-tune; never on resume):
     plugin.initial_weights() -> Path | None      # a safetensors file, which the trainer reads
     plugin.initial_state(tensors) -> {network: state_dict}    # each loaded whole into its network

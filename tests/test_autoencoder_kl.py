@@ -14,7 +14,13 @@ from pipeline.errors import PluginError
 from pipeline.plugin import ImageInfo
 from pipeline.plugins.autoencoder_kl import AutoencoderKL
 
-TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "disc_channels": 4}
+TINY = {
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "disc_channels": 4,
+    "disc_layers": 2,
+}
 
 
 def diffusers_shapes(in_channels, widths, layers, latent, attention=True) -> dict[str, tuple[int, ...]]:
@@ -97,7 +103,7 @@ def test_the_discriminator_is_taming_nlayer_discriminator() -> None:
     assert discriminator(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
 
 
-def reference_gradients(networks, images, noise, options: dict, step: int) -> dict[str, dict[str, torch.Tensor]]:
+def reference_gradients(networks, images, noise, options: dict, step: int, perceptual=None) -> dict[str, torch.Tensor]:
     """contperceptual.py's two losses, float64, each network's gradient of its own (the G step with the
     discriminator frozen, the D step on the reconstruction detached)."""
     encoder, decoder, discriminator = networks["encoder"], networks["decoder"], networks["discriminator"]
@@ -114,6 +120,8 @@ def reference_gradients(networks, images, noise, options: dict, step: int) -> di
 
         p_loss = (hidden(reconstruction) - hidden(images).detach()).pow(2).mean(dim=(1, 2, 3), keepdim=True)
         rec_loss = rec_loss + options.get("perceptual_weight", 1.0) * p_loss
+    if options.get("perceptual") == "lpips":
+        rec_loss = rec_loss + options["perceptual_weight"] * perceptual["lpips"](images, reconstruction)
     logvar = torch.tensor(0.0, dtype=torch.float64)
     nll_loss = rec_loss / torch.exp(logvar) + logvar
     nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
@@ -195,3 +203,120 @@ def test_bad_options_are_one_line() -> None:
         AutoencoderKL({**TINY, "block_out_channels": [8, 18]}, ImageInfo(16, 3))
     with pytest.raises(PluginError, match=r"model\.disc_loss"):
         AutoencoderKL({**TINY, "disc_loss": "wasserstein"}, ImageInfo(16, 3))
+
+
+# LPIPS v0.1 (VGG16), from Zhang et al. 2018 and the `lpips` package's constants: inputs in [-1, 1] shifted
+# by (-0.030, -0.088, -0.188) and scaled by (0.458, 0.448, 0.450); torchvision's vgg16().features, tapped
+# after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (indices 3, 8, 15, 22, 29); each tap divided by its
+# channel norm + 1e-10; squared differences through a 1x1 convolution without bias; mean over positions; sum.
+VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+TAPS = (3, 8, 15, 22, 29)
+
+
+def random_lpips_sources(generator: torch.Generator) -> tuple[dict, dict]:
+    """A torchvision-format VGG16 state dict and the lpips package's vgg.pth, random (the real ones cannot
+    be downloaded here): what `pipeline lpips-weights` reads."""
+    vgg, channels, index = {}, 3, 0
+    for width in VGG16:
+        if width == "M":
+            index += 1
+            continue
+        vgg[f"features.{index}.weight"] = (
+            torch.randn(width, channels, 3, 3, generator=generator) * (2 / (9 * channels)) ** 0.5
+        )
+        vgg[f"features.{index}.bias"] = torch.randn(width, generator=generator) * 0.1
+        channels, index = width, index + 2
+    lins = {
+        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=generator)
+        for k, c in enumerate([64, 128, 256, 512, 512])
+    }
+    return lins, vgg
+
+
+def reference_lpips(x: torch.Tensor, y: torch.Tensor, lins: dict, vgg: dict) -> torch.Tensor:
+    # the package's ScalingLayer holds them as torch.Tensor([...]): float32
+    shift = torch.tensor([-0.030, -0.088, -0.188], dtype=torch.float32).to(x.dtype)[None, :, None, None]
+    scale = torch.tensor([0.458, 0.448, 0.450], dtype=torch.float32).to(x.dtype)[None, :, None, None]
+
+    def taps(image):
+        found, index, h = [], 0, (image - shift) / scale
+        for width in VGG16:
+            if width == "M":
+                h, index = F.max_pool2d(h, 2, 2), index + 1
+                continue
+            h = F.relu(
+                F.conv2d(
+                    h, vgg[f"features.{index}.weight"].to(x.dtype), vgg[f"features.{index}.bias"].to(x.dtype), padding=1
+                )
+            )
+            if index + 1 in TAPS:
+                found.append(h)
+            index += 2
+        return found
+
+    total = 0
+    for k, (a, b) in enumerate(zip(taps(x), taps(y), strict=True)):
+        a = a / (torch.sqrt(torch.sum(a**2, dim=1, keepdim=True)) + 1e-10)
+        b = b / (torch.sqrt(torch.sum(b**2, dim=1, keepdim=True)) + 1e-10)
+        total = total + F.conv2d((a - b) ** 2, lins[f"lin{k}.model.1.weight"].to(x.dtype)).mean([2, 3], keepdim=True)
+    return total
+
+
+def lpips_file(tmp_path, generator) -> tuple:
+    import pickle  # noqa: F401  (torch.save's format; read back with weights_only=True)
+
+    from pipeline.cli import main
+
+    lins, vgg = random_lpips_sources(generator)
+    torch.save(lins, tmp_path / "vgg.pth")
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    out = tmp_path / "lpips.safetensors"
+    assert (
+        main(["lpips-weights", str(out), "--lpips", str(tmp_path / "vgg.pth"), "--vgg", str(tmp_path / "vgg16.pth")])
+        == 0
+    )
+    return out, lins, vgg
+
+
+def test_lpips_from_the_converted_file_is_the_papers(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from pipeline.plugins.lpips import LPIPS
+
+    out, lins, vgg = lpips_file(tmp_path, torch.Generator().manual_seed(0))
+    lpips = LPIPS()
+    lpips.load_state_dict(load_file(str(out)), strict=True)
+    x, y = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lpips.double()(x.double(), y.double()),
+            reference_lpips(x.double(), y.double(), lins, vgg),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        assert lpips(x.double(), x.double()).abs().max() == 0
+    assert not any(p.requires_grad for p in lpips.parameters()) and not lpips.training
+
+
+def test_with_lpips_each_network_gets_the_gradient_of_its_own_reference_loss(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    out, lins, vgg = lpips_file(tmp_path, torch.Generator().manual_seed(4))
+    options = {**TINY, "disc_start": 0, "disc_weight": 0.5, "kl_weight": 0.01, "disc_loss": "hinge", "disc_layers": 2,
+               "perceptual": "lpips", "lpips_weights": str(out), "perceptual_weight": 0.7}  # fmt: skip
+    plugin = AutoencoderKL(options, ImageInfo(16, 3))
+    assert plugin.auxiliary_files() == {"lpips": out}
+    frozen = plugin.build_auxiliary({"lpips": load_file(str(out))})["lpips"].double()
+    torch.manual_seed(0)
+    networks = torch.nn.ModuleDict(plugin.build_networks()).double()
+    images = torch.rand(3, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(1)
+    plugin.training_step(networks, images, torch.full((3,), -1), 2).loss.backward()
+    ours = {name: parameter.grad for name, parameter in networks.named_parameters()}
+    torch.manual_seed(1)
+    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    perceptual = {"lpips": lambda x, y: reference_lpips(x, y, lins, vgg)}
+    expected = reference_gradients(networks, images, noise, options, 2, perceptual)
+    for name in ours:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert not any(p.grad is not None for p in frozen.parameters())  # never trained

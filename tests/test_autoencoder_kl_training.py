@@ -5,6 +5,7 @@ logged from the step it starts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,31 @@ def test_killed_mid_step_resumes_bit_identical(
         assert record["updated/discriminator"] == float(started), step
         assert ("d_weight" in record) == started and ("disc_loss" in record) == started, step
         assert record["nll_loss"] > 0 and record["kl_loss"] >= 0
+
+
+def test_lpips_is_placed_frozen_never_saved_and_its_file_recorded(tmp_path: Path) -> None:
+    """perceptual: lpips on 2 ranks: the run trains, its checkpoint holds no LPIPS tensor, and config.json
+    records the sha256 of the weights file the loss read."""
+    import hashlib
+
+    from safetensors.torch import load_file
+    from test_autoencoder_kl import lpips_file
+
+    weights, _, _ = lpips_file(tmp_path, torch.Generator().manual_seed(0))
+    shards = build_small_shards(tmp_path / "data", images=40, size=16)
+    run = write_config(
+        tmp_path / "run.yaml",
+        shards,
+        tmp_path / "run",
+        plugin="autoencoder-kl",
+        model={**MODEL, "disc_start": 1, "perceptual": "lpips", "lpips_weights": str(weights)},
+        max_steps=2,
+        sample_every=100,
+    )
+    assert_ok(launch(run))
+    folder = latest(tmp_path / "run")
+    described = json.loads((folder / "config.json").read_text())
+    assert described["auxiliary"] == {"lpips": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    saved = [key for path in folder.glob("*.safetensors") for key in load_file(str(path))]
+    assert saved and not any("lin0" in key or "slice1" in key for key in saved)
+    assert all(record["rec_loss"] > 0 for record in metrics(tmp_path / "run"))

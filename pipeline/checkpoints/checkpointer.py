@@ -66,12 +66,13 @@ class Checkpointer:
         precision: str,
         resumed_from: Path | None,
         ema: WeightAverage | None = None,
+        auxiliary: dict[str, str] | None = None,
     ) -> None:
         """resumed_from: the checkpoint this run continued from, never pruned by it. ema: the run's EMA
         weights, saved beside the raw weights as <network>.ema.safetensors."""
         self.accelerator, self.engine, self.networks, self.plugin = accelerator, engine, networks, plugin
         self.config, self.split, self.layout, self.precision = config, split, layout, precision
-        self.resumed_from, self.ema = resumed_from, ema
+        self.resumed_from, self.ema, self.auxiliary = resumed_from, ema, auxiliary or {}
         self.root = checkpoint.checkpoints_root(Path(config.output_dir))
         if not optimizer_state.supported(engine):
             # build_deepspeed_config refuses what leads here before any folder exists: this is a guard
@@ -138,6 +139,7 @@ class Checkpointer:
                     "model": resolved_options(self.plugin, config.model),
                     "options_recorded": True,  # every option, defaults included (pipeline/plugin.py)
                     "image": model_image(self.split, config.data),
+                    **({"auxiliary": self.auxiliary} if self.auxiliary else {}),  # files the loss read: sha256
                 }
                 checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
                 hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}

@@ -139,3 +139,4 @@ class WeightsConfig(Record):
     model: dict[str, Any] = Field(default_factory=dict)
     options_recorded: bool = False  # model holds every option, defaults included (pipeline/plugin.py)
     image: ImageRecord
+    auxiliary: dict[str, str] = Field(default_factory=dict)  # the sha256 of each file a plugin's loss read

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline.checkpoints import checkpoint
 from shards.command_line import check_output_file
 from shards.errors import UserError
-from shards.regular_files import check_regular
+from shards.regular_files import check_regular, file_sha256
 
 
 def read_description(folder: Path) -> dict[str, Any]:
@@ -63,6 +63,23 @@ def load_initial_weights(plugin: Any, networks: dict[str, torch.nn.Module], name
         except RuntimeError as error:
             first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
             raise UserError(f"{path}: does not fit the {name} {network_name} ({first})") from None
+
+
+def load_auxiliary(plugin: Any, name: str) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """The frozen networks a plugin's loss needs (pipeline/plugin.py, auxiliary_files), built from the
+    files it names, and each file's sha256 (recorded in config.json: the run's loss depends on them)."""
+    files = plugin.auxiliary_files() if hasattr(plugin, "auxiliary_files") else {}
+    tensors, digests = {}, {}
+    for key, path in files.items():
+        try:
+            check_regular(path)
+            digests[key] = file_sha256(path)
+            tensors[key] = load_file(str(path))
+        except (OSError, SafetensorError) as error:
+            raise UserError(
+                f"{path}: cannot read the {name} plugin's {key} weights ({error}; safetensors only)"
+            ) from None
+    return (plugin.build_auxiliary(tensors) if files else {}), digests
 
 
 def check_output_beside(path: Path, weights: Path) -> None:

@@ -14,8 +14,10 @@ The loss, per micro-batch of B images x in [-1, 1], reconstruction x~ = Dec(z), 
     encoder and decoder:  nll + kl_weight * kl + w * f * g
     discriminator:        f * hinge(D(x), D(x~))  or  f * vanilla(...)
 with hinge = (mean relu(1 - D(x)) + mean relu(1 + D(x~))) / 2 and vanilla = (mean softplus(-D(x)) +
-mean softplus(D(x~))) / 2. P is `perceptual`: none (0), or `discriminator`, the 2016 paper's learned
-similarity: the mean squared difference of the discriminator's last hidden layer for x and x~.
+mean softplus(D(x~))) / 2. P is `perceptual`: none (0), `lpips` (lpips.py, as the references; its
+weights a file the user gives, never trained: an auxiliary module of pipeline/plugin.py), or
+`discriminator`, the 2016 paper's learned similarity: the mean squared difference of the discriminator's
+last hidden layer for x and x~.
 
 Where this differs from the references, on purpose:
 - One forward, one optimizer step for all three networks (pipeline/plugin.py's own_gradients): the
@@ -45,6 +47,7 @@ from pipeline.config.fields import Flag, Integer, Number
 from pipeline.errors import PluginError
 from pipeline.plugin import ImageInfo, StepOutput, own_gradients
 from pipeline.plugins.kl_autoencoder import LatentDecoder, PatchDiscriminator, PosteriorEncoder
+from pipeline.plugins.lpips import LPIPS
 from pipeline.plugins.vae import parse_options
 
 ADAPTIVE_WEIGHT_EPS, ADAPTIVE_WEIGHT_MAX = 1e-4, 1e4  # contperceptual.py's calculate_adaptive_weight
@@ -67,12 +70,19 @@ class AutoencoderKLOptions(BaseModel):
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
     disc_layers: Integer = Field(3, gt=0, le=8)
     disc_channels: Integer = Field(64, gt=0, le=1024)
-    perceptual: Literal["none", "discriminator"] = "none"
+    perceptual: Literal["none", "discriminator", "lpips"] = "none"
+    lpips_weights: str | None = Field(None, description="with perceptual: lpips, its weights (pipeline lpips-weights)")
     perceptual_weight: Number = Field(1.0, ge=0)
     logvar_init: Number = 0.0
     learn_logvar: Flag = False
     sample_posterior: Flag = Field(True, description="train on z ~ q(z|x); false: on its mean")
     init_from: str | None = Field(None, description="a diffusers AutoencoderKL folder to start from (fine-tuning)")
+
+    @model_validator(mode="after")
+    def _lpips_has_weights(self) -> AutoencoderKLOptions:
+        if self.perceptual == "lpips" and self.lpips_weights is None:
+            raise ValueError("perceptual: lpips needs lpips_weights (a file `pipeline lpips-weights` makes)")
+        return self
 
     @model_validator(mode="after")
     def _widths_divide_into_groups(self) -> AutoencoderKLOptions:
@@ -105,6 +115,7 @@ class AutoencoderKL:
                 f"(at least {smallest} px)"
             )
         self.image = image
+        self.lpips: LPIPS | None = None  # with perceptual: lpips, built by build_auxiliary from its file
 
     def build_networks(self) -> dict[str, nn.Module]:
         options, channels = self.options, self.image.channels
@@ -140,6 +151,19 @@ class AutoencoderKL:
             decoder["logvar"] = torch.full((1,), float(self.options.logvar_init))
         return {"encoder": encoder, "decoder": decoder}
 
+    def auxiliary_files(self) -> dict[str, Path]:
+        """LPIPS's weights, a frozen network of the loss (pipeline/plugin.py: the trainer reads the file)."""
+        return {"lpips": Path(self.options.lpips_weights)} if self.options.perceptual == "lpips" else {}
+
+    def build_auxiliary(self, tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, nn.Module]:
+        self.lpips = LPIPS()
+        try:
+            self.lpips.load_state_dict(tensors["lpips"], strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise PluginError(f"{self.name}: model.lpips_weights is not LPIPS VGG16's ({first})") from None
+        return {"lpips": self.lpips}
+
     def discriminating(self, step: int) -> bool:
         return self.options.disc_factor > 0 and step >= self.options.disc_start
 
@@ -159,6 +183,8 @@ class AutoencoderKL:
         gan = self.discriminating(step)
         fake_hidden, fake_logits = discriminator.features(reconstruction) if gan or self.feature_loss else (None, None)
         rec = (wide(images) - wide(reconstruction)).abs()
+        if options.perceptual == "lpips" and options.perceptual_weight > 0:
+            rec = rec + options.perceptual_weight * wide(self.lpips(images, reconstruction))
         if options.perceptual == "discriminator" and options.perceptual_weight > 0:
             real_hidden = discriminator.features(images)[0].detach()
             perceptual = (wide(fake_hidden) - wide(real_hidden)).pow(2).flatten(1).mean(1)

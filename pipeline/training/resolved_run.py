@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from pipeline.checkpoints.checkpoint import check_plugin, check_shapes, find_resume
-from pipeline.checkpoints.weights import load_initial_weights
+from pipeline.checkpoints.weights import load_auxiliary, load_initial_weights
 from pipeline.config.sections import RunConfig
 from pipeline.data.stream import model_image
 from pipeline.engine.accelerator import resolve_precision
@@ -46,6 +46,8 @@ class ResolvedRun:
     held_out: in_training.HeldOut | None  # eval.every's images and extractor
     image: ImageInfo  # what the model sees (data.random_crop's crops, or the stored images)
     resume: tuple[Path, dict[str, Any]] | None  # the checkpoint folder and its trainer_state, or a fresh start
+    auxiliary: dict[str, nn.Module] = field(default_factory=dict)  # frozen networks of the loss (LPIPS's VGG16)
+    auxiliary_sha256: dict[str, str] = field(default_factory=dict)  # the files they came from
 
     def resolved_config(self) -> dict[str, Any]:
         """The run config as the run uses it: every default filled in, the plugin's options as validated,
@@ -93,8 +95,11 @@ def resolve_run(
         check_shapes(resume[0], config.plugin, networks)
     else:
         load_initial_weights(plugin, networks, config.plugin)
+    auxiliary, digests = load_auxiliary(plugin, config.plugin)
     image = run_image(config, split)
-    return ResolvedRun(config, split, plugin, networks, precision, optimizer, deepspeed, held_out, image, resume)
+    return ResolvedRun(
+        config, split, plugin, networks, precision, optimizer, deepspeed, held_out, image, resume, auxiliary, digests
+    )
 
 
 def check_optimizer_networks(config: RunConfig, networks: dict) -> None:

@@ -73,6 +73,8 @@ class Trainer:
         self.network_skip = NetworkSkip(torch_optimizer)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # lr_schedule scales these
         self.dtype = next(self.networks.parameters()).dtype
+        for module in run.auxiliary.values():  # frozen, never optimised nor checkpointed (pipeline/plugin.py)
+            module.to(self.accelerator.device, self.dtype).eval().requires_grad_(False)
         self.layout = StreamLayout.of(split, config.seed, config.data, self.accelerator.num_processes)
         self.images_per_step = self.layout.global_batch * config.gradient_accumulation_steps
         self.step = 0  # optimizer steps done
@@ -99,6 +101,7 @@ class Trainer:
             self.precision,
             run.resume[0] if run.resume else None,
             self.ema,
+            run.auxiliary_sha256,
         )
 
     @property
