@@ -14,6 +14,8 @@ Parts, each in a process of its own (a fresh DeepSpeed engine, and a failure tha
 - loader: the full training loop fed by the shard loader (data.workers 2, 4, 8) against the same
   trainer fed from memory, at micro-batch 256: does the loader keep up;
 - checkpoint: save and load of bench/checkpoint.py in GB/s against bare safetensors;
+- autoencoder-kl: Stable Diffusion's kl-f8 autoencoder (83.7 M parameters) with LDM's loss and the patch
+  discriminator at 256x256 RGB, bf16, micro-batch 8: images/s of the pipeline's step fed from memory and MFU;
 - resume: `determinism: true`; a run of 6 steps against one resumed from its step-3 checkpoint into
   another folder: weights, optimizer partitions and the fp16 loss scaler's state bit-identical, in bf16
   and in fp16 (fp16 needs a GPU: on CPU the row says so).
@@ -60,6 +62,14 @@ FULL |= {"workers": (2, 4, 8), "images": 8192, "resume_batch": 64}
 TOY = {"size": 32, "batches": (2,), "warmup": 1, "steps": 1, "rounds": 1, "loader_batch": 2}
 TOY |= {"workers": (1,), "images": 64, "resume_batch": 2}
 TOY_MODEL = {"latent_size": 8, "fc_size": 32}
+# autoencoder-kl: Stable Diffusion's kl-f8 (the plugin's defaults) at 256x256, the discriminator on; a tiny
+# one at 32x32 in a dry run
+KL_F8 = {"size": 256, "batch": 8, "model": {"disc_start": 0}}
+KL_TOY = {
+    "size": 32,
+    "batch": 2,
+    "model": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "disc_start": 0},
+}
 
 
 def device_name() -> str:
@@ -175,6 +185,31 @@ def step_part(shards: Path, batch: int, sizes: dict, dry_run: bool) -> dict:
     return result
 
 
+def autoencoder_kl_part(sizes: dict, dry_run: bool) -> dict:
+    """The pipeline's autoencoder-kl step fed from memory, and the FLOPs of one step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from train_step import memory_batches, pipeline_from_memory
+
+    from shards.read.reader import to_unit_range
+
+    kind = KL_TOY if dry_run else KL_F8
+    shards = make_shards({**sizes, "size": kind["size"]})
+    batch, warmup, steps = kind["batch"], sizes["warmup"], sizes["steps"]
+    config = run_config(shards, OUT / "autoencoder-kl", batch, dry_run, plugin="autoencoder-kl", model=kind["model"])
+    trainer, plugin = make_trainer({**config, "optimizer": {"lr": 1e-4}})
+    batches = memory_batches(shards, steps + warmup, batch)
+    result = {"pipeline": max(pipeline_from_memory(trainer, batches, warmup) for _ in range(sizes["rounds"]))}
+    device = trainer.accelerator.device
+    networks = torch.nn.ModuleDict(plugin.build_networks()).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision_of(dry_run) == "bf16")
+    images = to_unit_range(batches[0][0].to(device))
+    with FlopCounterMode(display=False) as counter, autocast:
+        plugin.training_step(networks, images, torch.zeros(batch, dtype=torch.long), 1).loss.backward()
+    result["gflop_per_image"] = counter.get_total_flops() / batch / 1e9
+    result["size"], result["batch"] = kind["size"], batch
+    return result
+
+
 def loader_part(shards: Path, workers: int, sizes: dict, dry_run: bool) -> dict:
     """The same trainer fed from memory, then by the shard loader with `workers` (bench/train_step.py)."""
     from train_step import memory_batches, pipeline_from_memory, pipeline_from_shards
@@ -247,6 +282,8 @@ def do_part(job: list) -> dict:
         return loader_part(shards, rest[0], sizes, dry_run)
     if name == "checkpoint":
         return checkpoint_part(shards, sizes, dry_run)
+    if name == "autoencoder-kl":
+        return autoencoder_kl_part(sizes, dry_run)
     return resume_part(shards, rest[0], sizes, dry_run)
 
 
@@ -298,6 +335,12 @@ def rows_of(job: list, result: dict | None) -> list[list[str]]:
                 "",
             ]
         ]
+    if name == "autoencoder-kl":
+        peak, gflop = peak_tflops(), result["gflop_per_image"]
+        mfu = f"{gflop * result['pipeline'] / (peak * 1e3):.1%}" if peak else "no peak known"
+        model = "kl-f8" if result["size"] == 256 else "tiny"
+        what = f"autoencoder-kl {model} {result['size']}px, micro-batch {result['batch']}"
+        return [[what, rate(result["pipeline"]), "", f"{gflop:.2f}", mfu]]
     if name == "checkpoint":
         gigabytes = result["megabytes"] / 1024
         return [
@@ -342,6 +385,7 @@ def main() -> None:
     jobs += [["loader", shards, args.dry_run, workers] for workers in sizes["workers"]]
     jobs += [
         ["checkpoint", shards, args.dry_run],
+        ["autoencoder-kl", shards, args.dry_run],
         *(["resume", shards, args.dry_run, p] for p in (precision_of(args.dry_run), "fp16")),
     ]
     rows = []

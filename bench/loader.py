@@ -7,7 +7,8 @@ shards (tar index, seek), decode, the paper's horizontal flip, collate, and the 
 micro-batch of 64 to the training process. The bare row reads the same shards' members in file order and
 decodes them with PIL into the same tensors (uint8 pixels: the trainer scales them on its device), in
 this process, as directly as it can be written. Shards: the photographs of bench/shards_build.py at
-32x32 grayscale PNG, 64x64 RGB PNG and 64x64 RGB JPEG.
+32x32 grayscale PNG, 64x64 RGB PNG, 64x64 RGB JPEG and 256x256 RGB JPEG (the autoencoder-kl plugin's
+size), with the workers a GPU needs at 256 px for a few images/s rates.
 Writes its table to docs/benchmarks.md.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import subprocess
 import sys
 import tarfile
@@ -33,7 +35,14 @@ from pipeline.data.stream import StreamLayout, training_loader
 from shards.read.reader import open_split
 
 BATCH = 64
-SHAPES = [("32x32 L png", 32, "L", "png"), ("64x64 RGB png", 64, "RGB", "png"), ("64x64 RGB jpg", 64, "RGB", "jpg")]
+SHAPES = [
+    ("32x32 L png", 32, "L", "png"),
+    ("64x64 RGB png", 64, "RGB", "png"),
+    ("64x64 RGB jpg", 64, "RGB", "jpg"),
+    ("256x256 RGB jpg", 256, "RGB", "jpg"),  # what latent diffusion's autoencoders train on
+]
+LARGE = "256x256 RGB jpg"
+GPU_RATES = (500, 2000, 8000)  # images/s a GPU might take at 256 px: the workers each needs
 
 
 def build(source: Path, size: int, mode: str, image_format: str) -> Path:
@@ -129,6 +138,8 @@ def main() -> None:
         )
     header = ["shards", "bare loop images/s", "loader, first epoch", "loader, second epoch", "target"]
     table = markdown_table(header, rows)
+    per_worker = float(next(row for row in rows if row[0] == LARGE)[3].split()[0])
+    needed = ", ".join(f"{rate:,} images/s: {math.ceil(rate / per_worker)} workers" for rate in GPU_RATES)
     body = f"""## The training loader, one worker (`bench/loader.py`)
 
 {machine()}. {args.batches} micro-batches of {BATCH}, best of {args.repeats}, interleaved; the photographs of
@@ -139,6 +150,9 @@ second epoch, every shard listed; bare: the same shards' members in file order, 
 same tensors (uint8 pixels, which the trainer scales on its device) in this process. One thread each.
 
 {table}
+
+Workers per GPU at 256x256 RGB JPEG, from one worker's second-epoch rate ({per_worker:.0f} images/s on this
+CPU; data.workers per rank, each a process with one core): {needed}.
 """
     print(body)
     write_section("loader", body)

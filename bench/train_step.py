@@ -5,6 +5,7 @@ of --memory-steps steps whose per-rank resident memory is sampled from outside.
     python bench/train_step.py [--shards DIR] [--steps 40] [--memory-steps 500]
     python bench/train_step.py --vaegan     # only the VAE-GAN step against bench/vaegan_direct.py
     python bench/train_step.py --ema        # only the VAE-GAN step with ema.decay set against without
+    python bench/train_step.py --autoencoder-kl   # autoencoder-kl's step against bench/autoencoder_kl_direct.py
 
 Default data: the demo shards (scripts/demo.sh), 32x32 grayscale Fashion-MNIST; model: the `vae`
 plugin (the paper's encoder and decoder). Results: a table, and docs/benchmarks.md.
@@ -195,6 +196,48 @@ def vaegan_trainer(shards: Path, batch: int, name: str):
     return trainer, trainer.plugin
 
 
+def measure_autoencoder_kl(shards: Path, steps: int, rounds: int, batch: int) -> dict:
+    """In this process: the pipeline's autoencoder-kl step (launch/configs/autoencoder-kl-small.yaml's model,
+    the discriminator on from the start), the same update written directly, and latent diffusion's
+    alternating update, interleaved; and the FLOPs of one step of each."""
+    from autoencoder_kl_direct import Alternating, SingleForward
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.config.sections import RunConfig
+    from pipeline.training.resolved_run import resolve_run
+    from pipeline.training.trainer import Trainer
+
+    preset = yaml.safe_load((REPO / "launch/configs/autoencoder-kl-small.yaml").read_text())
+    model = {**preset["model"], "disc_start": 0}
+    data = {"shards": str(shards), "batch_size": batch, "workers": 1}
+    tree = run_config(shards, OUT / f"autoencoder-kl-{batch}", 10**6, plugin="autoencoder-kl", model=model, data=data)
+    config = RunConfig.model_validate({**tree, "optimizer": {"lr": 2e-4}})
+    shutil.rmtree(config.output_dir, ignore_errors=True)
+    trainer = Trainer(resolve_run(config, "bench", check_shards=False, warn=print))
+    plugin = trainer.plugin
+    warmup, batches = 3, memory_batches(shards, steps + 3, batch)
+    updates = {}
+    for name, kind in (("single", SingleForward), ("alternating", Alternating)):
+        torch.manual_seed(0)
+        updates[name] = kind(plugin, torch.nn.ModuleDict(plugin.build_networks()))
+    best = {"single": 0.0, "alternating": 0.0, "memory": 0.0}
+    for _ in range(rounds):
+        for name, update in updates.items():
+            for index, (images, _) in enumerate(batches):
+                if index == warmup:
+                    start = time.perf_counter()
+                update.step(to_unit_range(images))
+            best[name] = max(best[name], steps * batch / (time.perf_counter() - start))
+        best["memory"] = max(best["memory"], pipeline_from_memory(trainer, batches, warmup))
+    images = to_unit_range(batches[0][0])
+    for name, update in updates.items():
+        with FlopCounterMode(display=False) as counter:
+            update.step(images)
+        best[f"{name}_gflop"] = counter.get_total_flops() / batch / 1e9
+    best["pipeline_gflop"] = best["single_gflop"]  # the same computation (own_losses, one forward)
+    return best
+
+
 def measure_ema(shards: Path, steps: int, rounds: int, batch: int) -> dict:
     """In this process: the pipeline's VAE-GAN step fed from memory with no EMA, and with the EMA of its
     encoder and decoder (decay 0.999) following every step, interleaved on the same trainer."""
@@ -335,12 +378,15 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=500)
     parser.add_argument("--vaegan", action="store_true", help="only the VAE-GAN step against the direct update")
     parser.add_argument("--ema", action="store_true", help="only the VAE-GAN step with its EMA on against off")
+    parser.add_argument(
+        "--autoencoder-kl", action="store_true", help="only autoencoder-kl's step against the direct updates"
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
     args = parser.parse_args()
     if args.measure:
         job = json.loads(args.measure)
-        if job[0] in ("vaegan", "ema"):
-            measured = measure_vaegan if job[0] == "vaegan" else measure_ema
+        if job[0] in ("vaegan", "ema", "autoencoder-kl"):
+            measured = {"vaegan": measure_vaegan, "ema": measure_ema, "autoencoder-kl": measure_autoencoder_kl}[job[0]]
             print(json.dumps(measured(Path(job[1]), *job[2:])))
         else:
             shards, stage, batch, steps, rounds, with_loader = job
@@ -356,6 +402,9 @@ def main() -> None:
         return
     if args.ema:
         write_ema_section(args)
+        return
+    if args.autoencoder_kl:
+        write_autoencoder_kl_section(args)
         return
     memory_rows, records = memory(args.shards, args.memory_steps)
     speed_rows = speed(args.shards, args.steps, args.rounds)
@@ -431,6 +480,44 @@ implementation; GFLOP/s: that times images/s.
 """
     print(body)
     write_section("vaegan_step", body)
+
+
+def write_autoencoder_kl_section(args: argparse.Namespace) -> None:
+    """autoencoder-kl's step against the direct single-forward update and LDM's alternating one."""
+    rows = []
+    for batch in VAEGAN_BATCHES:
+        steps = max(10, args.steps // 2) if batch == BATCH else max(5, args.steps // 8)
+        result = run_measurement(["autoencoder-kl", str(args.shards), steps, args.rounds, batch])
+        for label, key, flops in (
+            ("direct update, one forward (bench/autoencoder_kl_direct.py)", "single", "single_gflop"),
+            ("LDM's alternating update, two forwards", "alternating", "alternating_gflop"),
+            ("pipeline autoencoder-kl step, DeepSpeed ZeRO-2, fed from memory", "memory", "pipeline_gflop"),
+        ):
+            rows.append(
+                [
+                    f"{label}, micro-batch {batch}",
+                    f"{result[key]:.1f}",
+                    f"{result[key] / result['single']:.2f}",
+                    f"{result[flops]:.3f}",
+                    f"{result[flops] * result[key]:.1f}",
+                    ">= 0.90" if key == "memory" else "",
+                ]
+            )
+    body = f"""## The autoencoder-kl step (`bench/train_step.py --autoencoder-kl`)
+
+{machine()}. `autoencoder-kl` with launch/configs/autoencoder-kl-small.yaml's model (widths 32, 64, 64, the
+discriminator's features as the perceptual term) and the discriminator on from the first step, 32x32
+grayscale demo shards, Adam (0.5, 0.9), fp32, one process, best of {args.rounds} interleaved rounds: the
+pipeline's step (own_gradients, one backward, DeepSpeed ZeRO-2), the same update written directly (one
+forward, torch.autograd.grad per network's loss, two Adams), and latent diffusion's update in Lightning
+(the autoencoder's step with the discriminator frozen, then the autoencoder's forward again for the
+discriminator's step). Ratio: against the direct single-forward update. GFLOP per image: one step, forward
+and backward, as `torch.utils.flop_counter` counts them.
+
+{markdown_table(["what", "images/s", "ratio", "GFLOP/image", "GFLOP/s", "target"], rows)}
+"""
+    print(body)
+    write_section("autoencoder_kl_step", body)
 
 
 def write_ema_section(args: argparse.Namespace) -> None:

@@ -134,20 +134,26 @@ def own_gradients(networks: nn.ModuleDict, losses: dict[str, torch.Tensor | None
     """The step's loss for networks trained by different losses: each network's gradient is that of its
     own entry in `losses` (a network absent or None there gets a zero gradient this micro-batch), taken
     with torch.autograd.grad over the one forward pass that built them all, so shared passes are run
-    once and no loss leaks into another network's parameters."""
-    parameters: list[torch.Tensor] = []
-    gradients: list[torch.Tensor] = []
-    remaining = [name for name in networks if losses.get(name) is not None]
-    for name, network in networks.items():
-        own = [parameter for parameter in network.parameters() if parameter.requires_grad]
-        loss = losses.get(name)
-        if loss is None:
-            found: tuple[torch.Tensor | None, ...] = (None,) * len(own)
-        else:
-            remaining.remove(name)  # the graph is kept until the last loss is differentiated
-            found = torch.autograd.grad(loss, own, retain_graph=bool(remaining), allow_unused=True)
-        parameters += own
-        gradients += [torch.zeros_like(p) if g is None else g for p, g in zip(own, found, strict=True)]
+    once and no loss leaks into another network's parameters. Networks given the same loss tensor (an
+    autoencoder's encoder and decoder) are differentiated together, in one backward pass."""
+    own = {name: [p for p in network.parameters() if p.requires_grad] for name, network in networks.items()}
+    groups: dict[int, list[str]] = {}  # networks by the loss tensor they minimise
+    for name in networks:
+        if losses.get(name) is not None:
+            groups.setdefault(id(losses[name]), []).append(name)
+    found: dict[str, tuple[torch.Tensor | None, ...]] = {name: (None,) * len(own[name]) for name in networks}
+    for index, names in enumerate(groups.values()):
+        together = [p for name in names for p in own[name]]
+        last = index == len(groups) - 1  # the graph is kept until the last loss is differentiated
+        grads = iter(torch.autograd.grad(losses[names[0]], together, retain_graph=not last, allow_unused=True))
+        for name in names:
+            found[name] = tuple(next(grads) for _ in own[name])
+    parameters = [p for name in networks for p in own[name]]
+    gradients = [
+        torch.zeros_like(p) if g is None else g
+        for name in networks
+        for p, g in zip(own[name], found[name], strict=True)
+    ]
     return _GivenGradients.apply(tuple(gradients), *parameters)
 
 
