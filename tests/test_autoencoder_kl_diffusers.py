@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers  # the `diffusers` extra, which scripts/setup.sh installs
 import pytest
 import torch
 import yaml
@@ -21,7 +22,6 @@ from pipeline.training.resolved_run import resolve_run
 from shards.read.random_access import SplitDataset, first_images
 from shards.read.reader import open_split
 
-diffusers = pytest.importorskip("diffusers")  # an extra: scripts/setup.sh installs it, as CI does
 pytestmark = pytest.mark.slow
 
 MODEL = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "disc_start": 0, "disc_layers": 2}
