@@ -30,3 +30,9 @@ class CheckpointError(UserError):
 class ModelInputError(UserError, ValueError):
     """A broken rule of the API's arguments (module docstring): a ValueError to Python callers, one line
     from the commands."""
+
+
+def mismatch(error: RuntimeError) -> str:
+    """The first finding of a failed load_state_dict (missing, unexpected or misshapen keys), for one line."""
+    text = str(error)
+    return text.splitlines()[1].strip() if "\n" in text else text

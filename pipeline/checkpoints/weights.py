@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint
+from pipeline.errors import mismatch
 from shards.command_line import check_output_file
 from shards.errors import UserError
 from shards.regular_files import check_regular, file_sha256
@@ -41,7 +42,7 @@ def load_weights(networks: torch.nn.ModuleDict, folder: Path, plugin: str, suffi
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            first = mismatch(error)
             raise UserError(f"{path}: does not fit the {plugin} {network_name} of config.json ({first})") from None
 
 
@@ -61,7 +62,7 @@ def load_initial_weights(plugin: Any, networks: dict[str, torch.nn.Module], name
         try:
             networks[network_name].load_state_dict(state, strict=True)
         except RuntimeError as error:
-            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            first = mismatch(error)
             raise UserError(f"{path}: does not fit the {name} {network_name} ({first})") from None
 
 

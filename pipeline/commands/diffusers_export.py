@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 from pipeline.model import Model, load_model
 from pipeline.plugins.autoencoder_kl import DIFFUSERS_WEIGHTS
+from pipeline.training.run_grids import grid_inputs
 from shards.errors import UserError
 from shards.progress import console
-from shards.read.random_access import SplitDataset, first_images
 from shards.read.reader import open_split
 
 WEIGHTS_FILE = DIFFUSERS_WEIGHTS
@@ -91,10 +91,6 @@ def diffusers_config(model: Model, scaling_factor: float) -> dict:
 @torch.no_grad()
 def measured_scaling_factor(model: Model, shards: object, split: str, count: int) -> float:
     """1 / the standard deviation of the posterior means of the split's first `count` readable images."""
-    dataset = SplitDataset(open_split(shards, split))
-    try:
-        images = torch.stack([image for image, _ in first_images(dataset, count, skip_unreadable=True)])
-    finally:
-        dataset.close()
+    images = grid_inputs(open_split(shards, split), count)  # the first readable ones, as the grids take them
     latents = torch.cat([model.encode(batch) for batch in images.split(64)])
     return float(1.0 / latents.flatten().std())

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeline.errors import mismatch
 from pipeline.plugins.lpips import LPIPS, from_sources
 from shards.command_line import check_output_file, one_line
 from shards.errors import UserError
@@ -36,7 +37,7 @@ def write_lpips_weights(args: argparse.Namespace) -> int:
     try:
         LPIPS().load_state_dict(tensors, strict=True)  # every tensor there, of its shape
     except RuntimeError as error:
-        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        first = mismatch(error)
         raise UserError(f"{args.lpips} and {args.vgg} are not LPIPS VGG16's weights ({first})") from None
     temporary = args.out.with_name(f".{args.out.name}.tmp")
     save_file(tensors, str(temporary))

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pipeline.config.fields import Flag, Integer, Number
-from pipeline.errors import PluginError
+from pipeline.errors import PluginError, mismatch
 from pipeline.plugin import ImageInfo, StepOutput, own_gradients
 from pipeline.plugins.kl_autoencoder import LatentDecoder, PatchDiscriminator, PosteriorEncoder
 from pipeline.plugins.lpips import LPIPS
@@ -160,7 +160,7 @@ class AutoencoderKL:
         try:
             self.lpips.load_state_dict(tensors["lpips"], strict=True)
         except RuntimeError as error:
-            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            first = mismatch(error)
             raise PluginError(f"{self.name}: model.lpips_weights is not LPIPS VGG16's ({first})") from None
         return {"lpips": self.lpips}
 

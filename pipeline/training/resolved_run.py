@@ -84,7 +84,8 @@ def resolve_run(
     precision = resolve_precision(config.precision)
     deepspeed = build_deepspeed_config(config, precision, user_deepspeed)  # what DeepSpeed refuses, or we cannot save
     chosen_trackers(config.log_with)  # each installed
-    plugin = make_plugin(plugin_class, config, split)
+    image = run_image(config, split)
+    plugin = make_plugin(plugin_class, config, image)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     networks = plugin.build_networks()
     check_optimizer_networks(config, networks)
@@ -96,7 +97,6 @@ def resolve_run(
     else:
         load_initial_weights(plugin, networks, config.plugin)
     auxiliary, digests = load_auxiliary(plugin, config.plugin)
-    image = run_image(config, split)
     return ResolvedRun(
         config, split, plugin, networks, precision, optimizer, deepspeed, held_out, image, resume, auxiliary, digests
     )
@@ -143,9 +143,9 @@ def run_image(config: RunConfig, split: ShardSplit) -> ImageInfo:
     return ImageInfo(model_image(split, config.data)["size"], split.image["channels"], split.labels)
 
 
-def make_plugin(plugin_class: type, config: RunConfig, split: ShardSplit) -> ModelPlugin:
+def make_plugin(plugin_class: type, config: RunConfig, image: ImageInfo) -> ModelPlugin:
     try:
-        plugin = plugin_class(config.model, run_image(config, split))
+        plugin = plugin_class(config.model, image)
     except (ValueError, TypeError) as error:  # a third-party plugin rejecting its options its own way
         raise PluginError(f"{config.plugin}: bad model options: {error}") from None
     check_required(plugin, config.plugin)
