@@ -9,13 +9,16 @@ Trainer.save_checkpoint (full fp32 weights gathered, the optimizer partition, RN
 sha256 of every file, atomic rename, `latest`); `load` is what a resume does (validation: sha256 of every
 file, then weights into the networks and the optimizer partitions into DeepSpeed). The bare rows write
 the same tensors with safetensors.torch.save_file (no fsync, no hashes) and read them with load_file into
-tensors already allocated.
+tensors already allocated. The stall: how long the loop stands still for one checkpoint, synchronous
+(the whole save) and with checkpoint.async (taking the save: weights gathered, copies in host memory;
+the writing then runs in a background thread), against a bare save_file of the same tensors with fsync.
 Best of --rounds, interleaved. Results: a table, and docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -90,6 +93,24 @@ def bare_save(tensors: dict[str, dict[str, torch.Tensor]], folder: Path) -> None
         save_file(state, str(folder / name))
 
 
+def bare_save_durably(tensors: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
+    """bare_save, each file then fsynced: what a save must do at least before it can call itself durable."""
+    for name, state in tensors.items():
+        save_file(state, str(folder / name))
+        with open(folder / name, "rb") as file:
+            os.fsync(file.fileno())
+
+
+def async_stall(trainer) -> tuple[float, float]:
+    """checkpoint.async's save: (seconds the loop is stopped, seconds until the background write is
+    committed)."""
+    start = time.perf_counter()
+    trainer.save_checkpoint()
+    stalled = time.perf_counter() - start
+    trainer.checkpointer.writer.wait()
+    return stalled, time.perf_counter() - start
+
+
 def bare_load(targets: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
     """Read every tensor into memory that is already allocated (as load_state_dict into a model does):
     load_file alone only maps the file."""
@@ -102,22 +123,37 @@ def measure(shards: Path, rounds: int, model: dict | None = None) -> dict:
     """Best seconds of each of save, load, bare save and bare load over `rounds` interleaved rounds, the
     checkpoint's MiB and the model's parameters; the trainer is ended before returning."""
     shutil.rmtree(OUT / "run", ignore_errors=True)
+    from pipeline.checkpoints.writer import CheckpointWriter
+
     trainer = make_trainer(shards, OUT / "run", model)
+    synchronous = trainer.checkpointer.writer
+    background = CheckpointWriter(synchronous.root, 1, None, 0, 1, background=True)  # checkpoint.async's
     bare_folder = OUT / "bare"
-    times: dict[str, list[float]] = {"save": [], "load": [], "bare save": [], "bare load": []}
+    kinds = ("save", "load", "bare save", "bare load", "bare save + fsync", "async stall", "async write")
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for round_number in range(rounds):
-        trainer.step = round_number + 1  # a new folder each round; keep_last 1 removes the previous
+        trainer.step = 2 * round_number + 1  # a new folder each save; keep_last 1 removes the previous
+        trainer.checkpointer.writer = synchronous
         seconds, folder = timed(trainer.save_checkpoint)
         times["save"].append(seconds)
         times["load"].append(timed(resume_from, trainer, folder)[0])
+        trainer.step += 1
+        trainer.checkpointer.writer = background
+        stalled, written = async_stall(trainer)
+        times["async stall"].append(stalled)
+        times["async write"].append(written)
         tensors = bare_tensors(folder)
         shutil.rmtree(bare_folder, ignore_errors=True)
         bare_folder.mkdir(parents=True)
         times["bare save"].append(timed(bare_save, tensors, bare_folder)[0])
+        shutil.rmtree(bare_folder)
+        bare_folder.mkdir()
+        times["bare save + fsync"].append(timed(bare_save_durably, tensors, bare_folder)[0])
         targets = {name: {key: torch.empty_like(v) for key, v in state.items()} for name, state in tensors.items()}
         times["bare load"].append(timed(bare_load, targets, bare_folder)[0])
     total_bytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     parameters = sum(p.numel() for p in trainer.networks.parameters())
+    background.close()
     trainer.accelerator.end_training()
     return {
         **{name: min(values) for name, values in times.items()},
@@ -144,6 +180,33 @@ def main() -> None:
                 ">= 0.50",
             ]
         )
+    stall_rows = [
+        [
+            "synchronous save (`Trainer.save_checkpoint`)",
+            f"{best['save']:.2f}",
+            "1.00",
+            f"{best['save'] / best['bare save + fsync']:.2f}",
+        ],
+        [
+            "checkpoint.async: taking the save (the loop's stall)",
+            f"{best['async stall']:.2f}",
+            f"{best['async stall'] / best['save']:.2f}",
+            f"{best['async stall'] / best['bare save + fsync']:.2f}",
+        ],
+        [
+            "checkpoint.async: until the background write is committed",
+            f"{best['async write']:.2f}",
+            f"{best['async write'] / best['save']:.2f}",
+            f"{best['async write'] / best['bare save + fsync']:.2f}",
+        ],
+        [
+            "bare safetensors save_file, then fsync",
+            f"{best['bare save + fsync']:.2f}",
+            f"{best['bare save + fsync'] / best['save']:.2f}",
+            "1.00",
+        ],
+    ]
+    stall_header = ["", "seconds", "vs the synchronous save", "vs bare save + fsync"]
     body = f"""## Checkpoints (`bench/checkpoint.py`)
 
 {machine()}. The paper's VAE-GAN for {args.size}x{args.size} RGB ({parameters:,} parameters), RMSProp,
@@ -155,6 +218,15 @@ hashes; read with `load_file` into tensors already allocated (as `load_state_dic
 {args.rounds} interleaved rounds; the files are in the page cache for both.
 
 {markdown_table(["", "bare safetensors", "pipeline", "ratio (bare time / ours)", "target"], rows)}
+
+The stall (`checkpoint.async`): how long the training loop stands still for one checkpoint. Synchronous:
+the whole save. Async: taking it (the weights gathered and copied with the optimizer partition to host
+memory, RNG and plugin state gathered); the writing, fsyncs, hashes and commit then run in a background
+thread (its own row: until `latest` names the new checkpoint, on a machine where nothing else runs; with
+training beside it, it shares the cores). Bare: the same tensors written with `save_file` and fsynced, the
+least a durable save can cost.
+
+{markdown_table(stall_header, stall_rows)}
 """
     print(body)
     write_section("checkpoint", body)

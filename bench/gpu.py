@@ -7,13 +7,17 @@
 Parts, each in a process of its own (a fresh DeepSpeed engine, and a failure that names its part):
 - step: the VAE-GAN at 64x64 RGB (the paper's networks, latent 128, encoder FC 2048), bf16: images/s of
   the pipeline's step (DeepSpeed ZeRO-2, fed from memory) and of the direct update
-  (bench/vaegan_direct.py under torch.autocast) at micro-batches 64 and 256, their ratio, and MFU: FLOPs
+  (bench/vaegan_direct.py under torch.autocast) at micro-batches 4, 64 and 256, their ratio, and MFU: FLOPs
   of one step (torch.utils.flop_counter) x images/s against the device's dense bf16 peak (PEAK_TFLOPS);
+  and the pipeline's fixed cost per step: its time per step less the direct update's (at micro-batch 4,
+  where the compute is small, that is what the pipeline adds);
 - compile: the same trainer's networks then compiled as `compile: true` compiles them
   (pipeline.engine.kernels.compile_networks), against its eager step;
 - loader: the full training loop fed by the shard loader (data.workers 2, 4, 8) against the same
   trainer fed from memory, at micro-batch 256: does the loader keep up;
-- checkpoint: save and load of bench/checkpoint.py in GB/s against bare safetensors;
+- checkpoint: save and load of bench/checkpoint.py in GB/s against bare safetensors, and the stall a
+  checkpoint costs the loop: a synchronous save, checkpoint.async's (taking the save: gather and copy
+  to host memory), and a bare safetensors save with fsync;
 - autoencoder-kl: Stable Diffusion's kl-f8 autoencoder (83.7 M parameters) with LDM's loss and the patch
   discriminator at 256x256 RGB, bf16, micro-batch 8: images/s of the pipeline's step fed from memory and MFU;
 - resume: `determinism: true`; a run of 6 steps against one resumed from its step-3 checkpoint into
@@ -57,7 +61,7 @@ PEAK_TFLOPS = (
 )
 # steps timed per round after `warmup`, best of `rounds`; the dry run's networks are the paper's at 32x32
 # (its sizes start there) with a small latent and FC: about 7 GFLOP an image, hence its tiny batches
-FULL = {"size": 64, "batches": (64, 256), "warmup": 3, "steps": 20, "rounds": 2, "loader_batch": 256}
+FULL = {"size": 64, "batches": (4, 64, 256), "warmup": 3, "steps": 20, "rounds": 2, "loader_batch": 256}
 FULL |= {"workers": (2, 4, 8), "images": 8192, "resume_batch": 64}
 TOY = {"size": 32, "batches": (2,), "warmup": 1, "steps": 1, "rounds": 1, "loader_batch": 2}
 TOY |= {"workers": (1,), "images": 64, "resume_batch": 2}
@@ -317,6 +321,13 @@ def rows_of(job: list, result: dict | None) -> list[list[str]]:
                 mfu(result["pipeline"]),
             ],
             [
+                f"pipeline's fixed cost per step, micro-batch {job[3]}",
+                f"{1000 * job[3] * (1 / result['pipeline'] - 1 / result['direct']):.2f} ms",
+                "pipeline's time per step less the direct update's",
+                "",
+                "",
+            ],
+            [
                 f"pipeline step, compile: true, micro-batch {job[3]}",
                 rate(result["compiled"]),
                 f"{result['compiled'] / result['pipeline']:.2f} of eager",
@@ -352,6 +363,19 @@ def rows_of(job: list, result: dict | None) -> list[list[str]]:
                 "",
             ]
             for kind in ("save", "load")
+        ] + [
+            [
+                f"checkpoint stall, {what}",
+                f"{result[key]:.3f} s",
+                f"{result[key] / result['save']:.2f} of the synchronous save",
+                "",
+                "",
+            ]
+            for what, key in (
+                ("checkpoint.async (taking the save)", "async stall"),
+                ("checkpoint.async, until committed in the background", "async write"),
+                ("bare save_file + fsync", "bare save + fsync"),
+            )
         ]
     if "skipped" in result:
         return [[f"exact resume, {job[3]}, determinism: true", f"not run: {result['skipped']}", "", "", ""]]

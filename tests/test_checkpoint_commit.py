@@ -1,7 +1,8 @@
-"""The checkpoint commit's order, in-process and in seconds. A save (pipeline/checkpoints/checkpointer.py
-`Checkpointer._write` with one rank, on top of an earlier complete checkpoint) runs the real `write_tensor_files`,
-`write_durably`, `commit` and `prune`, with every operation its durability depends on recorded: writes,
-fsyncs, renames, the `latest` symlink, deletions. Then:
+"""The checkpoint commit's order, in-process and in seconds. A save (pipeline/checkpoints/writer.py's
+`CheckpointWriter` with one rank, on top of an earlier complete checkpoint, in the caller's thread and in
+its background thread: checkpoint.async) runs the real `write_tensor_files`, `write_durably`, `commit` and
+`prune`, with every operation its durability depends on recorded: writes, fsyncs, renames, the `latest`
+symlink, deletions. Then:
 - the order: each file fsynced before its folder, the folder before its rename, the rename made durable
   before `latest` names it, `latest` swapped atomically and last, and that swap made durable;
 - a crash at each recorded operation in turn (it and everything after it raise OSError, as if the process
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save
 
 from pipeline.checkpoints import checkpoint
 from pipeline.checkpoints.optimizer_state import partition_file
+from pipeline.checkpoints.writer import CheckpointWriter, TakenSave
 from pipeline.engine import rng
 from pipeline.errors import CheckpointError
 
@@ -179,18 +181,28 @@ def trainer_state(step: int, version: int) -> dict:
     }
 
 
-def save_checkpoint(root: Path, step: int, version: int, protected: Path | None) -> Path:
-    """Rank 0's part of pipeline/checkpoints/checkpointer.py `Checkpointer._write`, alone: tiny tensors marked
-    `version`."""
-    staging = checkpoint.staging_folder(root, step)
-    shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
-    (staging / OPTIMIZER).mkdir(parents=True)
+def save_checkpoint(root: Path, step: int, version: int, protected: Path | None, background: bool = False) -> Path:
+    """A one-rank CheckpointWriter's save of tiny tensors marked `version` (keep_last 1); `background`: in its
+    thread, while this one changes the tensors it was given (training going on), then waits for it."""
     files = {name: (tensors, {"plugin": "vae"}) for name, tensors in tensor_files(version).items()}
-    hashed = checkpoint.write_tensor_files(staging, files)
-    checkpoint.write_durably(staging / "config.json", json.dumps({"plugin": "vae"}) + "\n")
-    final = checkpoint.commit(staging, trainer_state(step, version), hashed, protected)
-    checkpoint.prune(root, 1, final, protected)
-    return final
+    description = json.dumps({"plugin": "vae"}) + "\n"
+    taken = TakenSave(step, checkpoint.staging_folder(root, step), files, description, trainer_state(step, version))
+    writer = CheckpointWriter(root, 1, protected, rank=0, world_size=1, background=background)
+    try:
+        if not background:
+            return writer.write(taken)
+        copies = {
+            name: ({key: value.clone() for key, value in tensors.items()}, meta)
+            for name, (tensors, meta) in files.items()
+        }
+        taken.files = copies  # what Checkpointer takes: copies of its own
+        assert writer.write(taken) is None  # at once: the write is in flight
+        for tensors, _ in files.values():
+            for value in tensors.values():
+                value.add_(1000)  # the live tensors move on; the checkpoint must hold the copies
+        return writer.wait()
+    finally:
+        writer.close(report=False)
 
 
 def prepare(output_dir: Path, scenario: str) -> tuple[Path, Path | None, int, set[tuple[str, int]]]:
@@ -221,12 +233,18 @@ def moves_latest(op: tuple) -> bool:
     return (op[0] == "rename" and op[2] == checkpoint.LATEST) or (op[0] == "symlink" and op[1] == checkpoint.LATEST)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "async"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_a_save_makes_each_step_durable_before_the_next_relies_on_it(tmp_path: Path, recorder, scenario) -> None:
+def test_a_save_makes_each_step_durable_before_the_next_relies_on_it(
+    tmp_path: Path, recorder, scenario, background: bool
+) -> None:
     root, protected, version, _ = prepare(tmp_path.resolve() / "run", scenario)
     recorder.start(root)
-    save_checkpoint(root, STEP, version, protected)
+    save_checkpoint(root, STEP, version, protected, background)
     ops = recorder.stop()
+    for name, tensors in tensor_files(version).items():  # what was handed over, not what changed after
+        saved = load_file(str(root / NEW / name))
+        assert all(torch.equal(saved[key], value) for key, value in tensors.items()), name
 
     files = list(checkpoint.validate(root / NEW)["files"])
     assert f"{OPTIMIZER}/{partition_file(0)}" in files and "config.json" in files
@@ -294,8 +312,11 @@ def check_resumable(output_dir: Path, known: set[tuple[str, int]], when: str) ->
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "async"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_a_crash_at_any_point_of_a_save_leaves_a_checkpoint_to_resume(tmp_path: Path, recorder, scenario) -> None:
+def test_a_crash_at_any_point_of_a_save_leaves_a_checkpoint_to_resume(
+    tmp_path: Path, recorder, scenario, background: bool
+) -> None:
     base = tmp_path.resolve()
     _, resumed, version, known = prepare(base / "before", scenario)
 
@@ -306,19 +327,20 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_checkpoint_to_resume(tmp_path: 
 
     root, protected = copy_of_before("clean")
     recorder.start(root)
-    save_checkpoint(root, STEP, version, protected)
+    save_checkpoint(root, STEP, version, protected, background)
     count = len(recorder.stop())
     assert count >= 10, f"too few operations recorded for a save: is the recorder wrapping them? {recorder.ops}"
 
     for crash_at in range(count):
         root, protected = copy_of_before(f"crash-{crash_at}")
         recorder.start(root, crash_at)
-        with pytest.raises(OSError, match="injected crash"):
-            save_checkpoint(root, STEP, version, protected)
+        # the writer reports the crash as the one line every rank stops with, unless its own clean-up is hit
+        with pytest.raises((OSError, CheckpointError), match="injected crash"):
+            save_checkpoint(root, STEP, version, protected, background)
         when = f"a crash at {recorder.stop()[crash_at]} (operation {crash_at} of {count})"
         check_resumable(root.parent, known, when)
 
-        save_checkpoint(root, STEP, version, protected)  # the next run's save of the same step
+        save_checkpoint(root, STEP, version, protected, background)  # the next run's save of the same step
         again = f"saving again after {when}"
         assert check_resumable(root.parent, known, again) == (NEW, version), again
         latest = root / checkpoint.LATEST

@@ -64,6 +64,20 @@ def assert_bit_identical(a: Path, b: Path) -> None:
     assert not different, different[:5]
 
 
+def assert_same_bytes(a: Path, b: Path) -> None:
+    """Two checkpoints of the same training, one written synchronously and one by checkpoint.async: every
+    file the same bytes; trainer_state.json the same but for the run config each recorded (its output_dir
+    and checkpoint.async)."""
+    names = sorted(str(path.relative_to(a)) for path in a.rglob("*") if path.is_file())
+    assert names == sorted(str(path.relative_to(b)) for path in b.rglob("*") if path.is_file())
+    for name in names:
+        if name != "trainer_state.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    left, right = state(a), state(b)
+    assert left.pop("config")["checkpoint"]["async"] != right.pop("config")["checkpoint"]["async"]
+    assert left == right
+
+
 def vaegan_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
     settings = {
         "plugin": "vaegan",
@@ -118,8 +132,11 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path, shards: Path) -> None:
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=6, checkpoint={"every": 2})
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "async"])
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path, shards: Path, background) -> None:
+    """checkpoint.async: the kill comes from the background write while the ranks train on."""
+    checkpoints = {"every": 2, "async": background}
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=6, checkpoint=checkpoints)
     killed = launch_killed(config, "state_write:2")  # halfway through step 4's trainer_state.json
     assert killed.returncode != 0
     root = tmp_path / "run" / "checkpoints"
@@ -134,15 +151,20 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path
     straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "straight", max_steps=6)
     assert_ok(launch(straight))
     assert_bit_identical(latest(tmp_path / "straight"), latest(tmp_path / "run"))
+    if background:  # and the files the background wrote are those a synchronous save writes
+        assert_same_bytes(latest(tmp_path / "straight"), latest(tmp_path / "run"))
     assert not partial.exists()  # cleaned by the next save
 
 
 @pytest.mark.slow
-def test_a_rank_failing_to_write_stops_every_rank_with_one_line(tmp_path: Path, shards: Path) -> None:
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "async"])
+def test_a_rank_failing_to_write_stops_every_rank_with_one_line(tmp_path: Path, shards: Path, background) -> None:
     """Rank 1's disk is full: both ranks stop at once (no rank left waiting in a collective) with the same
     line, shown once, and no checkpoint appears. A user error after the process group exists: under
-    `python -m pipeline.launch` that line is all there is, exit 2 (tests/test_launcher_errors.py)."""
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
+    `python -m pipeline.launch` that line is all there is, exit 2 (tests/test_launcher_errors.py). With
+    checkpoint.async the failure comes from the background writes, and is raised where the run waits for it."""
+    output_dir = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", shards, output_dir, max_steps=2, checkpoint={"async": background})
     result = launch_killed(config, "disk_full:1", launcher="pipeline.launch")
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "pipeline train: error:" in line]

@@ -71,7 +71,7 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     as `<network>`, whether it is a field or the model's extra keys (`optimizer.<network>.lr`)."""
     keys: set[str] = set()
     for name, field in model.model_fields.items():
-        key, members = prefix + name, _members(field.annotation)
+        key, members = prefix + (field.alias or name), _members(field.annotation)
         sections = [member for member in members if _is_section(member)]
         if not sections or type(None) in members:
             keys.add(key)

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_process
-from test_checkpoints import all_tensors, assert_bit_identical, assert_ok, checkpoint_steps, latest, one_error_line
+from test_checkpoints import (
+    all_tensors,
+    assert_bit_identical,
+    assert_ok,
+    assert_same_bytes,
+    checkpoint_steps,
+    latest,
+    one_error_line,
+)
 from trainer_helpers import build_small_shards, environment, launch, launch_killed, metrics, run_python, write_config
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains (the fast tier: -m 'not slow')
@@ -75,10 +83,12 @@ def test_a_frozen_rank_fails_the_job_after_the_collective_timeout(tmp_path: Path
     print(f"frozen rank: job ended {time.time() - started:.0f} s after launch")
 
 
-def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(tmp_path: Path, shards: Path, straight) -> None:
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "async"])
+def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, shards: Path, straight, background) -> None:
     """SIGTERM to every process of the run (launcher, ranks, data workers), as SLURM sends it, in the middle
-    of step 3: both ranks finish step 3, checkpoint it and exit 0, and so does the launcher."""
-    config = two_rank_config(tmp_path, shards, "run")
+    of step 3: both ranks finish step 3, checkpoint it and exit 0, and so does the launcher. With
+    checkpoint.async the ranks wait for that checkpoint's background write before they exit."""
+    config = two_rank_config(tmp_path, shards, "run", checkpoint={"every": 2, "async": background})
     result = launch_killed(config, "sigterm:5", launcher="pipeline.launch")
     assert_ok(result)
     assert "stopped by SIGTERM after step 3, its checkpoint written" in result.stdout + result.stderr
@@ -86,6 +96,8 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(tmp_path: Path,
 
     assert_ok(launch(config))
     assert_bit_identical(latest(straight), latest(tmp_path / "run"))
+    if background:
+        assert_same_bytes(latest(straight), latest(tmp_path / "run"))
 
 
 def updates_skipped(output_dir: Path) -> list[int]:

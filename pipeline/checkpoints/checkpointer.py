@@ -6,17 +6,16 @@ format itself (folders, hashes, the atomic commit, pruning) is pipeline/checkpoi
 partitions pipeline/checkpoints/optimizer_state.py's. New state that must survive a restart (an EMA of the weights,
 a data cache's position) plugs in here, not into the training loop.
 
-A save: rank 0 makes the staging folder; every rank writes its optimizer partition, rank 0 also each
-network's fp32 weights (gathered collectively: DeepSpeed's masters, not the module's rounded copies under
-bf16); every rank's RNG and plugin state are gathered; rank 0 writes config.json and commits. After each
-phase the ranks learn whether any of them failed (`_all_ranks_succeed`), so that no rank is left waiting
-in a collective, and all stop with the first failure's line.
+A save has two halves. Taking it (here), with training stopped: each network's fp32 weights gathered
+(collectively: DeepSpeed's masters, not the module's rounded copies under bf16), this rank's optimizer
+partition, every rank's RNG and plugin state gathered, rank 0's trainer_state.json and config.json made.
+Writing it (pipeline/checkpoints/writer.py): the files, fsyncs, hashes and rank 0's atomic commit, at
+once or, with checkpoint.async, in a background thread while training goes on.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 from pipeline.checkpoints import checkpoint, optimizer_state
 from pipeline.checkpoints.ema import WeightAverage, ema_file
 from pipeline.checkpoints.weights import load_weights
+from pipeline.checkpoints.writer import CheckpointWriter, TakenSave, agree
 from pipeline.config.sections import RunConfig
 from pipeline.data.stream import StreamLayout, data_position, model_image, resume_micro_step
 from pipeline.engine import deepspeed_internals as internals
@@ -74,6 +74,14 @@ class Checkpointer:
         self.config, self.split, self.layout, self.precision = config, split, layout, precision
         self.resumed_from, self.ema, self.auxiliary = resumed_from, ema, auxiliary or {}
         self.root = checkpoint.checkpoints_root(Path(config.output_dir))
+        self.writer = CheckpointWriter(
+            self.root,
+            config.checkpoint.keep_last,
+            resumed_from,
+            accelerator.process_index,
+            accelerator.num_processes,
+            background=config.checkpoint.async_,
+        )
         if not optimizer_state.supported(engine):
             # build_deepspeed_config refuses what leads here before any folder exists: this is a guard
             raise ConfigError(
@@ -81,81 +89,54 @@ class Checkpointer:
             )
 
     def save(self, progress: Progress) -> Path | None:
-        """OUTPUT/checkpoints/step-NNNNNNNN; the folder on rank 0, None elsewhere."""
+        """OUTPUT/checkpoints/step-NNNNNNNN, by every rank: the folder on rank 0, None elsewhere; with
+        checkpoint.async None everywhere, the write then in flight (`wait`)."""
+        self.writer.wait()
+        copies = self.writer.background  # training changes the live tensors while the copies are written
         # every rank holds the same full weights: all reach the same verdict without a collective
-        tensors = {name: full_precision_state(network) for name, network in self.networks.items()}
+        tensors = {name: full_precision_state(network, copies) for name, network in self.networks.items()}
         diverged = [name for name, state in tensors.items() if not all(t.isfinite().all() for t in state.values())]
         if diverged:
             raise TrainingStopped(
                 f"step {progress.step}: the {diverged[0]}'s weights are no longer finite; not saving them (the last "
                 "good checkpoint is left as it was): lower the learning rate and resume from it"
             )
-        staging = checkpoint.staging_folder(self.root, progress.step)
-        try:
-            return self._write(tensors, staging, progress)
-        except CheckpointError as error:
-            if self.accelerator.is_main_process:  # a full disk: give back what the failed save took
-                shutil.rmtree(staging, ignore_errors=True)
-            previous = self.root / checkpoint.LATEST
-            kept = f"; {previous.resolve().name} is intact" if previous.exists() else ""
-            raise CheckpointError(f"{error}{kept}") from None
+        return self.writer.write(self._take(tensors, progress, copies))
 
-    def _write(self, tensors: dict[str, dict[str, torch.Tensor]], staging: Path, progress: Progress) -> Path | None:
-        accelerator, config, step = self.accelerator, self.config, progress.step
-        failure = None
-        if accelerator.is_main_process:
-            try:
-                shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
-                (staging / checkpoint.OPTIMIZER_FOLDER).mkdir(parents=True)
-            except OSError as error:
-                failure = f"cannot write the checkpoint of step {step}: {error}"
-        self._all_ranks_succeed(failure)
+    def _take(self, tensors: dict[str, dict[str, torch.Tensor]], progress: Progress, copies: bool) -> TakenSave:
+        """What the save writes, taken now (collectives on the default group): `copies`, host copies that
+        training cannot change."""
+        accelerator, config = self.accelerator, self.config
         rank = accelerator.process_index
         files = {}  # every rank: its optimizer partition; rank 0 also each network's weights
-        partition = optimizer_state.partition_contents(self.engine, self.networks, rank, accelerator.num_processes)
+        partition = optimizer_state.partition_contents(
+            self.engine, self.networks, rank, accelerator.num_processes, copies
+        )
         if partition is not None:
             files[f"{checkpoint.OPTIMIZER_FOLDER}/{optimizer_state.partition_file(rank)}"] = partition
+        ranks = gather_object([{"rng": rng.capture(), "plugin": self.plugin.state_dict()}])
+        description = state = None
         if accelerator.is_main_process:
             files.update({f"{name}.safetensors": (state, {"plugin": config.plugin}) for name, state in tensors.items()})
             plugin_tensors = self.plugin.state_tensors() if hasattr(self.plugin, "state_tensors") else {}
             if plugin_tensors:  # the same on every rank (pipeline/plugin.py)
+                plugin_tensors = {key: host_copy(value, copies) for key, value in plugin_tensors.items()}
                 files[checkpoint.PLUGIN_TENSORS_FILE] = (plugin_tensors, {"plugin": config.plugin})
             if self.ema is not None:  # the same on every rank
                 # one metadata key: safetensors writes several in a random order (not the same bytes twice)
-                ema = self.ema.state().items()
+                ema = self.ema.state(copies).items()
                 files.update({ema_file(name): (state, {"plugin": config.plugin}) for name, state in ema})
-        hashed, failure = {}, None
-        try:
-            hashed = checkpoint.write_tensor_files(staging, files)
-        except (OSError, SafetensorError) as error:  # a full disk, say: every rank must hear of it
-            failure = f"rank {rank} cannot write its part of the checkpoint of step {step}: {error}"
-        self._all_ranks_succeed(failure)
-        ranks = gather_object([{"rng": rng.capture(), "plugin": self.plugin.state_dict(), "hashed": hashed}])
-        final, failure = None, None
-        if accelerator.is_main_process:
-            try:
-                description = {
-                    "plugin": config.plugin,
-                    "model": resolved_options(self.plugin, config.model),
-                    "options_recorded": True,  # every option, defaults included (pipeline/plugin.py)
-                    "image": model_image(self.split, config.data),
-                    **({"auxiliary": self.auxiliary} if self.auxiliary else {}),  # files the loss read: sha256
-                }
-                checkpoint.write_durably(staging / "config.json", json.dumps(description, indent=2) + "\n")
-                hashed = {name: digest for record in ranks for name, digest in record.pop("hashed").items()}
-                final = checkpoint.commit(staging, self._trainer_state(ranks, progress), hashed, self.resumed_from)
-                checkpoint.prune(self.root, config.checkpoint.keep_last, final, self.resumed_from)
-            except (OSError, UserError) as error:
-                failure = f"cannot complete the checkpoint of step {step}: {error}"
-        self._all_ranks_succeed(failure)  # nobody runs ahead (or exits) before the checkpoint exists
-        return final
-
-    def _all_ranks_succeed(self, failure: str | None) -> None:
-        """A barrier that also tells every rank whether any rank failed (a rank failing alone would leave
-        the others waiting in their next collective): then all stop with the first failure's line."""
-        failures = [message for message in gather_object([failure]) if message]
-        if failures:
-            raise CheckpointError(failures[0])
+            record = {
+                "plugin": config.plugin,
+                "model": resolved_options(self.plugin, config.model),
+                "options_recorded": True,  # every option, defaults included (pipeline/plugin.py)
+                "image": model_image(self.split, config.data),
+                **({"auxiliary": self.auxiliary} if self.auxiliary else {}),  # files the loss read: sha256
+            }
+            description = json.dumps(record, indent=2) + "\n"
+            state = self._trainer_state(ranks, progress)
+        staging = checkpoint.staging_folder(self.root, progress.step)
+        return TakenSave(progress.step, staging, files, description, state)
 
     def _trainer_state(self, ranks: list[dict[str, Any]], progress: Progress) -> dict[str, Any]:
         engine = self.engine
@@ -197,7 +178,7 @@ class Checkpointer:
             failure = str(error)
         except (OSError, SafetensorError, RuntimeError) as error:
             failure = f"{folder}: cannot load it on rank {self.accelerator.process_index} ({error})"
-        self._all_ranks_succeed(failure)
+        agree(failure, self.accelerator.num_processes)
         internals.restore_counters(self.engine, state["engine"])
         if state.get("precision") == self.precision:
             internals.restore_loss_scaler(self.engine, state.get("loss_scaler"))
@@ -223,8 +204,15 @@ class Checkpointer:
             ) from None
 
 
-def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The network's state with fp32 master weights (a collective under ZeRO-1/2: call on every rank)."""
+def host_copy(value: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """`value` on the host, contiguous; with `copy`, a copy of its own (one copy from a GPU, a clone on
+    the host) that training cannot change."""
+    return value.detach().to("cpu", copy=copy).contiguous()
+
+
+def full_precision_state(network: torch.nn.Module, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The network's state with fp32 master weights (a collective under ZeRO-1/2: call on every rank);
+    `copy`: host_copy's."""
     parameters = dict(network.named_parameters())
     state = {}
     for key, value in network.state_dict().items():
@@ -232,5 +220,5 @@ def full_precision_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
             master = internals.full_fp32_weight(parameters[key])
             value = master if master is not None else value
         value = value.float() if value.is_floating_point() else value
-        state[key] = value.detach().cpu().contiguous()
+        state[key] = host_copy(value, copy)
     return state

@@ -79,11 +79,12 @@ class WeightAverage:
         averages = dict(self.averages.items())
         return nn.ModuleDict({name: averages.get(name, network) for name, network in self.networks.items()})
 
-    def state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{network: its average's state dict} on the CPU: what a checkpoint saves."""
+    def state(self, copy: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """{network: its average's state dict} on the CPU: what a checkpoint saves (`copy`: copies of their
+        own, which training cannot change)."""
         self.copy_buffers()
         return {
-            name: {key: value.cpu().contiguous() for key, value in average.state_dict().items()}
+            name: {key: value.detach().to("cpu", copy=copy).contiguous() for key, value in average.state_dict().items()}
             for name, average in self.averages.items()
         }
 

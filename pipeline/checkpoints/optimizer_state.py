@@ -105,18 +105,19 @@ def _group_steps(optimizer: torch.optim.Optimizer) -> list[float | None]:
 
 
 def partition_contents(
-    engine, networks: torch.nn.ModuleDict, rank: int, world_size: int
+    engine, networks: torch.nn.ModuleDict, rank: int, world_size: int, copy: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """This rank's slices as (tensors, metadata) for `partition_file`. Without ZeRO every rank holds
-    everything and only rank 0 writes (None elsewhere)."""
+    """This rank's slices as (tensors, metadata) for `partition_file`, on the host (`copy`: copies of their
+    own, which training cannot change). Without ZeRO every rank holds everything and only rank 0 writes
+    (None elsewhere)."""
     if not internals.partitioned(engine) and rank != 0:
         return None
     tensors, slices = {}, {}
     for piece in local_slices(engine, networks):
         slices[piece.name] = [piece.start, piece.numel]
-        tensors[f"{MASTER}/{piece.name}"] = piece.master.detach().float().cpu().contiguous()
+        tensors[f"{MASTER}/{piece.name}"] = piece.master.detach().float().to("cpu", copy=copy).contiguous()
         for key, value in piece.states.items():
-            tensors[f"{key}/{piece.name}"] = value.detach().float().cpu().contiguous()
+            tensors[f"{key}/{piece.name}"] = value.detach().float().to("cpu", copy=copy).contiguous()
     index = {
         "slices": slices,
         "steps": _group_steps(internals.torch_optimizer(engine)),

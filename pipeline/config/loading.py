@@ -39,7 +39,8 @@ def apply_override(tree: dict, assignment: str) -> None:
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
-    for name, field in model.model_fields.items():
+    for attribute, field in model.model_fields.items():
+        name = field.alias or attribute  # checkpoint.async: a keyword, so an alias
         keys.append(prefix + name)
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -137,6 +137,8 @@ class DeepSpeedConfig(Strict):
 
 
 class CheckpointConfig(Strict):
+    model_config = ConfigDict(**Strict.model_config, serialize_by_alias=True)
+
     every: Integer | None = Field(
         500, gt=0, le=COUNT_MAX, description="optimizer steps between checkpoints (null: by the clock alone)"
     )
@@ -144,6 +146,12 @@ class CheckpointConfig(Strict):
         None, gt=0, le=7 * 24 * 60, description="also a checkpoint once this long has passed since the last one"
     )
     keep_last: Integer = Field(3, gt=0, le=COUNT_MAX)
+    # `async` is a Python keyword: the attribute is async_, the key in a config is `async`
+    async_: Flag = Field(
+        False,
+        alias="async",
+        description="write checkpoints in a background thread: training stops only to copy the state to host memory",
+    )
 
 
 class EMAConfig(Strict):

@@ -30,7 +30,7 @@ from pipeline.config.sections import DataConfig
 from pipeline.data.workers import guard_worker
 from shards.command_line import one_line
 from shards.read.random_access import SampleError, SplitDataset
-from shards.read.reader import ShardSplit
+from shards.read.reader import ShardSplit, to_unit_range
 from shards.read.shard_cache import CacheFull
 from shards.store.failures import StoreError, StoreUnavailable
 from shards.store.remote import take_counters
@@ -230,6 +230,17 @@ class MicroBatch:
     bad_samples: int
     fetch_counts: dict[str, int] = field(default_factory=dict)  # shards.store.remote.counters of the worker
     failure: str | None = None
+
+    def on_device(self, image, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images in [-1, 1] as `dtype`, labels) on `device`; image: the model's ImageInfo, for the empty
+        micro-batch of one whose every sample was unreadable (it still takes part in the step)."""
+        images, labels = self.images, self.labels
+        if images is None:
+            images = torch.empty(0, image.channels, image.size, image.size, dtype=torch.uint8)
+            labels = torch.empty(0, dtype=torch.int64)
+        # scaled where the model runs: a quarter of the bytes cross to the GPU; the same float32 values
+        images = to_unit_range(images.to(device, non_blocking=True)).to(dtype)
+        return images, labels.to(device, non_blocking=True)
 
     def pin_memory(self) -> MicroBatch:  # the DataLoader's pin_memory=True calls this on custom batches
         if self.images is not None:

@@ -12,8 +12,9 @@ What we reach into, and why:
 - the engine's progress counters and fp16 loss scaler, saved in checkpoints for an exact resume;
 - accelerate's hand-over of the DeepSpeed config to transformers (`set_deepspeed_weakref`), skipped
   when transformers is absent;
-- two costs turned off: the CPU shared-memory allreduce op DeepSpeed JIT-builds, and ZeRO-0's all-reduce
-  on a single data-parallel rank; and the imports DeepSpeed makes for features a run never uses (`import_deepspeed`).
+- two costs turned off: the CPU shared-memory allreduce op DeepSpeed JIT-builds, and the gradients'
+  all-reduce on a single data-parallel rank (ZeRO-0's in the engine, ZeRO-1/2's in their optimizer); and
+  the imports DeepSpeed makes for features a run never uses (`import_deepspeed`).
 """
 
 from __future__ import annotations
@@ -197,12 +198,31 @@ def full_fp32_weight(parameter: torch.Tensor) -> torch.Tensor:
 
 
 def skip_single_rank_allreduce(engine) -> None:
-    """Under ZeRO-0 the engine all-reduces every gradient after each backward: on one data-parallel rank
-    that reduces nothing, yet costs a flatten of every gradient, a division by 1 and a copy back (on CPU,
-    about a tenth of the `vae` step; bench/train_step.py). DeepSpeed skips it the same way when it has no
-    process group. ZeRO-1/2 reduce inside their optimizer, which builds its partitions there: left alone."""
-    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+    """On one data-parallel rank an all-reduce of the gradients reduces nothing, yet costs a flatten of
+    every gradient, a division by 1 and a copy back (on CPU, about a tenth of a small step;
+    bench/train_step.py). Under ZeRO-0 the engine does it after each backward: DeepSpeed skips it the same
+    way when it has no process group. ZeRO-1/2 do it inside their optimizer (`allreduce_and_copy`, whose
+    bucketing and partition bookkeeping stay): there only the round trip of the values is skipped, and only
+    where it is exactly the identity (no reduction to a narrower dtype and back, no partition buffer to
+    add into)."""
+    if engine.dp_world_size != 1:
+        return
+    if engine.zero_optimization_stage() == 0:
         engine.enable_backward_allreduce = False
+        return
+    zero = engine.optimizer
+    if zero.overlap_comm:  # its reduction stream's bookkeeping lives in allreduce_and_copy: left whole
+        return
+    reduce_and_copy = zero.allreduce_and_copy
+
+    def skip_identity(small_bucket, communication_data_type, *args, output_bucket=None, **kwargs):
+        identity = all(tensor.dtype == communication_data_type for tensor in small_bucket) and (
+            output_bucket is None or all(output is None for output in output_bucket)
+        )
+        if not identity:
+            reduce_and_copy(small_bucket, communication_data_type, *args, output_bucket=output_bucket, **kwargs)
+
+    zero.allreduce_and_copy = skip_identity
 
 
 class DeepSpeedPluginForPlainModels(DeepSpeedPlugin):

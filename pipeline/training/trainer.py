@@ -16,6 +16,7 @@ out and counted; SIGTERM checkpoints and stops.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,7 +45,6 @@ from pipeline.training.lr_schedule import lr_factor
 from pipeline.training.resolved_run import ResolvedRun
 from pipeline.training.run_log import RunLog, record_rank
 from shards.errors import UserError
-from shards.read.reader import to_unit_range
 
 
 class Trainer:
@@ -181,7 +181,10 @@ class Trainer:
                 elif outcome == "done":
                     break
         finally:
-            log.stop()
+            try:  # checkpoint.async: the write in flight finished (SIGTERM's too); its failure unless one is raised
+                self.checkpointer.writer.close(report=sys.exc_info()[0] is None)
+            finally:
+                log.stop()
         # Every rank must be done before end_training() destroys the process group: without this
         # barrier a rank sometimes aborted at exit ("terminate called without an active exception").
         accelerator.wait_for_everyone()
@@ -229,6 +232,7 @@ class Trainer:
                 log.log(self.step, self.images_seen, self._reduce(sums, counts))
                 sums, counts = {}, Counter()
             if diverged or spiked:
+                self.checkpointer.writer.wait()  # checkpoint.async: the checkpoint a rollback goes back to, complete
                 if rollback.possible(
                     config.faults, len(self.rollbacks), self.good_checkpoint, self.step, self.output_dir
                 ):
@@ -269,8 +273,7 @@ class Trainer:
         return (every is not None and self.step % every == 0) or clock_due or last or stopping
 
     def _take_step_loss(self) -> torch.Tensor | float:
-        """This rank's share of the step's mean loss (its micro-batches' losses / all micro-batches of the
-        step), for the spike watch; summed over ranks by StopRequest.agreed."""
+        """This rank's share of the step's mean loss, for the spike watch; summed by StopRequest.agreed."""
         share = self.step_loss / (self.config.gradient_accumulation_steps * self.accelerator.num_processes)
         self.step_loss = 0.0
         return share
@@ -306,7 +309,7 @@ class Trainer:
         if batch.failure is not None:
             raise UserError(batch.failure)
         self.counters.met(batch.bad_samples, batch.fetch_counts)
-        images, labels = self._on_device(batch)
+        images, labels = batch.on_device(self.run.image, self.accelerator.device, self.dtype)
         factor = lr_factor(self.config.lr_schedule, self.step, self.total_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base_lr * factor  # read by the ZeRO step at this step's last micro-batch
@@ -331,17 +334,6 @@ class Trainer:
             if self.ema is not None and stepped:
                 self.ema.update(self.step, stepped)
         return {name: value.detach().float() for name, value in output.metrics.items()}, ends_step
-
-    def _on_device(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.images is None:  # every sample unreadable: an empty micro-batch still takes part
-            size, channels = self.run.image.size, self.run.image.channels
-            images = torch.empty(0, channels, size, size, dtype=torch.uint8)
-            labels = torch.empty(0, dtype=torch.int64)
-        else:
-            images, labels = batch.images, batch.labels
-        # scaled where the model runs: a quarter of the bytes cross to the GPU; the same float32 values
-        images = to_unit_range(images.to(self.accelerator.device, non_blocking=True)).to(self.dtype)
-        return images, labels.to(self.accelerator.device, non_blocking=True)
 
     def _networks_to_skip(self) -> set[str]:
         """The plugin's decision, the same on every rank (network_skip.plugin_decision)."""
@@ -378,9 +370,9 @@ class Trainer:
         log.evaluation(self.step, metrics, time.perf_counter() - started)
 
     def save_checkpoint(self) -> Path | None:
-        """OUTPUT/checkpoints/step-NNNNNNNN, by every rank (checkpoints/checkpointer.py); rank 0 gets the folder."""
-        # the statistics saved: every rank's data, averaged
-        average_batch_norm_statistics(self.networks, self.accelerator)
+        """OUTPUT/checkpoints/step-NNNNNNNN, by every rank (checkpoints/checkpointer.py); rank 0 gets the folder
+        (None with checkpoint.async: its write is then in flight)."""
+        average_batch_norm_statistics(self.networks, self.accelerator)  # saved: every rank's data, averaged
         self.counters.count_bad_samples()
         return self.checkpointer.save(self.progress())
 
