@@ -101,7 +101,7 @@ def arguments(description: str, repeats: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--batches", type=int, default=40, help="micro-batches of 64 timed per row")
-    parser.add_argument("--repeats", type=int, default=repeats, help="best of N, interleaved (shared, noisy machines)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="rounds, interleaved (shared, noisy machines)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a data worker has one core; so does the bare loop
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read only, never written
@@ -118,21 +118,37 @@ def shard_sets(images: int) -> Iterator[tuple[str, Path]]:
         yield name, build(source, size, mode, image_format)
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def cell(rates: list[float], bares: list[float]) -> str:
+    """The median rate, and the median and range of the per-round ratio to that round's bare loop."""
+    ratios = [rate / bare for rate, bare in zip(rates, bares, strict=True)]
+    return f"{median(rates):.0f} ({median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def main() -> None:
-    args = arguments(__doc__, repeats=2)
+    args = arguments(__doc__, repeats=5)
     rows = []
     for name, shards in shard_sets(args.images):
-        best = {"bare": 0.0, "first": 0.0, "steady": 0.0}
-        for _ in range(args.repeats):
-            best["bare"] = max(best["bare"], bare_rate(shards, args.batches))
+        rates: dict[str, list[float]] = {"bare": [], "first": [], "steady": []}
+        for round_number in range(args.repeats):  # each round: the bare loop and the loader, order alternating
+            bare = None
+            if round_number % 2 == 0:
+                bare = bare_rate(shards, args.batches)
             first, steady = loader_rates(shards, args.batches)
-            best["first"], best["steady"] = max(best["first"], first), max(best["steady"], steady)
+            rates["first"].append(first)
+            rates["steady"].append(steady)
+            rates["bare"].append(bare if bare is not None else bare_rate(shards, args.batches))
         rows.append(
             [
                 name,
-                f"{best['bare']:.0f}",
-                f"{best['first']:.0f} ({best['first'] / best['bare']:.2f}x)",
-                f"{best['steady']:.0f} ({best['steady'] / best['bare']:.2f}x)",
+                f"{median(rates['bare']):.0f}",
+                cell(rates["first"], rates["bare"]),
+                cell(rates["steady"], rates["bare"]),
                 ">= 0.90x",
             ]
         )
@@ -142,7 +158,8 @@ def main() -> None:
     needed = ", ".join(f"{rate:,} images/s: {math.ceil(rate / per_worker)} workers" for rate in GPU_RATES)
     body = f"""## The training loader, one worker (`bench/loader.py`)
 
-{machine()}. {args.batches} micro-batches of {BATCH}, best of {args.repeats}, interleaved; the photographs of
+{machine()}. {args.batches} micro-batches of {BATCH}, {args.repeats} rounds (each the bare loop and the loader, in
+alternating order): the median images/s, and the median and range of the rounds' ratios; the photographs of
 bench/shards_build.py in shards of 500. Loader: `training_loader` with 1 worker (random access, decode, flip,
 collate, hand-over to this process), images/s (and against the bare loop) after 3 micro-batches of warm-up in
 its first epoch, where the worker lists each shard's tar headers as it first meets it, and at the start of its

@@ -68,7 +68,37 @@ def test_a_samples_members_read_at_once_are_what_tarfile_reads(tmp_path: Path) -
         found = {member.name: member for member in tar_index.members(file)}
         for names in (["a.json", "a.big"], ["a.big", "a.png"], ["a.json", "a.png"], ["a.json", "a.big", "a.png"]):
             assert tar_index.read_sample(file, [found[name] for name in names]) == [contents[name] for name in names]
+    listed_size = path.stat().st_size  # what a reader that listed the shard knows (no fstat per read)
+    with open(path, "rb") as file:
+        for names in (["a.json", "a.big"], ["a.big", "a.png"]):
+            wanted = [found[name] for name in names]
+            assert tar_index.read_sample(file, wanted, listed_size) == [contents[name] for name in names]
     with open(path, "r+b") as file:
         file.truncate(found["a.png"].offset + 100)
         with pytest.raises(tar_index.DamagedTar, match=r"a\.png is cut short"):
             tar_index.read_sample(file, [found["a.big"], found["a.png"]])
+        # the shard shrank after it was listed: the short read says so
+        with pytest.raises(tar_index.DamagedTar, match="cut short"):
+            tar_index.read_sample(file, [found["a.big"], found["a.png"]], listed_size)
+        assert tar_index.read_sample(file, [found["a.json"]], listed_size) == [contents["a.json"]]
+
+
+def test_a_listing_of_many_small_members_matches_tarfile(tmp_path: Path) -> None:
+    """tar_index.members reads headers LISTING_READ bytes at a time: with members small and large, across
+    the windows' edges, its members are the standard library's, and a truncation is still found."""
+    path = tmp_path / "shard.tar"
+    sizes = [0, 1, 511, 512, 513, 5000, 70_000, *range(0, 3000, 37)]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for number, size in enumerate(sizes):
+            info = tarfile.TarInfo(f"{number:05d}.bin")
+            info.size = size
+            tar.addfile(info, io.BytesIO(os.urandom(size)))
+    with tarfile.open(path) as tar:
+        expected = [(member.name, member.offset_data, member.size) for member in tar]
+    with open(path, "rb") as file:
+        assert [(m.name, m.offset, m.size) for m in tar_index.members(file)] == expected
+    cut = expected[len(expected) // 2]
+    with open(path, "r+b") as file:
+        file.truncate(cut[1] + 10)
+        with pytest.raises(tar_index.DamagedTar, match="past the end of the file"):
+            list(tar_index.members(file))

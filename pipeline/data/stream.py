@@ -30,7 +30,7 @@ from pipeline.config.sections import DataConfig
 from pipeline.data.workers import guard_worker
 from shards.command_line import one_line
 from shards.read.random_access import SampleError, SplitDataset
-from shards.read.reader import ShardSplit, to_unit_range
+from shards.read.reader import ShardSplit, View, to_unit_range
 from shards.read.shard_cache import CacheFull
 from shards.store.failures import StoreError, StoreUnavailable
 from shards.store.remote import take_counters
@@ -191,8 +191,13 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int] | DataFailure | None:
         epoch, index = divmod(item, len(self.split))
+        window = None
+        if self.crop is not None:
+            top, left = crop_offset(self.seed, epoch, index, self.split.split.image["size"], self.crop)
+            window = (top, left, self.crop)
+        view = View(window, self.hflip and flipped(self.seed, epoch, index))
         try:
-            image, label = self.split[index]
+            image, label = self.split.read(index, view)
         except (StoreError, StoreUnavailable, CacheFull) as error:
             return DataFailure(str(error))
         except SampleError as error:
@@ -207,11 +212,6 @@ class TrainingSamples(torch.utils.data.Dataset):
                     flush=True,
                 )
             return None
-        if self.crop is not None:
-            top, left = crop_offset(self.seed, epoch, index, image.shape[-1], self.crop)
-            image = image[:, top : top + self.crop, left : left + self.crop].contiguous()
-        if self.hflip and flipped(self.seed, epoch, index):
-            image = image.flip(-1)
         return image, label
 
 

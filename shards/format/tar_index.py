@@ -26,6 +26,9 @@ REGULAR_FILE = (b"0", b"\0")
 NAME, SIZE, CHECKSUM, TYPE, PREFIX = slice(0, 100), slice(124, 136), slice(148, 156), slice(156, 157), slice(345, 500)
 
 
+LISTING_READ = 64 * 1024
+
+
 class DamagedTar(tarfile.TarError):
     """A header that cannot be trusted, or a member whose data the file does not hold (a TarError, as
     the standard library's reader would raise for a damaged tar)."""
@@ -71,11 +74,15 @@ def members(file: BinaryIO) -> Iterator[Member]:
     """Every member of the tar open in `file` (binary, seekable), in file order."""
     descriptor = file.fileno()
     file_size = os.fstat(descriptor).st_size
-    at = 0
+    at, window, window_start = 0, b"", 0
     while True:
-        # one 512-byte read per header: a buffered read after a seek fills a whole buffer (8 KiB), most of
-        # it the member's data, and this listing is a worker's start-up cost for every shard it reads
-        block = os.pread(descriptor, BLOCK, at)
+        # headers read LISTING_READ bytes at a time: a shard of small images has dozens of headers in one
+        # read (a read per header was a sixth of a 32x32 sample's first-epoch time, bench/loader.py); one of
+        # large images a read per header, no longer than the kernel's readahead
+        offset = at - window_start
+        if offset + BLOCK > len(window):
+            window, window_start, offset = os.pread(descriptor, LISTING_READ, at), at, 0
+        block = window[offset : offset + BLOCK]
         if len(block) < BLOCK:
             raise DamagedTar(f"the file ends at byte {file_size}, before the tar's end marker (truncated?)")
         if block == bytes(BLOCK):
@@ -127,14 +134,17 @@ def read(file: BinaryIO, member: Member) -> bytes:
     return data
 
 
-def read_sample(file: BinaryIO, wanted: list[Member]) -> list[bytes]:
+def read_sample(file: BinaryIO, wanted: list[Member], listed_size: int | None = None) -> list[bytes]:
     """The bytes of a sample's members (adjacent in the tar) with one read from the first to the last:
-    a training worker's per-sample cost, two buffered seeks and reads otherwise. DamagedTar as read()."""
+    a training worker's per-sample cost, two buffered seeks and reads otherwise. DamagedTar as read().
+    listed_size: the file's size when it was listed, if known: members inside it need no fstat per read
+    to bound the read (a file that shrank since gives a short read, DamagedTar too)."""
     start, end = min(member.offset for member in wanted), max(member.end for member in wanted)
     if end - start > sum(member.size for member in wanted) + 2 * BLOCK * len(wanted):
         return [read(file, member) for member in wanted]  # other members lie between them: not read
     descriptor = file.fileno()
-    file_size = os.fstat(descriptor).st_size
+    inside = listed_size is not None and end <= listed_size
+    file_size = listed_size if inside else os.fstat(descriptor).st_size
     if end > file_size:
         cut = next(member for member in wanted if member.end > file_size)
         raise DamagedTar(f"its {cut.name} is cut short at byte {file_size} (the shard is truncated)")

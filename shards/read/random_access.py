@@ -22,7 +22,7 @@ import torch
 
 from shards.errors import UserError
 from shards.format import tar_index
-from shards.read.reader import BadSample, ShardSplit, decode_sample
+from shards.read.reader import WHOLE, BadSample, ShardSplit, View, decode_sample
 from shards.read.shard_cache import DamagedShard
 
 
@@ -48,6 +48,7 @@ class ShardFile:
         self._unfetchable = ""  # why this process cannot get the (remote) shard at all, if it cannot
         self._file = None
         self._pid = -1
+        self._listed_size: int | None = None  # the file's size when its headers were listed
 
     def _open(self):
         if self._pid != os.getpid() or self._file is None:
@@ -66,6 +67,7 @@ class ShardFile:
         """The members of each sample, from the tar headers. A truncation or a damaged header ends the
         listing: what comes before stays readable, what is missing fails in read()."""
         members = []
+        self._listed_size = os.fstat(self._open().fileno()).st_size
         try:
             for _, sample in tar_index.samples(self._open()):
                 members.append(sample)
@@ -101,7 +103,8 @@ class ShardFile:
             raise SampleError(self.location, position, f"it has no {' or '.join(missing)}")
         file = self._open()
         try:
-            data = tar_index.read_sample(file, [members[extension] for extension in self.extensions])
+            wanted = [members[extension] for extension in self.extensions]
+            data = tar_index.read_sample(file, wanted, self._listed_size)
             return dict(zip(self.extensions, data, strict=True))
         except tar_index.DamagedTar as error:
             raise SampleError(self.location, position, str(error)) from None
@@ -146,11 +149,15 @@ class SplitDataset(torch.utils.data.Dataset):
         return shard, index - self.starts[shard]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.read(index)
+
+    def read(self, index: int, view: View = WHOLE) -> tuple[torch.Tensor, int]:
+        """Sample `index`, `view` of its image (a training sample's crop and mirror)."""
         shard, position = self.locate(index)
         source = self.shards[shard]
         self._mark_read(shard)
         try:
-            return decode_sample(source.read(position), self.split.image, self.pixels)
+            return decode_sample(source.read(position), self.split.image, self.pixels, view)
         except UserError:  # SampleError, or the store or the cache failing: not this sample's fault
             raise
         except BadSample as error:

@@ -115,10 +115,22 @@ class BadSample(ValueError):
     """A sample whose members are missing, or whose image or metadata is not what the manifest says."""
 
 
-def image_to_pixels(data: bytes, mode: str, size: int | None = None) -> torch.Tensor:
-    """Encoded image bytes to its pixels as decoded: a uint8 CHW tensor. With `size`, an image of any other
-    size is refused from its header, before its pixels are decoded (a damaged header must not size an
-    allocation)."""
+@dataclass(frozen=True)
+class View:
+    """The part of a decoded image a training sample is: a square window (top, left, side) of it, or all of
+    it (None), mirrored left to right or not."""
+
+    window: tuple[int, int, int] | None = None
+    mirrored: bool = False
+
+
+WHOLE = View()
+
+
+def image_to_pixels(data: bytes, mode: str, size: int | None = None, view: View = WHOLE) -> torch.Tensor:
+    """Encoded image bytes to its pixels as decoded, `view` of them: a uint8 CHW tensor. With `size`, an
+    image of any other size is refused from its header, before its pixels are decoded (a damaged header
+    must not size an allocation)."""
     with Image.open(io.BytesIO(data), formats=SHARD_FORMATS) as image:
         if size is not None and image.size != (size, size):
             raise BadSample(f"its image is {image.size[0]}x{image.size[1]}, the manifest says {size}x{size}")
@@ -126,8 +138,14 @@ def image_to_pixels(data: bytes, mode: str, size: int | None = None) -> torch.Te
         pixels = np.asarray(image if image.mode == mode else image.convert(mode))
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    # the one (writable) copy torch needs, made in C x H x W order: a contiguous tensor flips ~3x and stacks
-    # into a micro-batch ~15x faster than a permuted view of H x W x C (bench/loader.py)
+    if view.window is not None:
+        top, left, side = view.window
+        pixels = pixels[top : top + side, left : left + side]
+    if view.mirrored:
+        pixels = pixels[:, ::-1]
+    # the one (writable) copy torch needs, made in C x H x W order, the crop and the mirror done by it: a
+    # contiguous tensor stacks into a micro-batch ~15x faster than a permuted view of H x W x C, and a
+    # flip of the tensor afterwards cost a sixth of a 32x32 sample's time (bench/loader.py)
     return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
 
 
@@ -148,9 +166,11 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def decode_sample(sample: dict[str, bytes], image: dict, pixels: bool = False) -> tuple[torch.Tensor, int]:
-    """(image, label) of one sample's members, the image in [-1, 1] or, with `pixels`, as uint8 pixels;
-    BadSample when they are not what the manifest says."""
+def decode_sample(
+    sample: dict[str, bytes], image: dict, pixels: bool = False, view: View = WHOLE
+) -> tuple[torch.Tensor, int]:
+    """(image, label) of one sample's members, `view` of the image, in [-1, 1] or, with `pixels`, as uint8
+    pixels; BadSample when they are not what the manifest says."""
     missing = [f".{extension}" for extension in ("json", image["format"]) if extension not in sample]
     if missing:
         raise BadSample(f"it has no {' or '.join(missing)}")
@@ -161,8 +181,8 @@ def decode_sample(sample: dict[str, bytes], image: dict, pixels: bool = False) -
     label = meta.get("label", NO_LABEL) if isinstance(meta, dict) else None
     if type(label) is not int or label < NO_LABEL:
         raise BadSample(f"its .json is not an object with an integer label >= {NO_LABEL}")
-    decode = image_to_pixels if pixels else image_to_tensor
-    return decode(sample[image["format"]], image["mode"], image["size"]), label
+    pixels_of_view = image_to_pixels(sample[image["format"]], image["mode"], image["size"], view)
+    return (pixels_of_view if pixels else to_unit_range(pixels_of_view)), label
 
 
 def webdataset(
