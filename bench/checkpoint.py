@@ -137,12 +137,13 @@ def measure(shards: Path, rounds: int, model: dict | None = None) -> dict:
         seconds, folder = timed(trainer.save_checkpoint)
         times["save"].append(seconds)
         times["load"].append(timed(resume_from, trainer, folder)[0])
+        tensors = bare_tensors(folder)  # before the async save's keep_last 1 removes this folder
+        total_bytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
         trainer.step += 1
         trainer.checkpointer.writer = background
         stalled, written = async_stall(trainer)
         times["async stall"].append(stalled)
         times["async write"].append(written)
-        tensors = bare_tensors(folder)
         shutil.rmtree(bare_folder, ignore_errors=True)
         bare_folder.mkdir(parents=True)
         times["bare save"].append(timed(bare_save, tensors, bare_folder)[0])
@@ -151,7 +152,6 @@ def measure(shards: Path, rounds: int, model: dict | None = None) -> dict:
         times["bare save + fsync"].append(timed(bare_save_durably, tensors, bare_folder)[0])
         targets = {name: {key: torch.empty_like(v) for key, v in state.items()} for name, state in tensors.items()}
         times["bare load"].append(timed(bare_load, targets, bare_folder)[0])
-    total_bytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     parameters = sum(p.numel() for p in trainer.networks.parameters())
     background.close()
     trainer.accelerator.end_training()

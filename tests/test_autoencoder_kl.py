@@ -6,6 +6,8 @@ differentiated per network as the references' two optimizer steps do (the other 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,3 +322,33 @@ def test_with_lpips_each_network_gets_the_gradient_of_its_own_reference_loss(tmp
     for name in ours:
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
     assert not any(p.grad is not None for p in frozen.parameters())  # never trained
+
+
+class RunsCodeWhenUnpickled:
+    """What a hostile .pth holds: unpickling it calls os.system (torch.load without weights_only would)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_lpips_weights_refuses_a_pickle_that_runs_code(tmp_path, capsys) -> None:
+    """A forged vgg.pth whose unpickling would run a shell command: refused in one line, the command never
+    run, nothing written (torch.load(weights_only=True) unpickles tensors only)."""
+    from pipeline.cli import main
+
+    marker = tmp_path / "code-ran"
+    lins, vgg = random_lpips_sources(torch.Generator().manual_seed(0))
+    torch.save({**lins, "payload": RunsCodeWhenUnpickled(marker)}, tmp_path / "vgg.pth")
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    out = tmp_path / "lpips.safetensors"
+    code = main(["lpips-weights", str(out), "--lpips", str(tmp_path / "vgg.pth"), "--vgg", str(tmp_path / "vgg16.pth")])
+    error = capsys.readouterr().err
+    assert code == 2 and not marker.exists() and not out.exists()
+    lines = [line for line in error.splitlines() if line.strip()]
+    assert len(lines) == 1 and "vgg.pth: cannot read the lpips package's vgg.pth" in lines[0], error
+    assert "Traceback" not in error

@@ -18,14 +18,17 @@ with one line, its last checkpoint kept as it is: a scheduler's kill must not fi
 from __future__ import annotations
 
 import contextlib
+import datetime
 import signal
 import sys
 import time
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
+from pipeline.config.sections import FaultsConfig
 from pipeline.engine import deepspeed_internals as internals
 from shards.errors import UserStop
 
@@ -82,6 +85,14 @@ class StoppedWaitingForData(UserStop):
     """SIGTERM came while this rank waited for data, and the data did not come within the grace time."""
 
 
+def host_group(accelerator: Accelerator, faults: FaultsConfig):
+    """A gloo process group of every rank, for StopRequest.agreed's host numbers (None on one process).
+    Every rank creates it, at the same point."""
+    if accelerator.num_processes == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=faults.collective_timeout_minutes))
+
+
 class StopRequest:
     """SIGTERM raises this rank's flag; `agreed` tells every rank whether any rank's flag is up, and
     whether any rank's clock says a checkpoint is due (`checkpoint.every_minutes`): the same one
@@ -127,16 +138,24 @@ class StopRequest:
         """A checkpoint was written (or the run started): the clock of `checkpoint.every_minutes` starts again."""
         self.last_checkpoint = time.monotonic()
 
-    def agreed(self, accelerator: Accelerator, share: torch.Tensor | float = 0.0) -> tuple[bool, bool, float]:
+    def agreed(
+        self, accelerator: Accelerator, share: torch.Tensor | float = 0.0, host_group=None
+    ) -> tuple[bool, bool, float]:
         """(stop, checkpoint by the clock, the sum of every rank's `share`), the same on every rank: one
         all-reduce carries them all (the share: each rank's part of the step's mean loss). A collective:
-        call on every rank at the same point."""
+        call on every rank at the same point. host_group: a gloo group of every rank, for an agreement of
+        host numbers alone (a float share): then the all-reduce never waits for the device's queued work (on
+        a GPU, a synchronisation every step); a share on the device goes through the device's group."""
         due = self.checkpoint_seconds is not None and time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
-        device = accelerator.device
-        flags = torch.tensor([float(self.received), float(due)], dtype=torch.float64, device=device)
-        summed = accelerator.reduce(
-            torch.cat([flags, torch.as_tensor(share, dtype=torch.float64, device=device).view(1)]), reduction="sum"
-        )
+        on_host = host_group is not None and not isinstance(share, torch.Tensor)
+        device = torch.device("cpu") if on_host else accelerator.device
+        numbers = [float(self.received), float(due)]
+        flags = torch.tensor(numbers, dtype=torch.float64, device=device)
+        summed = torch.cat([flags, torch.as_tensor(share, dtype=torch.float64, device=device).view(1)])
+        if on_host:
+            dist.all_reduce(summed, group=host_group)
+        else:
+            summed = accelerator.reduce(summed, reduction="sum")
         stop, clock, total = summed.tolist()
         return stop > 0, clock > 0, total
 

@@ -90,6 +90,7 @@ class Trainer:
         self.stopping = False  # SIGTERM agreed at the step that diverged
         self.output_dir = Path(config.output_dir)
         self.evaluation = TrainingEvaluation(config, self.accelerator, run.held_out) if run.held_out else None
+        self.host_group = faults.host_group(self.accelerator, config.faults)  # the per-step agreement's
         self.checkpointer = Checkpointer(
             self.accelerator,
             self.engine,
@@ -226,7 +227,7 @@ class Trainer:
             diverged = self.nonfinite.count(self.step, self.engine.skipped_steps > skipped_before)
             skipped_before = self.engine.skipped_steps
             last = self.step >= self.total_steps
-            stopping, clock_due, step_loss = stop.agreed(accelerator, self._take_step_loss())
+            stopping, clock_due, step_loss = stop.agreed(accelerator, self._take_step_loss(), self.host_group)
             spiked = self.spikes.spiked(step_loss)
             if self.step % config.log_every == 0 or last or stopping or diverged or spiked:
                 log.log(self.step, self.images_seen, self._reduce(sums, counts))
