@@ -46,13 +46,17 @@ def test_gpu_bench_dry_run_runs_every_part_on_cpu(tmp_path):
     assert "CPU (no GPU); torch " in report and "DeepSpeed " in report and "accelerate " in report
     rows = table_rows(report)
     step = rows["pipeline step, micro-batch 2"]
-    assert float(step[0]) > 0 and re.fullmatch(r"\d+\.\d\d \(target >= 0\.90\)", step[1])
+    assert float(step[0]) > 0 and re.fullmatch(r"\d+\.\d\d \(target >= 0\.95\)", step[1])
+    fixed = rows["pipeline's fixed cost per step, micro-batch 2"]
+    assert re.fullmatch(r"-?\d+\.\d\d ms", fixed[0])  # time per step less the direct update's
     assert float(step[2]) > 1  # GFLOP per image from the flop counter: the networks' convolutions
     compiled = rows["pipeline step, compile: true, micro-batch 2"]
     assert float(compiled[0]) > 0 and int(compiled[2].split()[0]) > 0  # dynamo compiled graphs
     assert float(rows["loop fed by shards, 1 workers"][0]) > 0
     saves = [cells for name, cells in rows.items() if name.startswith("checkpoint save (")]
     assert len(saves) == 1 and saves[0][0].endswith(" GB/s") and saves[0][1].endswith(" GB/s)")
+    stalls = {name: cells for name, cells in rows.items() if name.startswith("checkpoint stall, ")}
+    assert len(stalls) == 3 and all(re.fullmatch(r"\d+\.\d{3} s", cells[0]) for cells in stalls.values())
     assert rows["exact resume, fp32, determinism: true"][0] == "bit-identical"
     assert rows["exact resume, fp16, determinism: true"][0] == "not run: fp16 needs a GPU"
     assert "time limit" not in report
