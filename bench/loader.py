@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -118,16 +119,10 @@ def shard_sets(images: int) -> Iterator[tuple[str, Path]]:
         yield name, build(source, size, mode, image_format)
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def cell(rates: list[float], bares: list[float]) -> str:
     """The median rate, and the median and range of the per-round ratio to that round's bare loop."""
     ratios = [rate / bare for rate, bare in zip(rates, bares, strict=True)]
-    return f"{median(rates):.0f} ({median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f})"
+    return f"{statistics.median(rates):.0f} ({statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def main() -> None:
@@ -146,7 +141,7 @@ def main() -> None:
         rows.append(
             [
                 name,
-                f"{median(rates['bare']):.0f}",
+                f"{statistics.median(rates['bare']):.0f}",
                 cell(rates["first"], rates["bare"]),
                 cell(rates["steady"], rates["bare"]),
                 ">= 0.90x",

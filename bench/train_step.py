@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -269,12 +270,6 @@ def seconds_per_step(step, batches, warmup: int) -> float:
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def measure_vaegan(shards: Path, steps: int, rounds: int, batch: int, stage: int = 2) -> dict:
     """In this process: the direct VAE-GAN update and the pipeline's step (DeepSpeed ZeRO-2, one
     process), interleaved over `rounds` rounds whose order alternates (a machine that slows down during
@@ -316,12 +311,12 @@ def summarise_rounds(result: dict) -> dict[str, float]:
     bare, memory, batch = result["seconds"]["bare"], result["seconds"]["memory"], result["batch"]
     ratios = [b / m for b, m in zip(bare, memory, strict=True)]
     return {
-        "bare": batch / median(bare),
-        "memory": batch / median(memory),
-        "ratio": median(ratios),
+        "bare": batch / statistics.median(bare),
+        "memory": batch / statistics.median(memory),
+        "ratio": statistics.median(ratios),
         "low": min(ratios),
         "high": max(ratios),
-        "extra_ms": 1000 * median([m - b for b, m in zip(bare, memory, strict=True)]),
+        "extra_ms": 1000 * statistics.median([m - b for b, m in zip(bare, memory, strict=True)]),
     }
 
 

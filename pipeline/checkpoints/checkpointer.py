@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint, optimizer_state
 from pipeline.checkpoints.ema import WeightAverage, ema_file
+from pipeline.checkpoints.host_copies import host_copy
 from pipeline.checkpoints.weights import load_weights
 from pipeline.checkpoints.writer import CheckpointWriter, TakenSave, agree
 from pipeline.config.sections import RunConfig
@@ -202,12 +203,6 @@ class Checkpointer:
                 f"{folder / checkpoint.STATE_FILE}: not a valid checkpoint: rank {rank}'s plugin state does not "
                 f"fit the {self.config.plugin} plugin ({type(error).__name__}: {error})"
             ) from None
-
-
-def host_copy(value: torch.Tensor, copy: bool = False) -> torch.Tensor:
-    """`value` on the host, contiguous; with `copy`, a copy of its own (one copy from a GPU, a clone on
-    the host) that training cannot change."""
-    return value.detach().to("cpu", copy=copy).contiguous()
 
 
 def full_precision_state(network: torch.nn.Module, copy: bool = False) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.checkpoints.host_copies import host_copy
 from pipeline.checkpoints.weights import load_weights
 from pipeline.config.sections import EMAConfig
 from pipeline.errors import ConfigError
@@ -84,7 +85,7 @@ class WeightAverage:
         own, which training cannot change)."""
         self.copy_buffers()
         return {
-            name: {key: value.detach().to("cpu", copy=copy).contiguous() for key, value in average.state_dict().items()}
+            name: {key: host_copy(value, copy) for key, value in average.state_dict().items()}
             for name, average in self.averages.items()
         }
 

@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 from safetensors import SafetensorError, safe_open
 
+from pipeline.checkpoints.host_copies import host_copy
 from pipeline.engine import deepspeed_internals as internals
 from pipeline.errors import CheckpointError
 from shards.errors import check_structure, parse_json
@@ -115,9 +116,9 @@ def partition_contents(
     tensors, slices = {}, {}
     for piece in local_slices(engine, networks):
         slices[piece.name] = [piece.start, piece.numel]
-        tensors[f"{MASTER}/{piece.name}"] = piece.master.detach().float().to("cpu", copy=copy).contiguous()
+        tensors[f"{MASTER}/{piece.name}"] = host_copy(piece.master.float(), copy)
         for key, value in piece.states.items():
-            tensors[f"{key}/{piece.name}"] = value.detach().float().to("cpu", copy=copy).contiguous()
+            tensors[f"{key}/{piece.name}"] = host_copy(value.float(), copy)
     index = {
         "slices": slices,
         "steps": _group_steps(internals.torch_optimizer(engine)),

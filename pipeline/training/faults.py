@@ -149,8 +149,7 @@ class StopRequest:
         due = self.checkpoint_seconds is not None and time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
         on_host = host_group is not None and not isinstance(share, torch.Tensor)
         device = torch.device("cpu") if on_host else accelerator.device
-        numbers = [float(self.received), float(due)]
-        flags = torch.tensor(numbers, dtype=torch.float64, device=device)
+        flags = torch.tensor([float(self.received), float(due)], dtype=torch.float64, device=device)
         summed = torch.cat([flags, torch.as_tensor(share, dtype=torch.float64, device=device).view(1)])
         if on_host:
             dist.all_reduce(summed, group=host_group)
